@@ -1,0 +1,49 @@
+"""Atomic checkpoint files: plain dicts that ``torch.load(weights_only=True)`` can read."""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+import torch
+
+from utils.errors import UserError
+
+
+def atomic_write(path: str, write_fn) -> None:
+    """Call ``write_fn(tmp_path)`` on a temp file in ``path``'s folder, fsync it, then ``os.replace`` it.
+
+    A crash or Ctrl-C mid-write leaves the previous file intact, never a half-written one.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    """Write ``state`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`save_checkpoint`; never runs code stored in the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found; pass a .pt file written by train.py (e.g. RUN/best.pt)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path} ({first}); it must be a .pt file written by train.py") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"{path} is not a train.py checkpoint (no 'model' entry); for bare weights use --pretrained {path}")
+    return ckpt
