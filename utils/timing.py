@@ -1,0 +1,35 @@
+"""Timing helpers for benchmarks: interleaved repeats and medians, because this machine is noisy."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+
+def interleaved_timings(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3) -> dict[str, list[float]]:
+    """Time each callable ``repeats`` times, round-robin (A B C A B C ...), after ``warmup`` calls each.
+
+    Interleaving spreads machine noise evenly over the variants, so their ratios are fair.
+    Returns seconds per call, per name.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: list[float]) -> float:
+    """Median of a non-empty list."""
+    return statistics.median(xs)
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The q-th percentile (0-100) by nearest rank."""
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
