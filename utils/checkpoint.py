@@ -47,3 +47,19 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path} is not a train.py checkpoint (no 'model' entry); for bare weights use --pretrained {path}")
     return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = True) -> torch.nn.Module:
+    """Rebuild the network a checkpoint describes (``ckpt["arch"]``) and load its weights, in eval mode.
+
+    When the checkpoint carries EMA weights they are the ones validation used, so they are preferred.
+    """
+    from models import build_model  # local import: models imports utils.errors
+
+    arch = ckpt.get("arch")
+    if not isinstance(arch, dict) or "name" not in arch:
+        raise UserError("checkpoint has no 'arch' entry (model name, classes, width); re-save it with train.py")
+    model = build_model(**arch)
+    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
+    model.load_state_dict(weights, strict=True)
+    return model.eval()
