@@ -1,0 +1,119 @@
+"""Figures: training curves from log.csv files, confusion matrices, grids of mistakes (Agg, no display).
+
+Re-draw or compare curves on their own (several runs on one chart)::
+
+    python -m utils.plots RUN1/log.csv RUN2/log.csv --out curves.png
+    python -m utils.plots RUN1 RUN2 --labels baseline strong-aug --out compare.png   # run folders work too
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: never needs a display, safe from training workers
+from matplotlib.figure import Figure  # noqa: E402  (Figure objects avoid pyplot's global state)
+
+from utils.checkpoint import atomic_write  # noqa: E402
+from utils.errors import UserError, run_main  # noqa: E402
+
+LOG_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5",
+               "epoch_seconds", "images_per_s")
+
+
+def _save_figure(fig: Figure, out_png: str, dpi: int = 110) -> None:
+    """Write ``fig`` as PNG atomically (temp file + rename), so readers never see half an image."""
+    atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
+
+
+def _to_float(value: str | None) -> float:
+    try:
+        return float(value) if value not in (None, "") else math.nan
+    except ValueError:
+        return math.nan
+
+
+def read_log(csv_path: str) -> dict[str, list[float]]:
+    """Read a train.py ``log.csv`` into ``{column: [values per epoch]}`` (missing/blank cells -> NaN)."""
+    if os.path.isdir(csv_path):
+        csv_path = os.path.join(csv_path, "log.csv")
+    if not os.path.isfile(csv_path):
+        raise UserError(f"log file {csv_path} not found; pass RUN/log.csv written by train.py (or the RUN folder)")
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        missing = [c for c in ("epoch", "train_loss", "val_loss") if c not in header]
+        if missing:
+            raise UserError(f"{csv_path} is not a train.py log.csv (missing columns: {', '.join(missing)}); "
+                            f"expected columns {','.join(LOG_COLUMNS)}")
+        rows = list(reader)
+    return {col: [_to_float(r.get(col)) for r in rows] for col in LOG_COLUMNS}
+
+
+def _default_labels(csv_paths: Sequence[str]) -> list[str]:
+    """Name each run after its folder (RUN/log.csv -> RUN); fall back to the path when names clash."""
+    names = []
+    for p in csv_paths:
+        folder = p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))
+        names.append(os.path.basename(os.path.normpath(folder)) or p)
+    if len(set(names)) < len(names):
+        names = [os.path.normpath(p) for p in csv_paths]
+    return names
+
+
+def plot_curves(csv_paths: list[str], out_png: str, labels: list[str] | None = None) -> None:
+    """Draw loss and accuracy curves (train solid, val dashed) of one or more runs into ``out_png``.
+
+    ``csv_paths`` are train.py ``log.csv`` files (or run folders holding one); each run gets one colour,
+    so several runs on one chart compare recipes. Accuracies are in percent. The PNG is written atomically.
+    """
+    if isinstance(csv_paths, str):
+        csv_paths = [csv_paths]
+    if not csv_paths:
+        raise UserError("no log.csv given; pass at least one RUN/log.csv")
+    if labels is not None and len(labels) != len(csv_paths):
+        raise UserError(f"{len(labels)} labels for {len(csv_paths)} log files; give one label per log file")
+    labels = list(labels) if labels is not None else _default_labels(csv_paths)
+    logs = [read_log(p) for p in csv_paths]
+
+    fig = Figure(figsize=(11, 4.2))
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    colours = matplotlib.colormaps["tab10"]
+    for i, (log, label) in enumerate(zip(logs, labels)):
+        c = colours(i % 10)
+        ep = log["epoch"]
+        ax_loss.plot(ep, log["train_loss"], color=c, ls="-", marker=".", label=f"{label} train")
+        ax_loss.plot(ep, log["val_loss"], color=c, ls="--", marker=".", label=f"{label} val")
+        ax_acc.plot(ep, log["train_acc"], color=c, ls="-", marker=".", label=f"{label} train")
+        ax_acc.plot(ep, log["val_top1"], color=c, ls="--", marker=".", label=f"{label} val top-1")
+    ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    _save_figure(fig, out_png)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: re-draw curves.png from one or more log.csv files."""
+    p = argparse.ArgumentParser(
+        prog="python -m utils.plots",
+        description="Draw loss and accuracy curves (train vs val) from one or more train.py log.csv files; "
+                    "several runs share one chart so recipes can be compared.")
+    p.add_argument("logs", nargs="+", metavar="LOG",
+                   help="RUN/log.csv files (or RUN folders containing log.csv)")
+    p.add_argument("--out", default="curves.png", help="output PNG path (default: curves.png)")
+    p.add_argument("--labels", nargs="+", default=None,
+                   help="one legend name per LOG (default: each run's folder name)")
+    args = p.parse_args(argv)
+    plot_curves(args.logs, args.out, labels=args.labels)
+    print(f"wrote {args.out} ({len(args.logs)} run{'s' if len(args.logs) > 1 else ''})")
+
+
+if __name__ == "__main__":
+    run_main(main)
