@@ -1,0 +1,197 @@
+"""Open any model file (train.py checkpoint, TorchScript, ONNX) behind one ``predict_batch`` interface.
+
+Every format carries its own class names and preprocessing (checkpoint entries, TorchScript
+``_extra_files``, ONNX ``metadata_props``), so evaluation and prediction never guess them::
+
+    m = open_model("runs/fmnist/best.pt")            # or model.torchscript.pt / model.onnx
+    tf = build_eval_transform(m.preprocess)
+    logits = m.predict_batch(torch.stack([tf(img) for img in images]))
+    names = [m.classes[i] for i in logits.argmax(1)]
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+import zipfile
+from typing import Any, Callable
+
+import torch
+
+from utils.errors import UserError
+
+ACCEPTED = ("a train.py checkpoint (.pt), a TorchScript file or an ONNX file (.onnx) written by export.py")
+PREPROCESS_KEYS = ("img_size", "resize_size", "mean", "std")
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """``device`` if given, else cuda when available, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class LoadedModel:
+    """A model ready for inference, whatever file it came from.
+
+    Attributes: ``path``, ``kind`` ("checkpoint" | "torchscript" | "onnx"), ``classes`` (list of names,
+    index = logit position), ``preprocess`` (dict img_size/resize_size/mean/std), ``device``,
+    ``arch`` (build args, checkpoints only, else None) and ``config`` (training config, checkpoints only).
+    """
+
+    def __init__(self, path: str, kind: str, classes: list[str], preprocess: dict[str, Any],
+                 run: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
+                 arch: dict | None = None, config: dict | None = None) -> None:
+        self.path = path
+        self.kind = kind
+        self.classes = classes
+        self.preprocess = preprocess
+        self.device = device
+        self.arch = arch
+        self.config = config
+        self._run = run
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def predict_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """Float NCHW batch (already preprocessed) -> float32 logits (N, num_classes) on the CPU."""
+        if x.ndim != 4:
+            raise ValueError(f"predict_batch expects an NCHW batch, got shape {tuple(x.shape)}")
+        return self._run(x).float().cpu()
+
+    def describe(self) -> str:
+        """One line for summaries, e.g. ``mobilenet_v2 checkpoint, 10 classes, 224 px, cpu``."""
+        name = f"{self.arch['name']} " if self.arch else ""
+        return (f"{name}{self.kind}, {self.num_classes} classes, {self.preprocess['img_size']} px "
+                f"(resize {self.preprocess['resize_size']}), {self.device.type}")
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.path!r}, {self.describe()})"
+
+
+def _validate_meta(path: str, classes: Any, preprocess: Any) -> tuple[list[str], dict[str, Any]]:
+    """Check embedded class names and preprocessing; a clear error names the file and the fix."""
+    fix = "re-export it with export.py (it embeds 'classes' and 'preprocess')"
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise UserError(f"{path} carries no class names (metadata 'classes' missing or not a list of names); {fix}")
+    if not isinstance(preprocess, dict) or any(k not in preprocess for k in PREPROCESS_KEYS):
+        raise UserError(f"{path} carries no preprocessing (metadata 'preprocess' needs {', '.join(PREPROCESS_KEYS)}); {fix}")
+    pre = {"img_size": int(preprocess["img_size"]), "resize_size": int(preprocess["resize_size"]),
+           "mean": [float(v) for v in preprocess["mean"]], "std": [float(v) for v in preprocess["std"]]}
+    return list(classes), pre
+
+
+def _parse_json(path: str, key: str, text: str | bytes | None) -> Any:
+    if text in (None, "", b""):
+        return None
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"{path}: metadata '{key}' is not valid JSON; re-export it with export.py") from None
+
+
+def detect_kind(path: str) -> str:
+    """Tell the format from the file's content (not its name): checkpoint, torchscript or onnx."""
+    if not os.path.exists(path):
+        raise UserError(f"model file {path} not found; pass {ACCEPTED}")
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder; pass a model file inside it, e.g. {os.path.join(path, 'best.pt')}")
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            names = []
+        # TorchScript archives hold compiled code (<archive>/code/...); torch.save archives do not.
+        return "torchscript" if any("/code/" in n for n in names) else "checkpoint"
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head[:1] == b"\x80":  # legacy (non-zip) torch.save pickle
+        return "checkpoint"
+    return "onnx"
+
+
+def _open_checkpoint(path: str, device: torch.device) -> LoadedModel:
+    from utils.checkpoint import load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(path)
+    classes, pre = _validate_meta(path, ckpt.get("classes"), ckpt.get("preprocess"))
+    model = model_from_checkpoint(ckpt).to(device).to(memory_format=torch.channels_last)
+    if len(classes) != model.arch["num_classes"]:
+        raise UserError(f"{path}: {len(classes)} class names but the model has {model.arch['num_classes']} outputs; "
+                        "the checkpoint is inconsistent, re-save it with train.py")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
+    return LoadedModel(path, "checkpoint", classes, pre, run, device, arch=dict(model.arch), config=config)
+
+
+def _open_torchscript(path: str, device: torch.device) -> LoadedModel:
+    extra = {"classes": "", "preprocess": ""}
+    try:
+        with warnings.catch_warnings():  # torch>=2.9 flags jit.load as deprecated; the format still works
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(path, map_location=device, _extra_files=extra)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read TorchScript file {path} ({first}); pass {ACCEPTED}") from None
+    classes, pre = _validate_meta(path, _parse_json(path, "classes", extra["classes"]),
+                                  _parse_json(path, "preprocess", extra["preprocess"]))
+    module.eval()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return module(x.to(device, non_blocking=True))
+
+    return LoadedModel(path, "torchscript", classes, pre, run, device)
+
+
+def _open_onnx(path: str, device: torch.device) -> LoadedModel:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        sess = ort.InferenceSession(path, sess_options=opts, providers=providers)
+    except Exception as e:
+        # Not a zip archive, so not a checkpoint/TorchScript; the ONNX parser's detail only helps for .onnx files.
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        detail = f" ({first[:160]})" if path.lower().endswith(".onnx") else ""
+        raise UserError(f"cannot read model file {path}: it is not a valid checkpoint, TorchScript or ONNX file "
+                        f"(corrupt or truncated?){detail}; pass {ACCEPTED}") from None
+    meta = sess.get_modelmeta().custom_metadata_map
+    classes, pre = _validate_meta(path, _parse_json(path, "classes", meta.get("classes")),
+                                  _parse_json(path, "preprocess", meta.get("preprocess")))
+    inputs = sess.get_inputs()
+    in_name = "input" if any(i.name == "input" for i in inputs) else inputs[0].name
+    out_name = sess.get_outputs()[0].name
+    # The session runs on CPU arrays; when it uses CUDA, onnxruntime copies in and out itself.
+    used = torch.device("cuda") if sess.get_providers()[0] == "CUDAExecutionProvider" else torch.device("cpu")
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        return torch.from_numpy(sess.run([out_name], {in_name: arr})[0])
+
+    return LoadedModel(path, "onnx", classes, pre, run, used)
+
+
+def open_model(path: str, device: str | torch.device | None = None) -> LoadedModel:
+    """Load a checkpoint, TorchScript or ONNX file as a :class:`LoadedModel` (format told from content).
+
+    Unknown or corrupt files raise :class:`UserError` naming the file and the accepted formats.
+    """
+    dev = pick_device(device)
+    kind = detect_kind(path)
+    if kind == "checkpoint":
+        return _open_checkpoint(path, dev)
+    if kind == "torchscript":
+        return _open_torchscript(path, dev)
+    return _open_onnx(path, dev)
