@@ -99,6 +99,69 @@ def plot_curves(csv_paths: list[str], out_png: str, labels: list[str] | None = N
     _save_figure(fig, out_png)
 
 
+def plot_confusion_matrix(cm, class_names: list[str], out_png: str, title: str = "") -> None:
+    """Two seaborn heatmaps side by side: raw counts and the row-normalised matrix (recall per true class).
+
+    Rows are true classes, columns predicted ones. Cells are annotated while the matrix stays readable.
+    """
+    import numpy as np
+    import seaborn as sns
+
+    from utils.metrics import row_normalize
+
+    cm = np.asarray(cm)
+    n = len(class_names)
+    side = min(max(5.0, 0.5 * n + 2.5), 40.0)
+    fig = Figure(figsize=(2 * side + 1, side))
+    ax_raw, ax_norm = fig.subplots(1, 2)
+    annot = n <= 25
+    ticks = class_names if n <= 80 else False
+    sns.heatmap(cm, ax=ax_raw, annot=annot, fmt="d", cmap="Blues", square=True, cbar=True,
+                xticklabels=ticks, yticklabels=ticks, annot_kws={"fontsize": 8})
+    sns.heatmap(row_normalize(cm), ax=ax_norm, annot=annot, fmt=".2f", cmap="Blues", vmin=0.0, vmax=1.0,
+                square=True, cbar=True, xticklabels=ticks, yticklabels=ticks, annot_kws={"fontsize": 7})
+    ax_raw.set(title="Counts", xlabel="predicted", ylabel="true")
+    ax_norm.set(title="Row-normalised (recall)", xlabel="predicted", ylabel="true")
+    for ax in (ax_raw, ax_norm):
+        ax.tick_params(axis="x", labelrotation=90)
+        ax.tick_params(axis="y", labelrotation=0)
+    if title:
+        fig.suptitle(title)
+    _save_figure(fig, out_png)
+
+
+def plot_mistakes(mistakes: list[dict], out_png: str, max_images: int = 25, columns: int = 5) -> None:
+    """Grid of the first ``max_images`` mistakes (dicts with file, true, predicted, confidence).
+
+    Pass them most confident first: those are the ones worth looking at (label noise, look-alike classes).
+    """
+    from PIL import Image
+
+    shown = mistakes[:max_images]
+    if not shown:
+        fig = Figure(figsize=(4, 1.5))
+        fig.text(0.5, 0.5, "no mistakes", ha="center", va="center", fontsize=14)
+        _save_figure(fig, out_png)
+        return
+    cols = min(columns, len(shown))
+    rows = -(-len(shown) // cols)
+    fig = Figure(figsize=(2.4 * cols, 2.75 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, m in zip(axes.flat, shown):
+        try:
+            with Image.open(m["file"]) as im:
+                im = im.convert("RGB")
+                im.thumbnail((256, 256))
+                ax.imshow(im)
+        except Exception:  # an image that vanished since evaluation still gets its caption
+            pass
+        ax.set_title(f"true: {m['true']}\npred: {m['predicted']} ({float(m['confidence']):.2f})", fontsize=8)
+    fig.suptitle(f"Most confident mistakes ({len(shown)} of {len(mistakes)})")
+    _save_figure(fig, out_png)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: re-draw curves.png from one or more log.csv files."""
     p = argparse.ArgumentParser(

@@ -1,0 +1,235 @@
+"""Evaluate a checkpoint, TorchScript or ONNX file on a labelled image folder.
+
+    python evaluate.py runs/fmnist/best.pt val                 # split name of the run -> runs/fmnist/eval/
+    python evaluate.py runs/fmnist/export/model.onnx DATA/test --out eval_onnx
+
+Reports top-1, top-5, mean loss and per-class precision/recall/F1/support, and writes metrics.json,
+per_class.csv, confusion_matrix.csv/.png, mistakes.csv and mistakes.png into the output folder.
+Class names and preprocessing always come from the model file itself.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from utils.checkpoint import atomic_write
+from utils.errors import UserError, run_main
+from utils.inference import as_records, default_workers, run_on_files, scan_class_folders, summarize_failures
+from utils.metrics import confusion_matrix, macro_average, per_class_report, topk_correct
+from utils.plots import plot_confusion_matrix, plot_mistakes
+from utils.runtime import LoadedModel, open_model
+
+SPLIT_NAMES = ("train", "val", "test")
+REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def resolve_data(data: str, model: LoadedModel) -> str:
+    """``data`` is a split folder, or a split name resolved against the checkpoint's training data folder."""
+    if os.path.isdir(data) or data not in SPLIT_NAMES:
+        return data
+    root = (model.config or {}).get("data")
+    if not root:
+        raise UserError(f"'{data}' is a split name, but {model.path} is a {model.kind} file without a training "
+                        f"config to find the data in; pass the split folder itself (e.g. DATA/{data})")
+    candidates = [root] if os.path.isabs(root) else [root, os.path.join(REPO_ROOT, root)]
+    for base in candidates:
+        if os.path.isdir(os.path.join(base, data)):
+            return os.path.join(base, data)
+    raise UserError(f"split '{data}' not found: {model.path} was trained on data folder '{root}', which has no "
+                    f"'{data}' sub-folder here; pass the split folder path instead")
+
+
+def match_classes(data_classes: list[str], model: LoadedModel, data_dir: str) -> list[str]:
+    """Check the data's class folders against the model's classes; return notes for a subset.
+
+    A class folder the model does not know is an error listing every difference.
+    """
+    known = set(model.classes)
+    unknown = [c for c in data_classes if c not in known]
+    absent = [c for c in model.classes if c not in set(data_classes)]
+    if unknown:
+        msg = (f"class folders in {data_dir} differ from the classes of {model.path}: "
+               f"not known to the model: {', '.join(unknown)}")
+        if absent:
+            shown = ", ".join(absent[:20]) + (f" (+{len(absent) - 20} more)" if len(absent) > 20 else "")
+            msg += f"; model classes without a folder: {shown}"
+        msg += "; evaluate with data split the same way as for training, or remove the unknown folders"
+        raise UserError(msg)
+    if absent:
+        shown = ", ".join(absent[:20]) + (f" (+{len(absent) - 20} more)" if len(absent) > 20 else "")
+        return [f"note: {data_dir} has {len(data_classes)} of the model's {len(model.classes)} classes "
+                f"(evaluating that subset; not in the data: {shown})"]
+    return []
+
+
+def default_out_dir(model_path: str, kind: str) -> str:
+    """RUN/best.pt -> RUN/eval; another checkpoint RUN/x.pt -> RUN/eval_x; an export f.onnx -> its folder/eval_f_onnx."""
+    folder = os.path.dirname(os.path.abspath(model_path))
+    name = os.path.basename(model_path)
+    if kind == "checkpoint":
+        stem = os.path.splitext(name)[0]
+        return os.path.join(folder, "eval" if stem == "best" else f"eval_{stem}")
+    return os.path.join(folder, "eval_" + name.replace(".", "_"))
+
+
+def evaluate(model: LoadedModel, data_dir: str, batch_size: int = 64, workers: int | None = None,
+             progress: bool = True) -> dict[str, Any]:
+    """Run ``model`` over every image of ``data_dir`` and compute all metrics (nothing is written)."""
+    per_class, empty = scan_class_folders(data_dir)
+    notes = match_classes(list(per_class), model, data_dir)
+    if empty:
+        notes.append(f"note: class folders without images ignored: {', '.join(empty)}")
+    index = {c: i for i, c in enumerate(model.classes)}
+    paths = [p for c in per_class for p in per_class[c]]
+    targets_all = torch.tensor([index[c] for c in per_class for _ in per_class[c]], dtype=torch.long)
+
+    res = run_on_files(model, paths, batch_size=batch_size, workers=workers, desc="evaluate", progress=progress)
+    if len(res.indices) == 0:
+        raise UserError(f"none of the {len(paths)} images in {data_dir} could be read; check the files "
+                        f"(first error: {res.failed[0][1] if res.failed else 'none'})")
+    target = targets_all[res.indices]
+    logits = res.logits
+    probs = logits.softmax(dim=1)
+    conf, pred = probs.max(dim=1)
+    n = len(target)
+    top1, top5 = topk_correct(logits, target, ks=(1, 5))
+    loss = float(torch.nn.functional.cross_entropy(logits, target))
+
+    # Rows/columns: classes present in the data plus any class the model predicted (model order).
+    labels = sorted(set(target.tolist()) | set(pred.tolist()))
+    names = [model.classes[i] for i in labels]
+    cm = confusion_matrix(target.tolist(), pred.tolist(), labels)
+    rows = per_class_report(target.tolist(), pred.tolist(), labels, model.classes)
+    macro = macro_average(rows)
+
+    wrong = (pred != target).nonzero().flatten().tolist()
+    mistakes = [{"file": paths[int(res.indices[k])], "true": model.classes[int(target[k])],
+                 "predicted": model.classes[int(pred[k])], "confidence": float(conf[k]),
+                 "true_class_prob": float(probs[k, target[k]])} for k in wrong]
+    mistakes.sort(key=lambda m: -m["confidence"])
+
+    metrics = {
+        "model": model.path, "kind": model.kind, "data": data_dir, "device": model.device.type,
+        "images": n, "skipped": len(res.failed),
+        "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss,
+        "macro_precision": macro["precision"], "macro_recall": macro["recall"], "macro_f1": macro["f1"],
+        "mistakes": len(mistakes),
+        "classes_in_data": list(per_class), "model_classes_not_in_data": [c for c in model.classes if c not in per_class],
+        "images_per_s": res.images_per_s, "model_images_per_s": res.model_images_per_s, "seconds": res.seconds,
+        "batch_size": batch_size, "preprocess": model.preprocess,
+        "per_class": rows, "skipped_files": as_records(res.failed), "notes": notes,
+    }
+    return {"metrics": metrics, "cm": cm, "cm_names": names, "per_class": rows, "mistakes": mistakes,
+            "failed": res.failed, "notes": notes}
+
+
+def _write_text(path: str, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+    atomic_write(path, write)
+
+
+def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def write_outputs(result: dict[str, Any], out_dir: str) -> dict[str, str]:
+    """Write every output file atomically into ``out_dir``; returns {name: path}."""
+    os.makedirs(out_dir, exist_ok=True)
+    files = {k: os.path.join(out_dir, k) for k in ("metrics.json", "per_class.csv", "confusion_matrix.csv",
+                                                    "confusion_matrix.png", "mistakes.csv", "mistakes.png")}
+    m = result["metrics"]
+    _write_text(files["metrics.json"], json.dumps(m, indent=2) + "\n")
+    _write_text(files["per_class.csv"], _csv_text(
+        ["class", "precision", "recall", "f1", "support"],
+        [[r["class"], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]]
+         for r in result["per_class"]]))
+    names, cm = result["cm_names"], np.asarray(result["cm"])
+    _write_text(files["confusion_matrix.csv"], _csv_text(
+        ["true\\predicted"] + names, [[names[i]] + cm[i].tolist() for i in range(len(names))]))
+    title = f"{os.path.basename(m['model'])} on {m['data']}: top-1 {m['top1']:.2f}% ({m['images']} images)"
+    plot_confusion_matrix(cm, names, files["confusion_matrix.png"], title=title)
+    _write_text(files["mistakes.csv"], _csv_text(
+        ["file", "true", "predicted", "confidence", "true_class_prob"],
+        [[r["file"], r["true"], r["predicted"], f"{r['confidence']:.4f}", f"{r['true_class_prob']:.4f}"]
+         for r in result["mistakes"]]))
+    plot_mistakes(result["mistakes"], files["mistakes.png"])
+    return files
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """Per-class table plus the summary line, for the terminal."""
+    rows = result["per_class"]
+    width = max([len("class")] + [len(r["class"]) for r in rows])
+    lines = [f"{'class':<{width}}  precision  recall     f1  support"]
+    lines += [f"{r['class']:<{width}}  {r['precision']:9.3f}  {r['recall']:6.3f}  {r['f1']:5.3f}  {r['support']:7d}"
+              for r in rows]
+    m = result["metrics"]
+    lines.append(f"{'macro avg':<{width}}  {m['macro_precision']:9.3f}  {m['macro_recall']:6.3f}  "
+                 f"{m['macro_f1']:5.3f}  {m['images']:7d}")
+    return "\n".join(lines)
+
+
+def summary_line(m: dict[str, Any]) -> str:
+    skipped = f", {m['skipped']} unreadable skipped" if m["skipped"] else ""
+    return (f"{m['kind']} {m['model']} on {m['data']}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  "
+            f"loss {m['loss']:.4f}  macro-F1 {m['macro_f1']:.4f}  | {m['images']} images{skipped} in "
+            f"{m['seconds']:.1f} s, {m['images_per_s']:.0f} images/s (model alone {m['model_images_per_s']:.0f} images/s, "
+            f"{m['device']})")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Evaluate a model file on a labelled ImageFolder split: top-1/top-5, loss, per-class "
+                    "precision/recall/F1, confusion matrix and the most confident mistakes.")
+    p.add_argument("model", metavar="MODEL",
+                   help="train.py checkpoint (RUN/best.pt), TorchScript file or ONNX file (export.py output); "
+                        "class names and preprocessing are read from it")
+    p.add_argument("data", metavar="DATA",
+                   help="split folder with one sub-folder per class (e.g. DATA/val), or a split name "
+                        "(train, val, test) of the checkpoint's training data folder")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: RUN/eval for RUN/best.pt, RUN/eval_<name> for other "
+                        "checkpoints, <folder>/eval_<file name> for exported files)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"DataLoader worker processes decoding images (default: {default_workers()}, "
+                        "min(4, CPU cores); 0 decodes in the main process)")
+    p.add_argument("--device", default=None,
+                   help="cpu or cuda (default: cuda when available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = get_args_parser().parse_args(argv)
+    model = open_model(args.model, device=args.device)
+    data_dir = resolve_data(args.data, model)
+    out_dir = args.out or default_out_dir(args.model, model.kind)
+    print(f"model: {model.describe()}")
+    result = evaluate(model, data_dir, batch_size=args.batch_size, workers=args.workers,
+                      progress=not args.no_progress)
+    for line in result["notes"] + summarize_failures(result["failed"]):
+        print(line)
+    files = write_outputs(result, out_dir)
+    print(format_report(result))
+    print(f"wrote {out_dir}/: " + ", ".join(os.path.basename(f) for f in files.values()))
+    print(f"confusion matrix: {files['confusion_matrix.png']}")
+    print(summary_line(result["metrics"]))
+    return result["metrics"]
+
+
+if __name__ == "__main__":
+    run_main(main)

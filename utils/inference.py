@@ -1,0 +1,178 @@
+"""Batched inference over image files: find the files, decode them in DataLoader workers, skip the unreadable.
+
+Shared by evaluate.py and predict.py (and usable from benchmarks): ``run_on_files(model, paths)`` returns
+the logits of every readable image, the files that failed with their reasons, and images/s.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from utils.data import build_eval_transform
+from utils.errors import UserError
+from utils.runtime import LoadedModel
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def is_image_file(path: str) -> bool:
+    """True when the file name has an image extension (case-insensitive)."""
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def default_workers() -> int:
+    """DataLoader worker processes: up to 4, never more than the machine's cores."""
+    return min(4, os.cpu_count() or 1)
+
+
+def _images_under(folder: str) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f) and not f.startswith(".")]
+    return found
+
+
+def expand_image_args(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Turn files, folders (searched recursively) and glob patterns into image paths.
+
+    Returns ``(paths, unmatched)``: ``unmatched`` lists arguments that named nothing (reported, not fatal).
+    An explicitly named file is kept whatever its extension, so a broken file is reported, not ignored.
+    """
+    paths: list[str] = []
+    unmatched: list[str] = []
+    for item in items:
+        if os.path.isfile(item):
+            found = [item]
+        elif os.path.isdir(item):
+            found = _images_under(item)
+        else:
+            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p) and is_image_file(p))
+        if not found:
+            unmatched.append(item)
+        paths += found
+    seen: set[str] = set()
+    unique = [p for p in paths if not (p in seen or seen.add(p))]
+    return unique, unmatched
+
+
+def scan_class_folders(root: str) -> tuple[dict[str, list[str]], list[str]]:
+    """Read an ImageFolder split ``root/<class>/*``: ``({class: [image paths]}, [class folders without images])``.
+
+    Classes are sorted by name (as torchvision's ImageFolder does); images anywhere under a class folder count.
+    """
+    if not os.path.isdir(root):
+        raise UserError(f"data folder {root} not found; pass a split folder with one sub-folder per class "
+                        "(e.g. DATA/val) or a split name of the run (train, val, test)")
+    class_dirs = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
+    per_class = {c: _images_under(os.path.join(root, c)) for c in class_dirs}
+    empty = [c for c, files in per_class.items() if not files]
+    per_class = {c: files for c, files in per_class.items() if files}
+    if not per_class:
+        loose = [f for f in os.listdir(root) if is_image_file(f)]
+        hint = (f" (it holds {len(loose)} loose images: evaluation needs them sorted into one sub-folder per class; "
+                "use predict.py for unlabelled images)") if loose else ""
+        raise UserError(f"no images found in {root}{hint}; expected {root}/<class name>/<image files>")
+    return per_class, empty
+
+
+class ImageFiles(Dataset):
+    """Images by path; an unreadable file yields ``None`` and its error instead of stopping the run."""
+
+    def __init__(self, paths: Sequence[str], transform) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str | None]:
+        try:
+            with Image.open(self.paths[i]) as im:
+                im.load()
+                return self.transform(im), i, None
+        except Exception as e:  # any decode failure: report it and carry on with the other images
+            return None, i, f"{type(e).__name__}: {e}".strip()
+
+
+def collate_readable(batch: list[tuple[torch.Tensor | None, int, str | None]]):
+    """Stack the readable images; return ``(x or None, indices of x, [(index, error)])``."""
+    ok = [(x, i) for x, i, err in batch if err is None]
+    failed = [(i, err) for x, i, err in batch if err is not None]
+    x = torch.stack([t for t, _ in ok]) if ok else None
+    return x, torch.tensor([i for _, i in ok], dtype=torch.long), failed
+
+
+@dataclass
+class InferenceResult:
+    """Logits of the readable images (rows follow ``indices`` into the input paths) plus what failed."""
+
+    logits: torch.Tensor
+    indices: torch.Tensor
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the whole loop (decode + model)
+    model_seconds: float = 0.0  # time inside predict_batch only
+
+    @property
+    def images_per_s(self) -> float:
+        return len(self.indices) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def model_images_per_s(self) -> float:
+        return len(self.indices) / self.model_seconds if self.model_seconds > 0 else 0.0
+
+
+def run_on_files(model: LoadedModel, paths: Sequence[str], batch_size: int = 64, workers: int | None = None,
+                 desc: str = "infer", progress: bool = True) -> InferenceResult:
+    """Run ``model`` over image files in batches with the model file's own preprocessing.
+
+    Decoding happens in ``workers`` DataLoader processes; unreadable files are collected in ``failed``.
+    """
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    workers = default_workers() if workers is None else workers
+    if workers < 0:
+        raise UserError(f"--workers must be 0 or more, got {workers}")
+    n_batches = -(-len(paths) // batch_size)
+    loader = DataLoader(ImageFiles(paths, build_eval_transform(model.preprocess)), batch_size=batch_size,
+                        shuffle=False, num_workers=min(workers, n_batches), collate_fn=collate_readable,
+                        pin_memory=model.device.type == "cuda")
+    logits: list[torch.Tensor] = []
+    indices: list[torch.Tensor] = []
+    failed: list[tuple[str, str]] = []
+    model_seconds = 0.0
+    t0 = time.perf_counter()
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for x, idx, bad in loader:
+            failed += [(paths[i], err) for i, err in bad]
+            if x is not None:
+                t1 = time.perf_counter()
+                logits.append(model.predict_batch(x))
+                model_seconds += time.perf_counter() - t1
+                indices.append(idx)
+            bar.update(len(idx) + len(bad))
+    seconds = time.perf_counter() - t0
+    out = torch.cat(logits) if logits else torch.empty(0, model.num_classes)
+    ids = torch.cat(indices) if indices else torch.empty(0, dtype=torch.long)
+    return InferenceResult(out, ids, failed, seconds, model_seconds)
+
+
+def summarize_failures(failed: list[tuple[str, str]], limit: int = 5) -> list[str]:
+    """Human lines for unreadable files (first ``limit`` shown, then a count)."""
+    lines = [f"skipped unreadable image {p} ({err.splitlines()[0][:120]})" for p, err in failed[:limit]]
+    if len(failed) > limit:
+        lines.append(f"... and {len(failed) - limit} more unreadable images")
+    return lines
+
+
+def as_records(failed: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Failures as JSON-friendly dicts."""
+    return [{"file": p, "error": e} for p, e in failed]
