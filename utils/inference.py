@@ -142,8 +142,10 @@ def run_on_files(model: LoadedModel, paths: Sequence[str], batch_size: int = 64,
     if workers < 0:
         raise UserError(f"--workers must be 0 or more, got {workers}")
     n_batches = -(-len(paths) // batch_size)
+    # One batch gains nothing from worker processes, only their start-up time.
+    workers = 0 if n_batches <= 1 else min(workers, n_batches)
     loader = DataLoader(ImageFiles(paths, build_eval_transform(model.preprocess)), batch_size=batch_size,
-                        shuffle=False, num_workers=min(workers, n_batches), collate_fn=collate_readable,
+                        shuffle=False, num_workers=workers, collate_fn=collate_readable,
                         pin_memory=model.device.type == "cuda")
     logits: list[torch.Tensor] = []
     indices: list[torch.Tensor] = []
