@@ -1,0 +1,1 @@
+"""Dataset preparation commands (each turns a public dataset into raw class folders of image files)."""
