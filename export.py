@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""Export a train.py checkpoint to verified deployment files.
+
+    python export.py RUN/best.pt                                  # onnx + torchscript + int8 -> RUN/export/
+    python export.py RUN/best.pt --format onnx --out /tmp/ship
+    python export.py RUN/best.pt --format int8 --calib-data photos/ --max-drop 0.5
+    python export.py RUN/best.pt --format tensorrt                # needs CUDA + tensorrt (untested here)
+
+Files: DIR/model.onnx (fp32), DIR/model.torchscript.pt, DIR/model.int8.onnx, DIR/model.engine (TensorRT),
+DIR/export.json (every check below). Each file is verified on real validation images before it appears
+under its final name: fp32 files must match the PyTorch logits within --tol with the same top-1 on every
+image; the int8 file must lose at most --max-drop top-1 points on the validation set. A failed check is an
+error and leaves no file behind.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+from utils.errors import UserError, run_main
+
+FORMATS = ("onnx", "torchscript", "int8", "tensorrt")
+FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "int8": "model.int8.onnx",
+         "tensorrt": "model.engine"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint written by train.py or python -m utils.prune (e.g. RUN/best.pt)")
+    p.add_argument("--format", nargs="+", choices=FORMATS, default=["onnx", "torchscript", "int8"],
+                   help="what to write (default: onnx torchscript int8); int8 and tensorrt also write model.onnx")
+    p.add_argument("--out", help="output folder (default: the checkpoint's folder + /export)")
+    p.add_argument("--val-data", help="validation folder with one sub-folder per class, used for every check "
+                                      "(default: DATA/val, DATA = the 'data' entry of the checkpoint's config)")
+    p.add_argument("--calib-data", help="folder of real images (any layout) to calibrate int8 on "
+                                        "(default: DATA/train of the checkpoint's config)")
+    p.add_argument("--calib-images", type=int, default=300,
+                   help="calibration images, spread evenly over the folder (default 300)")
+    p.add_argument("--calib-method", choices=("minmax", "percentile", "entropy"), default="minmax",
+                   help="how activation ranges are chosen from the calibration images (default minmax)")
+    p.add_argument("--per-tensor", action="store_true",
+                   help="one int8 scale per weight tensor instead of per output channel (less accurate)")
+    p.add_argument("--reduce-range", action="store_true",
+                   help="7-bit weights: avoids saturation on x86 CPUs without VNNI (older desktop CPUs)")
+    p.add_argument("--max-drop", type=float, default=1.0,
+                   help="refuse the int8 model if validation top-1 drops by more than this many points (default 1.0)")
+    p.add_argument("--verify-images", type=int, default=200,
+                   help="validation images for the fp32 logit parity checks (default 200)")
+    p.add_argument("--val-limit", type=int, default=2000,
+                   help="validation images for the int8 accuracy check, spread over all classes; 0 = all (default 2000)")
+    p.add_argument("--tol", type=float, default=1e-4,
+                   help="largest allowed absolute logit difference of fp32 exports vs PyTorch (default 1e-4)")
+    return p
+
+
+def _data_folder(args: argparse.Namespace, config: dict[str, Any], sub: str, flag: str) -> str:
+    data = config.get("data")
+    if not data:
+        raise UserError(f"{args.checkpoint} does not record its data folder (config 'data'); pass {flag} DIR")
+    path = os.path.join(data, sub)
+    if not os.path.isdir(path):
+        raise UserError(f"{path} (from {args.checkpoint}'s config 'data') not found; pass {flag} DIR")
+    return path
+
+
+def _publish(tmp: str, final: str) -> None:
+    """Give a verified file its final name (atomic on one file system), readable like any other file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # temp files are created private (0600)
+    os.replace(tmp, final)
+
+
+def _discard(tmp: str) -> None:
+    if os.path.exists(tmp):
+        os.remove(tmp)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    import numpy as np
+    import onnx
+    import onnxruntime
+
+    from utils import export as ex
+
+    args = build_parser().parse_args(argv)
+    formats = list(dict.fromkeys(args.format))
+    if ("int8" in formats or "tensorrt" in formats) and "onnx" not in formats:
+        formats.insert(0, "onnx")  # both are built from the verified fp32 ONNX file
+    src = ex.load_export_source(args.checkpoint)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "export")
+    os.makedirs(out, exist_ok=True)
+    img_size = int(src.preprocess["img_size"])
+    torch.manual_seed(0)
+
+    val_dir = args.val_data or _data_folder(args, src.config, "val", "--val-data")
+    val = ex.list_labelled_images(val_dir, src.classes)
+    verify = ex.evenly_spaced(val, args.verify_images)
+    print(f"verifying on {len(verify)} real validation images from {val_dir}")
+    verify_x = ex.load_images([p for p, _ in verify], src.preprocess)
+    with torch.no_grad():
+        reference = ex.batched_logits(src.model, verify_x)
+
+    report: dict[str, Any] = {
+        "checkpoint": os.path.abspath(args.checkpoint), "arch": src.arch, "classes": src.classes,
+        "preprocess": src.preprocess, "pruned": src.pruned, "val_data": val_dir,
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        "files": {}, "checks": {},
+    }
+    paths = {f: os.path.join(out, FILES[f]) for f in FORMATS}
+
+    def verified(fmt: str, tmp: str, facts: dict[str, Any]) -> None:
+        got = ex.batched_logits(ex.file_predictor(tmp), verify_x)
+        try:
+            check = ex.verify_parity(fmt, paths[fmt], reference, got, args.tol)
+        except UserError:
+            _discard(tmp)
+            raise
+        _publish(tmp, paths[fmt])
+        report["files"][fmt] = {"path": paths[fmt], "bytes": os.path.getsize(paths[fmt]), **facts}
+        report["checks"][fmt] = check
+        print(f"{fmt:12s} {paths[fmt]}  {os.path.getsize(paths[fmt]) / 1e6:.2f} MB  max |logit diff| "
+              f"{check['max_abs_diff']:.2e}, top-1 equal on {check['top1_agree']}/{check['images']}")
+
+    if "onnx" in formats:
+        tmp = paths["onnx"] + ".unverified"
+        facts = ex.export_onnx(src.model, tmp, img_size, src.classes, src.preprocess)
+        facts["exporter"] = f"torch.onnx.export(dynamo=False, opset_version={ex.ONNX_OPSET}, do_constant_folding=True)"
+        verified("onnx", tmp, facts)
+    if "torchscript" in formats:
+        tmp = paths["torchscript"] + ".unverified"
+        verified("torchscript", tmp, ex.export_torchscript(src.model, tmp, img_size, src.classes, src.preprocess))
+    if "int8" in formats:
+        report["checks"]["int8"] = _export_int8(args, src, paths, report, val, ex, np)
+    _write_report(out, report)
+    if "tensorrt" in formats:
+        try:
+            report["files"]["tensorrt"] = ex.build_tensorrt_engine(paths["onnx"], paths["tensorrt"], img_size)
+        except UserError as e:
+            report["checks"]["tensorrt"] = {"passed": False, "error": str(e)}
+            _write_report(out, report)
+            raise
+        _write_report(out, report)
+    print(f"wrote {out}/export.json")
+    return report
+
+
+def _export_int8(args, src, paths, report, val, ex, np) -> dict[str, Any]:
+    calib_dir = args.calib_data or _data_folder(args, src.config, "train", "--calib-data")
+    calib_paths = ex.evenly_spaced(ex.list_images(calib_dir), args.calib_images)
+    if not calib_paths:
+        raise UserError(f"no images found in {calib_dir}; pass --calib-data DIR with a few hundred real images")
+    print(f"calibrating int8 on {len(calib_paths)} images from {calib_dir}")
+    calib = ex.load_images(calib_paths, src.preprocess)
+    tmp = paths["int8"] + ".unverified"
+    t0 = time.time()
+    facts = ex.quantize_int8(paths["onnx"], tmp, calib, per_channel=not args.per_tensor,
+                             reduce_range=args.reduce_range, method=args.calib_method)
+    facts["seconds"] = round(time.time() - t0, 1)
+    facts["calibration_data"] = calib_dir
+
+    acc_items = ex.evenly_spaced(val, args.val_limit)
+    labels = torch.tensor([y for _, y in acc_items])
+    fp32_predict, int8_predict = ex.file_predictor(paths["onnx"]), ex.file_predictor(tmp)
+    fp32_logits, int8_logits = [], []
+    chunk = 256  # decode in chunks: the whole validation set need not fit in memory
+    for i in range(0, len(acc_items), chunk):
+        x = ex.load_images([p for p, _ in acc_items[i:i + chunk]], src.preprocess)
+        fp32_logits.append(ex.batched_logits(fp32_predict, x))
+        int8_logits.append(ex.batched_logits(int8_predict, x))
+    fp32_logits, int8_logits = torch.cat(fp32_logits), torch.cat(int8_logits)
+    fp32_top1, int8_top1 = ex.top1_percent(fp32_logits, labels), ex.top1_percent(int8_logits, labels)
+    check = {"val_images": len(acc_items), "fp32_top1": round(fp32_top1, 2), "int8_top1": round(int8_top1, 2),
+             "drop": round(fp32_top1 - int8_top1, 2), "max_drop": args.max_drop,
+             "top1_agree_with_fp32": int((fp32_logits.argmax(1) == int8_logits.argmax(1)).sum())}
+    print(f"int8         val top-1 {fp32_top1:.2f}% (fp32) -> {int8_top1:.2f}% (int8) on {len(acc_items)} images, "
+          f"drop {check['drop']:.2f} points (allowed {args.max_drop:g})")
+    try:
+        ex.check_int8_drop(fp32_top1, int8_top1, args.max_drop, paths["int8"])
+    except UserError:
+        _discard(tmp)
+        raise
+    check["passed"] = True
+    _publish(tmp, paths["int8"])
+    report["files"]["int8"] = {"path": paths["int8"], "bytes": os.path.getsize(paths["int8"]), **facts}
+    print(f"int8         {paths['int8']}  {os.path.getsize(paths['int8']) / 1e6:.2f} MB")
+    return check
+
+
+def _write_report(out: str, report: dict[str, Any]) -> None:
+    from utils.checkpoint import atomic_write
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=2)
+            f.write("\n")
+
+    atomic_write(os.path.join(out, "export.json"), write)
+
+
+if __name__ == "__main__":
+    run_main(main)

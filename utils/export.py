@@ -1,0 +1,347 @@
+"""Turn a trained network into deployable files and prove each file computes what the network computes.
+
+- ONNX (fp32): legacy TorchScript-based exporter (``dynamo=False``, opset 17). Chosen on purpose: the
+  default dynamo exporter needs the extra ``onnxscript`` package, and the legacy path with constant folding
+  already folds BatchNorm into the convolutions and turns ReLU6 into ``Clip`` with constant bounds.
+- TorchScript: traced, then frozen (weights inlined as constants, BatchNorm folded by the freezer).
+- int8: onnxruntime static post-training quantization, QDQ format, per-channel s8 weights and u8
+  activations (u8 activations hit the fast u8s8 kernels on x86; s8 activations gave no speed-up here and
+  dynamic quantization was 17x slower, see README), calibrated on real training images.
+- TensorRT: an fp16 engine built from the ONNX file when CUDA and the ``tensorrt`` package exist.
+
+Class names and preprocessing travel inside every file (ONNX ``metadata_props``, TorchScript
+``_extra_files``), so a single file is enough for inference.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from utils.checkpoint import atomic_write, load_checkpoint
+from utils.errors import UserError
+
+ONNX_OPSET = 17
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+
+
+@dataclass
+class ExportSource:
+    """A network to export plus everything the exported files must carry."""
+
+    model: nn.Module
+    classes: list[str]
+    preprocess: dict[str, Any]
+    arch: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+    pruned: bool = False
+
+
+def load_export_source(path: str) -> ExportSource:
+    """Read a train.py (or utils.prune) checkpoint into an eval-mode fp32 CPU model plus its metadata."""
+    from utils.checkpoint import model_from_checkpoint  # handles pruned (shrunk) checkpoints too
+
+    ckpt = load_checkpoint(path)
+    for key in ("classes", "preprocess", "arch"):
+        if key not in ckpt:
+            raise UserError(f"checkpoint {path} has no '{key}' entry; export a checkpoint written by train.py")
+    model = model_from_checkpoint(ckpt).float().eval()
+    return ExportSource(model=model, classes=list(ckpt["classes"]), preprocess=dict(ckpt["preprocess"]),
+                        arch=dict(ckpt["arch"]), config=dict(ckpt.get("config") or {}), path=path,
+                        pruned=bool(ckpt.get("pruned")))
+
+
+# ----------------------------------------------------------------------------------------------- images
+def list_images(root: str) -> list[str]:
+    """Every image file under ``root`` (recursive), sorted so runs are reproducible."""
+    if not os.path.isdir(root):
+        raise UserError(f"image folder {root} not found; pass an existing folder of images")
+    found = []
+    for folder, _, files in os.walk(root):
+        found += [os.path.join(folder, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(found)
+
+
+def list_labelled_images(root: str, classes: Sequence[str]) -> list[tuple[str, int]]:
+    """``root/<class>/*`` images with the checkpoint's class index; a folder the model doesn't know is an error."""
+    if not os.path.isdir(root):
+        raise UserError(f"validation folder {root} not found; pass --val-data DIR with one sub-folder per class")
+    index = {c: i for i, c in enumerate(classes)}
+    items: list[tuple[str, int]] = []
+    for name in sorted(os.listdir(root)):
+        sub = os.path.join(root, name)
+        if not os.path.isdir(sub):
+            continue
+        if name not in index:
+            raise UserError(f"{sub}: class '{name}' is not one of the checkpoint's classes ({', '.join(classes)}); "
+                            "pass the validation folder of the data the model was trained on (--val-data)")
+        items += [(p, index[name]) for p in list_images(sub)]
+    if not items:
+        raise UserError(f"no images found in {root}/<class>/; pass --val-data DIR with one sub-folder per class")
+    return items
+
+
+def evenly_spaced(items: list, limit: int) -> list:
+    """At most ``limit`` items spread over the whole (class-sorted) list, so every class stays represented."""
+    if limit <= 0 or len(items) <= limit:
+        return list(items)
+    idx = np.linspace(0, len(items) - 1, limit).round().astype(int)
+    return [items[i] for i in idx]
+
+
+def load_images(paths: Sequence[str], preprocess: dict[str, Any]) -> torch.Tensor:
+    """Decode and preprocess images exactly like evaluation does: (N, 3, S, S) float32."""
+    from PIL import Image
+
+    from utils.data import build_eval_transform
+
+    transform = build_eval_transform(preprocess)
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                out.append(transform(im))
+        except OSError as e:
+            raise UserError(f"cannot read image {p} ({e}); remove or replace the file") from None
+    return torch.stack(out)
+
+
+# --------------------------------------------------------------------------------------------- exporters
+def _meta(classes: Sequence[str], preprocess: dict[str, Any]) -> dict[str, str]:
+    return {"classes": json.dumps(list(classes)), "preprocess": json.dumps(dict(preprocess))}
+
+
+def export_onnx(model: nn.Module, path: str, img_size: int, classes: Sequence[str], preprocess: dict[str, Any],
+                opset: int = ONNX_OPSET) -> dict[str, Any]:
+    """Write an fp32 ONNX file with a dynamic batch axis, folded constants and class/preprocess metadata.
+
+    Returns facts checked on the written graph (op types, Clip bounds constant, checker passed).
+    """
+    import onnx
+
+    model = model.float().eval().cpu()
+    x = torch.zeros(1, 3, img_size, img_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "raw.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter announces its own deprecation
+            torch.onnx.export(model, (x,), raw, dynamo=False, opset_version=opset, do_constant_folding=True,
+                              input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+        proto = onnx.load(raw)
+    for k, v in _meta(classes, preprocess).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    proto.producer_name = "mobilenet-export"
+    onnx.checker.check_model(proto, full_check=True)
+    facts = describe_onnx(proto)
+    if not facts["clip_bounds_constant"]:
+        raise RuntimeError("ONNX export left a Clip with non-constant bounds; constant folding failed")
+    atomic_write(path, lambda tmp: onnx.save(proto, tmp))
+    return facts
+
+
+def describe_onnx(proto) -> dict[str, Any]:
+    """Op histogram, opset, dynamic batch flag and whether every Clip has constant min/max inputs."""
+    constants = {i.name for i in proto.graph.initializer}
+    constants |= {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    ops: dict[str, int] = {}
+    clip_ok = True
+    for n in proto.graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+        if n.op_type == "Clip" and not all(i in constants for i in n.input[1:] if i):
+            clip_ok = False
+    batch_dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    return {
+        "opset": max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")),
+        "ops": dict(sorted(ops.items())),
+        "dynamic_batch": bool(batch_dim.dim_param) and not batch_dim.HasField("dim_value"),
+        "clip_bounds_constant": clip_ok,
+        "batchnorm_folded": "BatchNormalization" not in ops,
+        "checker": "passed",
+    }
+
+
+def export_torchscript(model: nn.Module, path: str, img_size: int, classes: Sequence[str],
+                       preprocess: dict[str, Any]) -> dict[str, Any]:
+    """Trace + freeze the model and save it with ``classes``/``preprocess`` as ``_extra_files``."""
+    model = model.float().eval().cpu()
+    x = torch.zeros(1, 3, img_size, img_size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch>=2.9 flags jit as deprecated; the format still works
+        traced = torch.jit.trace(model, x)
+        frozen = torch.jit.freeze(traced)
+        atomic_write(path, lambda tmp: torch.jit.save(frozen, tmp, _extra_files=_meta(classes, preprocess)))
+    return {"traced": True, "frozen": True}
+
+
+class _CalibrationReader:
+    """Feeds calibration batches to onnxruntime's calibrator (an object with ``get_next``)."""
+
+    def __init__(self, batches: list[np.ndarray]) -> None:
+        self._it = iter(batches)
+
+    def get_next(self):
+        b = next(self._it, None)
+        return None if b is None else {INPUT_NAME: b}
+
+
+def quantize_int8(fp32_path: str, out_path: str, calib: torch.Tensor, per_channel: bool = True,
+                  reduce_range: bool = False, method: str = "minmax", batch_size: int = 16) -> dict[str, Any]:
+    """Static post-training int8 quantization (QDQ, s8 weights, u8 activations) calibrated on ``calib``.
+
+    ``quant_pre_process`` first runs shape inference and graph optimisation, so every Conv/Gemm gets
+    quantization parameters (BatchNorm is already folded into the convolutions by the exporter).
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    if method not in methods:
+        raise UserError(f"unknown calibration method '{method}'; choose one of: {', '.join(methods)}")
+    arr = calib.numpy().astype(np.float32)
+    batches = [arr[i:i + batch_size] for i in range(0, len(arr), batch_size)]
+    with tempfile.TemporaryDirectory() as tmp:
+        prepped = os.path.join(tmp, "prepped.onnx")
+        quant_pre_process(fp32_path, prepped)
+        quantized = os.path.join(tmp, "int8.onnx")
+        quantize_static(prepped, quantized, _CalibrationReader(batches), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, reduce_range=reduce_range, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt8, calibrate_method=methods[method],
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        atomic_write(out_path, lambda t: _copy_with_metadata(fp32_path, quantized, t))
+    return {"format": "QDQ", "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
+            "activations": "uint8", "reduce_range": reduce_range, "calibration_method": method,
+            "calibration_images": len(arr)}
+
+
+def _copy_with_metadata(src_with_meta: str, model_path: str, dst: str) -> None:
+    """Save ``model_path`` to ``dst`` carrying over ``src_with_meta``'s metadata_props (classes, preprocess)."""
+    import onnx
+
+    meta = {p.key: p.value for p in onnx.load(src_with_meta).metadata_props}
+    proto = onnx.load(model_path)
+    have = {p.key for p in proto.metadata_props}
+    for k, v in meta.items():
+        if k not in have:
+            e = proto.metadata_props.add()
+            e.key, e.value = k, v
+    onnx.checker.check_model(proto)
+    onnx.save(proto, dst)
+
+
+def trtexec_command(onnx_path: str, engine_path: str, img_size: int, max_batch: int = 32) -> str:
+    """The equivalent NVIDIA ``trtexec`` command line for :func:`build_tensorrt_engine`."""
+    s = f"3x{img_size}x{img_size}"
+    return (f"trtexec --onnx={onnx_path} --saveEngine={engine_path} --fp16 --minShapes={INPUT_NAME}:1x{s} "
+            f"--optShapes={INPUT_NAME}:1x{s} --maxShapes={INPUT_NAME}:{max_batch}x{s}")
+
+
+def build_tensorrt_engine(onnx_path: str, engine_path: str, img_size: int, max_batch: int = 32) -> dict[str, Any]:
+    """Build a serialized fp16 TensorRT engine from the ONNX file (needs CUDA and ``tensorrt``).
+
+    Untested on the CPU-only machine this repository is developed on.
+    """
+    cmd = trtexec_command(onnx_path, engine_path, img_size, max_batch)
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise UserError("the tensorrt format needs NVIDIA TensorRT (`pip install tensorrt`) and a CUDA GPU; "
+                        f"on a machine that has them run: {cmd}") from None
+    if not torch.cuda.is_available():
+        raise UserError(f"the tensorrt format needs a CUDA GPU and none is visible; on a GPU machine run: {cmd}")
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT >= 10
+    parser = trt.OnnxParser(network, logger)
+    with open(onnx_path, "rb") as f:
+        if not parser.parse(f.read()):
+            errs = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise UserError(f"TensorRT cannot parse {onnx_path}: {errs}")
+    config = builder.create_builder_config()
+    if builder.platform_has_fast_fp16:
+        config.set_flag(trt.BuilderFlag.FP16)
+    profile = builder.create_optimization_profile()
+    shape = (3, img_size, img_size)
+    profile.set_shape(INPUT_NAME, (1, *shape), (1, *shape), (max_batch, *shape))
+    config.add_optimization_profile(profile)
+    engine = builder.build_serialized_network(network, config)
+    if engine is None:
+        raise UserError(f"TensorRT failed to build an engine from {onnx_path}; try: {cmd}")
+    atomic_write(engine_path, lambda tmp: open(tmp, "wb").write(bytes(engine)))
+    return {"fp16": bool(builder.platform_has_fast_fp16), "max_batch": max_batch, "equivalent": cmd}
+
+
+# -------------------------------------------------------------------------------------------- inference
+def onnx_session(path: str, threads: int = 0):
+    """An onnxruntime CPU session with full graph optimisation (``threads=0``: onnxruntime's default)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+
+
+def file_predictor(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``predict(x) -> logits`` for an exported file, through the loader evaluate/predict use (utils.runtime)."""
+    from utils.runtime import open_model
+
+    return open_model(path, device="cpu").predict_batch
+
+
+@torch.no_grad()
+def batched_logits(predict: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                   batch_size: int = 32) -> torch.Tensor:
+    """Run ``predict`` over ``images`` in batches and concatenate the logits."""
+    return torch.cat([predict(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def compare_logits(reference: torch.Tensor, got: torch.Tensor) -> dict[str, Any]:
+    """Max abs logit difference and top-1 agreement of ``got`` vs ``reference``."""
+    return {
+        "images": int(len(reference)),
+        "max_abs_diff": float((reference - got).abs().max()),
+        "top1_agree": int((reference.argmax(1) == got.argmax(1)).sum()),
+    }
+
+
+def verify_parity(name: str, path: str, reference: torch.Tensor, got: torch.Tensor, tol: float) -> dict[str, Any]:
+    """Fail (UserError) unless ``got`` matches ``reference`` within ``tol`` with the same top-1 on every image."""
+    r = compare_logits(reference, got)
+    r["tolerance"] = tol
+    r["passed"] = r["max_abs_diff"] <= tol and r["top1_agree"] == r["images"]
+    if not r["passed"]:
+        raise UserError(
+            f"{name} export {path} does not match the PyTorch model: max abs logit difference "
+            f"{r['max_abs_diff']:.3g} (allowed {tol:g}), same top-1 on {r['top1_agree']}/{r['images']} images; "
+            "nothing was written under that name; report this with your torch/onnx/onnxruntime versions")
+    return r
+
+
+def top1_percent(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * float((logits.argmax(1) == labels).float().mean())
+
+
+def check_int8_drop(fp32_top1: float, int8_top1: float, max_drop: float, path: str) -> None:
+    """Refuse an int8 model that loses more than ``max_drop`` top-1 points against the fp32 model."""
+    drop = fp32_top1 - int8_top1
+    if drop > max_drop:
+        raise UserError(
+            f"int8 model {path} loses {drop:.2f} top-1 points ({fp32_top1:.2f}% -> {int8_top1:.2f}%), more than "
+            f"--max-drop {max_drop:g}; use more or more representative --calib-data, try --calib-method "
+            "percentile/entropy, or ship the fp32 model.onnx")

@@ -1,0 +1,290 @@
+"""Structured channel pruning of the expanded layers, a short fine-tune, and a before/after report.
+
+    python -m utils.prune RUN/best.pt --ratio 0.4 --steps 300      # -> RUN/pruned/{pruned.pt, prune.json}
+    python export.py RUN/pruned/pruned.pt                           # export/verify it like any checkpoint
+
+What is removed: whole channels of every 1x1 convolution that feeds a depthwise convolution (the expanded
+"hidden" channels of MobileNetV2/V3 inverted residuals; the pointwise outputs of MobileNetV1), together with
+everything that depends on them (BatchNorm, the depthwise conv, squeeze-excitation, the projection's input).
+``torch-pruning`` traces those dependencies; channels are ranked by the L2 norm of their weights and kept in
+multiples of 8 so the smaller convolutions stay on fast kernels. The result has really fewer MACs and
+parameters (unlike ``torch.nn.utils.prune`` masks, which keep every multiply).
+
+How a pruned network is stored: a normal checkpoint (COMMON format) whose state dict has the smaller shapes
+plus a ``"pruned"`` entry. ``build_model(**arch)`` still builds the full-width network; loading resizes each
+Conv/BatchNorm/Linear to the shapes found in the state dict (:func:`shrink_to_state_dict`), which
+``utils.checkpoint.model_from_checkpoint`` does whenever ``"pruned"`` is present. So ``export.py``,
+``evaluate.py`` and ``predict.py`` take a pruned checkpoint like any other, and its ONNX/TorchScript
+exports are self-contained.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from utils.errors import UserError, run_main
+
+
+# --------------------------------------------------------------------------------------------- pruning
+def expansion_convs(model: nn.Module) -> list[nn.Conv2d]:
+    """1x1 convolutions whose output goes straight into a depthwise convolution (their channel count)."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    return [a for a, b in zip(convs, convs[1:])
+            if a.kernel_size == (1, 1) and a.groups == 1 and b.groups > 1
+            and b.groups == b.in_channels == a.out_channels]
+
+
+def prune_expanded_channels(model: nn.Module, ratio: float, img_size: int, round_to: int = 8) -> nn.Module:
+    """Remove ``ratio`` of the channels of every expansion conv (and all dependent channels), in place."""
+    import torch_pruning as tp
+
+    if not 0.0 < ratio < 1.0:
+        raise UserError(f"--ratio must be between 0 and 1 (fraction of expanded channels removed), got {ratio}")
+    targets = expansion_convs(model)
+    if not targets:
+        raise UserError("this model has no 1x1 -> depthwise convolution pairs to prune")
+    head = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+    was_training = model.training
+    model.eval()
+    example = torch.zeros(1, 3, img_size, img_size, device=next(model.parameters()).device)
+    pruner = tp.pruner.MetaPruner(
+        model, example, importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=0.0,
+        pruning_ratio_dict={t: ratio for t in targets}, ignored_layers=head, round_to=round_to)
+    pruner.step()
+    model.train(was_training)
+    return model
+
+
+def shrink_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Resize every Conv2d/BatchNorm2d/Linear of a freshly built model to the shapes stored in ``state``.
+
+    This is how a pruned checkpoint is loaded: the architecture is the same, only channel counts differ.
+    Depthwise convolutions stay depthwise (groups follow the channel count).
+    """
+    for name, m in model.named_modules():
+        w = state.get(f"{name}.weight")
+        if w is None:
+            continue
+        if isinstance(m, nn.Conv2d):
+            depthwise = m.groups > 1 and m.groups == m.in_channels
+            m.out_channels = w.shape[0]
+            m.groups = w.shape[0] if depthwise else m.groups
+            m.in_channels = w.shape[1] * m.groups
+            m.weight = nn.Parameter(torch.empty_like(w))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(w.shape[0]))
+        elif isinstance(m, nn.BatchNorm2d):
+            n = w.shape[0]
+            m.num_features = n
+            m.weight, m.bias = nn.Parameter(torch.empty(n)), nn.Parameter(torch.empty(n))
+            m.running_mean, m.running_var = torch.zeros(n), torch.ones(n)
+        elif isinstance(m, nn.Linear):
+            m.out_features, m.in_features = w.shape
+            m.weight = nn.Parameter(torch.empty_like(w))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(w.shape[0]))
+    return model
+
+
+# ------------------------------------------------------------------------------------------- fine-tune
+class _LabelledImages(torch.utils.data.Dataset):
+    def __init__(self, items: list[tuple[str, int]], transform) -> None:
+        self.items, self.transform = items, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        path, label = self.items[i]
+        with Image.open(path) as im:
+            return self.transform(im), label
+
+
+def _train_transform(preprocess: dict[str, Any]):
+    """Light augmentation for a short recovery fine-tune: the eval pipeline plus a random flip."""
+    from torchvision.transforms import v2 as T
+
+    from utils.data import build_eval_transform
+
+    return T.Compose([T.RandomHorizontalFlip(), build_eval_transform(preprocess)])
+
+
+def fine_tune(model: nn.Module, items: list[tuple[str, int]], preprocess: dict[str, Any], steps: int,
+              lr: float, batch_size: int, device: torch.device, workers: int = 2) -> dict[str, Any]:
+    """Minimal SGD + cosine loop (a few hundred steps) to recover the accuracy pruning removed.
+
+    train.py's loop is built around a config and a run folder; a recovery fine-tune needs only this.
+    """
+    from tqdm import tqdm
+
+    loader = torch.utils.data.DataLoader(_LabelledImages(items, _train_transform(preprocess)), batch_size=batch_size,
+                                         shuffle=True, num_workers=workers, drop_last=len(items) > batch_size,
+                                         generator=torch.Generator().manual_seed(0))
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": 4e-5}, {"params": no_decay, "weight_decay": 0.0}],
+                          lr=lr, momentum=0.9, nesterov=True)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+    model.to(device).train()
+    step, losses, t0 = 0, [], time.time()
+    bar = tqdm(total=steps, desc="fine-tune", unit="step")
+    while step < steps:
+        for x, y in loader:
+            for g in opt.param_groups:  # cosine from lr to 0 over the run
+                g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / steps))
+            loss = loss_fn(model(x.to(device)), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if step >= steps:
+                break
+    bar.close()
+    model.eval()
+    return {"steps": steps, "lr": lr, "batch_size": batch_size, "images": len(items),
+            "first_loss": losses[0] if losses else None, "last_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+            "seconds": round(time.time() - t0, 1)}
+
+
+# ------------------------------------------------------------------------------------------ reporting
+def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, img_size: int) -> dict[str, Any]:
+    """MACs, params and validation top-1 of ``model`` (fp32, CPU)."""
+    from models import count_macs, count_params
+    from utils.export import batched_logits, top1_percent
+
+    model = model.cpu().eval()
+    return {"macs": count_macs(model, img_size), "params": count_params(model),
+            "val_top1": round(top1_percent(batched_logits(model, images), labels), 2)}
+
+
+def latencies(models: dict[str, nn.Module], img_size: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Batch-1 latency (ms, median) of each model in eager PyTorch and in onnxruntime fp32, interleaved."""
+    from utils.export import INPUT_NAME, export_onnx, onnx_session
+    from utils.timing import interleaved_timings, median
+
+    x = torch.zeros(1, 3, img_size, img_size)
+    fns = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, m in models.items():
+            m = m.cpu().eval()
+            path = os.path.join(tmp, f"{name}.onnx")
+            export_onnx(m, path, img_size, [], {})
+            sess = onnx_session(path)
+            xn = x.numpy()
+            fns[f"{name}/eager"] = lambda m=m: m(x)
+            fns[f"{name}/onnxruntime"] = lambda s=sess: s.run(None, {INPUT_NAME: xn})
+        with torch.inference_mode():
+            t = interleaved_timings(fns, repeats=repeats, warmup=3)
+    out: dict[str, dict[str, float]] = {name: {} for name in models}
+    for key, v in t.items():
+        name, kind = key.split("/")
+        out[name][f"{kind}_ms"] = round(1000 * median(v), 2)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m utils.prune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="train.py checkpoint to prune (e.g. RUN/best.pt)")
+    p.add_argument("--ratio", type=float, default=0.4,
+                   help="fraction of the expanded (1x1 -> depthwise) channels to remove (default 0.4)")
+    p.add_argument("--steps", type=int, default=300, help="fine-tune steps after pruning; 0 skips it (default 300)")
+    p.add_argument("--lr", type=float, default=0.01, help="peak fine-tune learning rate, cosine to 0 (default 0.01)")
+    p.add_argument("--batch-size", type=int, default=32, help="fine-tune batch size (default 32)")
+    p.add_argument("--data", help="data folder with train/ and val/ class folders "
+                                  "(default: the 'data' entry of the checkpoint's config)")
+    p.add_argument("--val-limit", type=int, default=2000,
+                   help="validation images used for accuracy, spread over all classes; 0 = all (default 2000)")
+    p.add_argument("--repeats", type=int, default=30, help="timed batch-1 runs per variant (default 30)")
+    p.add_argument("--workers", type=int, default=2, help="data loader worker processes (default 2)")
+    p.add_argument("--out", help="output folder (default: the checkpoint's folder + /pruned)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from models import build_model
+    from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from utils.export import atomic_write, evenly_spaced, list_labelled_images, load_images
+
+    args = build_parser().parse_args(argv)
+    ckpt = load_checkpoint(args.checkpoint)
+    if ckpt.get("pruned"):
+        raise UserError(f"{args.checkpoint} is already pruned; prune the original checkpoint with a larger --ratio")
+    data = args.data or (ckpt.get("config") or {}).get("data")
+    if not data:
+        raise UserError(f"{args.checkpoint} does not say where its data is; pass --data DIR (with train/ and val/)")
+    classes, preprocess = list(ckpt["classes"]), dict(ckpt["preprocess"])
+    img_size = int(preprocess["img_size"])
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "pruned")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    val = evenly_spaced(list_labelled_images(os.path.join(data, "val"), classes), args.val_limit)
+    images = load_images([p for p, _ in val], preprocess)
+    labels = torch.tensor([y for _, y in val])
+
+    original = model_from_checkpoint(ckpt)
+    pruned = model_from_checkpoint(ckpt)
+    prune_expanded_channels(pruned, args.ratio, img_size)
+    before = measure(original, images, labels, img_size)
+    after_prune = measure(pruned, images, labels, img_size)
+    tune = None
+    if args.steps > 0:
+        train_items = list_labelled_images(os.path.join(data, "train"), classes)
+        tune = fine_tune(pruned, train_items, preprocess, args.steps, args.lr, args.batch_size, device, args.workers)
+    after = measure(pruned, images, labels, img_size)
+    lat = latencies({"original": original, "pruned": pruned}, img_size, args.repeats)
+    before.update(lat["original"])
+    after.update(lat["pruned"])
+
+    state = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "scaler", "rng")}
+    state.update(model={k: v.detach().cpu() for k, v in pruned.state_dict().items()}, ema=None, optimizer=None,
+                 scheduler=None, scaler=None, best_acc=after["val_top1"],
+                 rng={}, pruned={"source": os.path.abspath(args.checkpoint), "ratio": args.ratio,
+                                 "fine_tune_steps": args.steps})
+    state["versions"] = {"torch": str(torch.__version__), **{k: v for k, v in (ckpt.get("versions") or {}).items()
+                                                        if k != "torch"}}
+    report = {"checkpoint": os.path.abspath(args.checkpoint), "ratio": args.ratio, "val_images": len(val),
+              "before": before, "after_prune": after_prune, "after_fine_tune": after, "fine_tune": tune,
+              "uptime": _load()}
+    os.makedirs(out, exist_ok=True)
+    save_checkpoint(os.path.join(out, "pruned.pt"), state)
+    atomic_write(os.path.join(out, "prune.json"),
+                 lambda tmp: open(tmp, "w").write(json.dumps(report, indent=2) + "\n"))
+    print(format_report(report))
+    print(f"wrote {out}/pruned.pt and {out}/prune.json; export it with: python export.py {out}/pruned.pt")
+    return report
+
+
+def _load() -> str:
+    try:
+        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return ""
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """Markdown table of the before/after numbers."""
+    rows = [("original", r["before"]), ("pruned", r["after_prune"]), ("pruned + fine-tune", r["after_fine_tune"])]
+    lines = ["| model | MMACs | params (M) | val top-1 % | eager b1 ms | onnxruntime b1 ms |", "|---|---|---|---|---|---|"]
+    for name, m in rows:
+        lines.append(f"| {name} | {m['macs'] / 1e6:.1f} | {m['params'] / 1e6:.3f} | {m['val_top1']:.2f} | "
+                     f"{m.get('eager_ms', '')} | {m.get('onnxruntime_ms', '')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    run_main(main)
