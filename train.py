@@ -1,0 +1,296 @@
+#!/usr/bin/env python
+"""Train a MobileNet classifier on a folder of class sub-folders (DATA/train/<class>/*, DATA/val/<class>/*).
+
+    python train.py                                   # default recipe: Fashion-MNIST, CPU, ~10 min, >= 92% val top-1
+    python train.py --config configs/finetune.yaml --data my_photos_split --out runs/flowers
+    python train.py --resume runs/flowers/last.pt     # continue exactly where it stopped
+    torchrun --nproc_per_node=2 train.py --config configs/cifar10.yaml --data ...   # DistributedDataParallel
+
+Settings come from a YAML recipe (configs/*.yaml), then the flags below, then `--set key=value` (repeatable,
+values parsed as YAML). Outputs go to one run folder: config.yaml, log.csv, curves.png, last.pt, best.pt.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+from torch import nn
+
+from models import build_model, count_params, load_pretrained
+from utils import config as cfglib
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.distributed import DistInfo, barrier, cleanup, init_distributed
+from utils.errors import UserError, run_main
+from utils.log import CSVLogger, summary_line
+from utils.schedule import WarmupCosine, build_optimizer
+from utils.train_loop import (EMA, EpochProgress, NonFiniteLoss, StepContext, Trainable, build_mixup,
+                              cache_pooled_features, evaluate, pick_amp, pick_device, train_one_epoch)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="config keys for --set (and YAML recipes):\n" + cfglib.describe_keys())
+    parser.add_argument("--config", default=None,
+                        help="YAML recipe (default: configs/default.yaml; with --resume: the checkpoint's config)")
+    for flag, (key, text) in cfglib.FLAGS.items():
+        tp = cfglib.field_types()[key]
+        parser.add_argument(flag, dest=key, type=tp, default=argparse.SUPPRESS, help=text)
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="set any config key, e.g. --set label_smoothing=0.1 --set nesterov=true (repeatable)")
+    return parser.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[cfglib.TrainConfig, dict | None]:
+    """Recipe (or the resumed run's config) <- flags <- --set. Returns the config and the resume checkpoint."""
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "sets")}
+    ckpt = None
+    if flags.get("resume"):
+        ckpt = load_checkpoint(flags["resume"])
+        if args.config is None:
+            recipe, source = dict(ckpt.get("config") or {}), f"{flags['resume']} (its config)"
+            recipe.pop("resume", None)
+            flags.setdefault("out", os.path.dirname(os.path.abspath(flags["resume"])))
+        else:
+            recipe, source = cfglib.read_yaml(args.config), args.config
+    else:
+        path = args.config or cfglib.DEFAULT_RECIPE
+        recipe, source = cfglib.read_yaml(path), path
+    return cfglib.build_config(recipe, source, flags, args.sets), ckpt
+
+
+def resolve_data_dir(cfg: cfglib.TrainConfig, is_main: bool) -> str:
+    """The data folder; the default Fashion-MNIST split is prepared on first use."""
+    default = cfglib.TrainConfig().data
+    if cfg.data == default and not os.path.isdir(cfg.data):
+        path = os.path.join(cfglib.REPO_ROOT, default)
+        if not os.path.isdir(os.path.join(path, "train")):
+            from datasets.fashion_mnist.prepare import ensure_default_dataset
+
+            if is_main:
+                print("preparing the default dataset (Fashion-MNIST class folders, train/val split) ...")
+                ensure_default_dataset(os.path.join(cfglib.REPO_ROOT, "datasets", "fashion_mnist"))
+            barrier()
+        return path
+    if not os.path.isdir(cfg.data):
+        raise UserError(f"data folder {cfg.data} not found; pass --data DIR with train/ and val/ class folders "
+                        "(make one with split_dataset.py)")
+    return cfg.data
+
+
+def make_model(cfg: cfglib.TrainConfig, num_classes: int, resuming: bool, is_main: bool) -> nn.Module:
+    """Build the network, load pretrained weights (fresh runs only) and freeze the backbone if asked."""
+    model = build_model(cfg.model, num_classes=num_classes, width_mult=cfg.width_mult, dropout=cfg.dropout,
+                        small_input=cfg.small_input)
+    if cfg.pretrained != "none" and not resuming:
+        report = load_pretrained(model, cfg.pretrained)
+        if is_main:
+            print(report)
+    if cfg.freeze == "features":
+        model.features.requires_grad_(False)
+    return model
+
+
+def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, step, best_acc, classes,
+                     partial: EpochProgress | None = None) -> dict:
+    """The checkpoint dict (format in the README): everything needed to continue bit for bit."""
+    import torchvision
+
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "ema": ema.state_dict() if ema is not None else None,
+        "epoch": epoch, "step": step, "best_acc": best_acc, "config": cfglib.to_dict(cfg), "classes": list(classes),
+        "preprocess": {"img_size": cfg.img_size, "resize_size": cfg.resize_size, "mean": list(cfg.mean),
+                       "std": list(cfg.std)},
+        "arch": dict(model.arch), "rng": rng,
+        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
+        # Set only when Ctrl-C stopped an epoch half-way: where to pick it up again.
+        "partial_epoch": None if partial is None else {
+            "batches_done": partial.batches_done, "loss_sum": partial.loss_sum, "correct": partial.correct,
+            "seen": partial.seen, "seconds": partial.seconds},
+    }
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Seed of the global RNG (dropout, mixup) for one epoch: resuming at an epoch start replays it exactly."""
+    return (seed * 1_000_003 + epoch * 7919 + rank) % (2**63)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    cfg, ckpt = resolve_config(args)
+    device = pick_device(cfg.device)
+    dist = init_distributed(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    main_proc = dist.is_main
+    torch.manual_seed(cfg.seed)
+
+    # ---- data (frozen backbone + cache_features: the images are read once, after the model exists)
+    from utils.data import load_data, load_image_folder
+
+    data_dir = resolve_data_dir(cfg, main_proc)
+    preprocess = {"img_size": cfg.img_size, "resize_size": cfg.resize_size, "mean": list(cfg.mean),
+                  "std": list(cfg.std)}
+    if cfg.cache_features:
+        data = None
+        classes = list(load_image_folder(os.path.join(data_dir, "train")).classes)
+    else:
+        augment = {"scale": (cfg.scale_min, 1.0), "hflip": cfg.hflip, "color_jitter": cfg.color_jitter,
+                   "rotation": cfg.rotation, "auto_augment": None if cfg.auto_augment == "none" else cfg.auto_augment,
+                   "random_erasing": cfg.random_erasing}
+        data = load_data(data_dir, img_size=cfg.img_size, resize_size=cfg.resize_size, mean=cfg.mean, std=cfg.std,
+                         batch_size=cfg.batch_size, workers=cfg.workers, augment=augment, cache=cfg.cache,
+                         distributed=dist.enabled, seed=cfg.seed, pin_memory=device.type == "cuda")
+        classes = list(data.classes)
+    if ckpt is not None and list(ckpt.get("classes", classes)) != classes:
+        raise UserError(f"{cfg.resume} was trained on classes {ckpt['classes']}, but {data_dir} has {classes}; "
+                        "resume with the same --data")
+
+    # ---- model
+    model = make_model(cfg, len(classes), resuming=ckpt is not None, is_main=main_proc)
+    if dist.enabled and cfg.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same top module, BN children swapped
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None and ckpt is not None and ckpt.get("ema") is not None:
+        ema.load_state_dict(ckpt["ema"])
+
+    frozen = cfg.freeze == "features"
+    amp_dtype = pick_amp(cfg.amp, device, cfg.img_size, cfg.amp_min_img_size)
+    if cfg.cache_features:
+        data = cache_pooled_features(model, data_dir, preprocess, cfg.batch_size, cfg.workers, device, cfg.seed,
+                                     dist.rank, dist.world_size, bar=main_proc and cfg.progress, amp_dtype=amp_dtype)
+    train_loader, val_loader = data.train_loader, data.val_loader
+    steps_per_epoch = len(train_loader)
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+
+    # ---- optimizer, schedule, precision
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay, no_wd_norm_bias=cfg.no_wd_norm_bias,
+                                backbone_lr_mult=cfg.backbone_lr_mult)
+    schedule = WarmupCosine(cfg.lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
+                            cfg.min_lr)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    start_epoch, step, best_acc, partial = 0, 0, 0.0, None
+    if ckpt is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, step, best_acc = int(ckpt["epoch"]), int(ckpt["step"]), float(ckpt["best_acc"])
+        partial = ckpt.get("partial_epoch")
+
+    # ---- how a step calls the network: DDP / compile / frozen backbone
+    net, head = model, model.classifier
+    if dist.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        if frozen:
+            head = nn.parallel.DistributedDataParallel(model.classifier, device_ids=ids)
+        else:
+            net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if cfg.compile:
+        net, head = torch.compile(net), torch.compile(head)
+    trainable = Trainable(model, net, frozen=frozen, head=head, inputs_are_features=cfg.cache_features)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    ctx = StepContext(trainable, optimizer, criterion, device, amp_dtype, scaler, ema,
+                      build_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, len(classes)), cfg.clip_grad_norm,
+                      cfg.channels_last and not cfg.cache_features, [p for p in model.parameters() if p.requires_grad])
+
+    # ---- run folder
+    out = cfg.out
+    logger = None
+    if main_proc:
+        os.makedirs(out, exist_ok=True)
+        cfglib.save_config(cfg, os.path.join(out, "config.yaml"))
+        logger = CSVLogger(os.path.join(out, "log.csv"), keep_epochs_upto=start_epoch)
+        amp_name = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}
+        print(f"{cfg.model} x{cfg.width_mult} ({count_params(model) / 1e6:.2f} M params) | {len(classes)} classes | "
+              f"train {data.num_train} / val {data.num_val} images | {device}"
+              f"{f' x{dist.world_size} processes' if dist.enabled else ''} | {amp_name[amp_dtype]}"
+              f"{' channels_last' if cfg.channels_last else ''} | {cfg.epochs} epochs x {steps_per_epoch} steps"
+              f" | run folder {out}")
+        if start_epoch:
+            print(f"resuming after epoch {start_epoch} (global step {step}) from {cfg.resume}")
+
+    def save(name: str, epoch_done: int, part: EpochProgress | None = None) -> None:
+        state = checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch_done, progress.step,
+                                 best_acc, classes, part)
+        save_checkpoint(os.path.join(out, name), state)
+
+    # ---- loop
+    eval_model = (ema.module if ema is not None else model)
+    eval_fn = eval_model.classifier if cfg.cache_features else eval_model
+    row = None
+    for epoch in range(start_epoch, cfg.epochs):
+        data.set_epoch(epoch)
+        t_epoch = time.perf_counter()
+        progress = EpochProgress(step=step)
+        if partial is not None:  # Ctrl-C stopped this epoch half-way: continue from the same batch and RNG
+            progress = EpochProgress(partial["batches_done"], step, partial["loss_sum"], int(partial["correct"]),
+                                     int(partial["seen"]), partial["seconds"])
+            torch.set_rng_state(ckpt["rng"]["torch"])
+            partial = None
+        else:
+            torch.manual_seed(epoch_seed(cfg.seed, epoch, dist.rank))
+        try:
+            stats = train_one_epoch(ctx, train_loader, schedule, epoch + 1, progress,
+                                    max_steps=cfg.max_steps_per_epoch, bar=main_proc and cfg.progress)
+        except NonFiniteLoss as e:
+            kept = os.path.join(out, "last.pt")
+            kept = f"the last good checkpoint {kept} is kept" if os.path.isfile(kept) else "no checkpoint was written"
+            raise UserError(f"training diverged: {e}; {kept}. Lower the learning rate (--lr), add warmup "
+                            "(--set warmup_epochs=1) or clip gradients (--set clip_grad_norm=1.0)") from None
+        except KeyboardInterrupt:
+            if main_proc:
+                save("last.pt", epoch, progress)
+                print(f"\ninterrupted in epoch {epoch + 1} after {progress.batches_done} steps; saved "
+                      f"{os.path.join(out, 'last.pt')} (continue with --resume {os.path.join(out, 'last.pt')})",
+                      file=sys.stderr)
+            raise
+        step = progress.step
+        val = evaluate(eval_fn, val_loader, criterion, device, amp_dtype=amp_dtype,
+                       channels_last=ctx.channels_last, bar=main_proc and cfg.progress)
+        row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"],
+               "train_acc": stats["train_acc"], **val, "epoch_seconds": time.perf_counter() - t_epoch,
+               "images_per_s": stats["images"] / max(progress.seconds, 1e-9)}
+        if main_proc:
+            logger.log(row)
+            print(summary_line(row, cfg.epochs), flush=True)
+            is_best = val["val_top1"] > best_acc
+            best_acc = max(best_acc, val["val_top1"])
+            save("last.pt", epoch + 1)
+            if is_best:
+                save("best.pt", epoch + 1)
+            _plot(out)
+        else:
+            best_acc = max(best_acc, val["val_top1"])
+    if main_proc:
+        print(f"done: best val top-1 {best_acc:.2f}% -> {os.path.join(out, 'best.pt')}")
+    barrier()
+    cleanup()
+    return {"best_acc": best_acc, "last": row, "out": out}
+
+
+def _plot(out: str) -> None:
+    """Redraw RUN/curves.png from RUN/log.csv (skipped quietly if the plotting module is unavailable)."""
+    try:
+        from utils.plots import plot_curves
+    except ImportError:
+        return
+    plot_curves([os.path.join(out, "log.csv")], os.path.join(out, "curves.png"))
+
+
+if __name__ == "__main__":
+    run_main(main)

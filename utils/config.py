@@ -1,0 +1,256 @@
+"""One training config: dataclass defaults <- YAML recipe <- command-line flags <- ``--set key=value``.
+
+Every key is a typed dataclass field, so an unknown key or a wrongly typed value is a ``UserError``
+before any data is read or any model is built. The resolved config is saved as ``RUN/config.yaml``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+from utils.checkpoint import atomic_write
+from utils.errors import UserError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_RECIPE = os.path.join(REPO_ROOT, "configs", "default.yaml")
+
+# Choices of the string keys that only accept a fixed set of values.
+CHOICES = {
+    "optimizer": ("sgd", "adamw", "rmsprop"),
+    "freeze": ("none", "features"),
+    "amp": ("auto", "on", "off"),
+    "cache": ("auto", "memory", "none"),
+    "auto_augment": ("none", "trivial"),
+}
+
+
+@dataclass
+class TrainConfig:
+    """All training settings. Field comments are the ``--help`` text of ``--set``."""
+
+    # data
+    data: str = "datasets/fashion_mnist/split"  # folder with train/ and val/ class folders
+    img_size: int = 224  # training and validation crop size (px)
+    resize_size: int = 0  # validation: shorter side before the center crop (0 = img_size * 256 / 224)
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # normalisation mean (RGB)
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # normalisation std (RGB)
+    workers: int = 2  # data loader worker processes per training process
+    cache: str = "auto"  # keep decoded images in memory: auto (small datasets) | memory | none
+    # augmentation
+    scale_min: float = 0.08  # RandomResizedCrop scale lower bound (upper bound 1.0)
+    hflip: float = 0.5  # horizontal flip probability
+    color_jitter: float = 0.0  # brightness/contrast/saturation jitter strength
+    rotation: float = 0.0  # random rotation range in degrees
+    auto_augment: str = "none"  # none | trivial (TrivialAugmentWide)
+    random_erasing: float = 0.0  # random erasing probability
+    mixup_alpha: float = 0.0  # MixUp alpha (0 = off)
+    cutmix_alpha: float = 0.0  # CutMix alpha (0 = off); with both on, one is picked per batch
+    # model
+    model: str = "mobilenet_v2"  # mobilenet_v1 | mobilenet_v2 | mobilenet_v3_large | mobilenet_v3_small
+    width_mult: float = 1.0  # channel width multiplier
+    dropout: float = 0.2  # dropout before the classifier
+    small_input: bool = False  # stride-8 stem for 28-64 px inputs (about 16x the compute)
+    pretrained: str = "none"  # imagenet | none | PATH to weights or a train.py checkpoint
+    freeze: str = "none"  # features = train only the classifier (backbone in eval mode, no grad)
+    cache_features: bool = False  # with freeze=features: compute pooled features once, train the head on them
+    backbone_lr_mult: float = 1.0  # learning-rate multiplier of the backbone (fine-tuning: e.g. 0.1)
+    sync_bn: bool = False  # SyncBatchNorm across torchrun processes
+    # optimisation
+    epochs: int = 10  # number of epochs
+    batch_size: int = 64  # images per step per process
+    optimizer: str = "sgd"  # sgd | adamw | rmsprop
+    lr: float = 0.1  # peak learning rate (after warmup)
+    min_lr: float = 0.0  # learning rate at the end of the cosine decay
+    warmup_epochs: float = 0.0  # linear warmup length in epochs (fractions allowed)
+    momentum: float = 0.9  # SGD/RMSprop momentum
+    nesterov: bool = False  # Nesterov momentum (SGD)
+    weight_decay: float = 4e-5  # weight decay (decoupled for AdamW)
+    no_wd_norm_bias: bool = False  # no weight decay on norm layers and biases
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    ema_decay: float = 0.0  # EMA of weights, e.g. 0.999 (0 = off); validation then uses the EMA weights
+    clip_grad_norm: float = 0.0  # clip the gradient norm to this value (0 = off)
+    # speed
+    channels_last: bool = True  # NHWC memory format (measured faster on CPU and CUDA)
+    amp: str = "auto"  # mixed precision: auto (per device and image size) | on | off
+    amp_min_img_size: int = 128  # amp=auto on CPU uses bf16 only from this image size (measured)
+    compile: bool = False  # torch.compile the model (slow first epoch, faster steps)
+    # run
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0  # seed of initialisation, data order and augmentation
+    out: str = "runs/default"  # run folder
+    resume: str = ""  # checkpoint to continue from (RUN/last.pt)
+    max_steps_per_epoch: int = 0  # stop each epoch after this many steps (0 = full epoch; for smoke tests)
+    progress: bool = True  # tqdm progress bars
+
+
+# Plain flags every recipe accepts: flag -> (config key, help).
+FLAGS = {
+    "--data": ("data", "folder with train/ and val/ class folders"),
+    "--model": ("model", "model name (mobilenet_v1, mobilenet_v2, mobilenet_v3_large, mobilenet_v3_small)"),
+    "--width-mult": ("width_mult", "channel width multiplier"),
+    "--img-size": ("img_size", "training/validation image size in px"),
+    "--epochs": ("epochs", "number of epochs"),
+    "--batch-size": ("batch_size", "images per step per process"),
+    "--lr": ("lr", "peak learning rate"),
+    "--pretrained": ("pretrained", "imagenet | none | PATH to weights"),
+    "--freeze": ("freeze", "features (train the classifier only) | none"),
+    "--workers": ("workers", "data loader workers per process"),
+    "--device": ("device", "auto | cpu | cuda | cuda:N"),
+    "--seed": ("seed", "random seed"),
+    "--out": ("out", "run folder (config.yaml, log.csv, curves.png, last.pt, best.pt)"),
+    "--resume": ("resume", "checkpoint to continue from, e.g. RUN/last.pt"),
+}
+
+
+def field_types() -> dict[str, Any]:
+    """Config key -> resolved type annotation."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
+    """Check ``value`` against the field type ``tp``; ints are accepted for floats. UserError otherwise."""
+    def bad() -> UserError:
+        want = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+        return UserError(f"{source}: '{key}' must be {want}, got {value!r} ({type(value).__name__})")
+
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        return [_coerce(key, v, inner, source) for v in value]
+    if origin is typing.Union:  # Optional[...]
+        if value is None:
+            return None
+        return _coerce(key, value, [a for a in typing.get_args(tp) if a is not type(None)][0], source)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad()
+        if key in CHOICES and value not in CHOICES[key]:
+            raise UserError(f"{source}: '{key}' must be one of {', '.join(CHOICES[key])}, got {value!r}")
+        return value
+    raise bad()
+
+
+def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
+    """Return ``cfg`` with ``values`` applied; unknown keys and wrong types raise ``UserError`` naming ``source``."""
+    types = field_types()
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise UserError(
+            f"{source}: unknown config key(s) {', '.join(unknown)}; valid keys are listed by `python train.py --help`"
+        )
+    checked = {k: _coerce(k, v, types[k], source) for k, v in values.items()}
+    return dataclasses.replace(cfg, **checked)
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """Read a recipe file into a dict (an empty file is an empty recipe)."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} not found; pass one of configs/*.yaml to --config")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML ({' '.join(str(e).split())})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of key: value lines, got {type(data).__name__}")
+    return data
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``["lr=0.1", "nesterov=true"]`` -> ``{"lr": 0.1, "nesterov": True}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set label_smoothing=0.1")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Range checks that types alone cannot express."""
+    checks = [
+        (cfg.epochs >= 1, "epochs must be at least 1"),
+        (cfg.batch_size >= 1, "batch_size must be at least 1"),
+        (cfg.img_size >= 16, "img_size must be at least 16"),
+        (cfg.lr > 0, "lr must be positive"),
+        (cfg.workers >= 0, "workers must be 0 or more"),
+        (0 <= cfg.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+        (0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)"),
+        (0 < cfg.scale_min <= 1, "scale_min must be in (0, 1]"),
+        (len(cfg.mean) == 3 and len(cfg.std) == 3, "mean and std must have 3 values (RGB)"),
+        (cfg.warmup_epochs >= 0, "warmup_epochs must be 0 or more"),
+        (not cfg.cache_features or cfg.freeze == "features", "cache_features needs freeze: features"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(f"config: {msg}")
+
+
+def build_config(recipe: Optional[dict[str, Any]], recipe_source: str, flags: dict[str, Any], sets: list[str]) -> TrainConfig:
+    """Merge defaults <- recipe <- flags <- ``--set`` items, validating each layer."""
+    cfg = TrainConfig()
+    if recipe:
+        cfg = apply_overrides(cfg, recipe, recipe_source)
+    cfg = apply_overrides(cfg, flags, "command line")
+    cfg = apply_overrides(cfg, parse_set(sets), "--set")
+    if cfg.resize_size == 0:
+        cfg = dataclasses.replace(cfg, resize_size=int(round(cfg.img_size * 256 / 224)))
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """Plain dict (YAML/checkpoint-safe)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: str) -> None:
+    """Write the resolved config as YAML, atomically."""
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def describe_keys() -> str:
+    """One line per key: name, default, comment — the ``--help`` epilog."""
+    import inspect
+    import re
+
+    src = inspect.getsource(TrainConfig)
+    lines = []
+    for m in re.finditer(r"^\s+(\w+): [^=]+= (.+?)(?:  # (.*))?$", src, re.M):
+        name, default, comment = m.group(1), m.group(2), m.group(3) or ""
+        if "default_factory" in default:
+            default = str(getattr(TrainConfig(), name))
+        lines.append(f"  {name} (default {default}): {comment}")
+    return "\n".join(lines)

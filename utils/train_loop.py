@@ -1,0 +1,364 @@
+"""The training and validation loops train.py runs, and the pieces they need (AMP choice, EMA, frozen
+backbone, mixup/cutmix). ``benchmark.py train`` times :func:`train_step`, the very step train.py runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from utils.distributed import all_reduce_sum
+from utils.errors import UserError
+from utils.metrics import topk_correct
+from utils.schedule import WarmupCosine
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; anything else is checked and used as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    return dev
+
+
+def pick_amp(mode: str, device: torch.device, img_size: int, min_cpu_img_size: int) -> Optional[torch.dtype]:
+    """Autocast dtype or None (fp32).
+
+    ``auto``: fp16 on CUDA (with a GradScaler); bf16 on CPU only from ``min_cpu_img_size`` px, because on
+    a 2-core CPU bf16 autocast made 224 px steps ~2x faster but 32 px steps slower (cast overhead
+    dominates tiny convolutions; see the README's benchmark table).
+    """
+    if mode == "off":
+        return None
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu" and (mode == "on" or img_size >= min_cpu_img_size):
+        return torch.bfloat16
+    return None
+
+
+class EMA:
+    """Exponential moving average of a model's weights: ``ema = decay * ema + (1 - decay) * w`` after each
+    step; buffers (BatchNorm statistics) are copied. ``state_dict()`` loads straight into the model.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_p = [p for p in self.module.parameters()]
+        cur_p = [p.detach() for p in model.parameters()]
+        floats = [(e, c) for e, c in zip(ema_p, cur_p) if e.dtype.is_floating_point]
+        if floats:
+            torch._foreach_lerp_([e for e, _ in floats], [c for _, c in floats], 1.0 - self.decay)
+        for e, c in zip(self.module.buffers(), model.buffers()):
+            e.copy_(c)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.module.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.module.load_state_dict(state)
+
+
+class Trainable:
+    """How a training step calls the network.
+
+    - unfrozen: ``net(x)`` where ``net`` is the model (or its DDP / compiled wrapper);
+    - frozen backbone: ``model.features`` runs in eval mode under ``torch.no_grad()`` (no activations
+      kept, BatchNorm statistics untouched), only ``head`` (the classifier, maybe DDP-wrapped) trains;
+    - cached features (``inputs_are_features``): the batches already are pooled features.
+    """
+
+    def __init__(self, model: nn.Module, net: Optional[nn.Module] = None, frozen: bool = False,
+                 head: Optional[nn.Module] = None, inputs_are_features: bool = False) -> None:
+        self.model = model
+        self.net = net if net is not None else model
+        self.frozen = frozen
+        self.head = head if head is not None else model.classifier
+        self.inputs_are_features = inputs_are_features
+
+    def train(self) -> None:
+        self.model.train()
+        if self.frozen:
+            self.model.features.eval()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inputs_are_features:
+            return self.head(x)
+        if self.frozen:
+            with torch.no_grad():
+                feats = self.model.forward_features(x)
+            return self.head(feats)
+        return self.net(x)
+
+
+def build_mixup(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> Optional[Callable]:
+    """torchvision v2 MixUp / CutMix (one picked per batch when both are on), or None."""
+    from torchvision.transforms import v2
+
+    ops = []
+    if mixup_alpha > 0:
+        ops.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+    if cutmix_alpha > 0:
+        ops.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+    if not ops:
+        return None
+    return ops[0] if len(ops) == 1 else v2.RandomChoice(ops)
+
+
+@dataclass
+class StepContext:
+    """Everything one optimizer step needs besides the batch."""
+
+    trainable: Trainable
+    optimizer: torch.optim.Optimizer
+    criterion: nn.Module
+    device: torch.device
+    amp_dtype: Optional[torch.dtype] = None
+    scaler: Optional["torch.amp.GradScaler"] = None
+    ema: Optional[EMA] = None
+    mixup: Optional[Callable] = None
+    clip_grad_norm: float = 0.0
+    channels_last: bool = True
+    params: list = field(default_factory=list)  # trainable parameters (for clipping)
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    """Autocast context for ``dtype`` on ``device`` (a no-op for fp32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    if channels_last and images.dim() == 4:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images
+
+
+def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on one batch; returns (loss, logits), both detached."""
+    images = to_device(images, ctx.device, ctx.channels_last)
+    targets = targets.to(ctx.device, non_blocking=True)
+    soft = targets
+    if ctx.mixup is not None:
+        images, soft = ctx.mixup(images, targets)
+    with autocast(ctx.device, ctx.amp_dtype):
+        logits = ctx.trainable(images)
+        loss = ctx.criterion(logits.float(), soft)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    if ctx.scaler is not None:
+        ctx.scaler.scale(loss).backward()
+        if ctx.clip_grad_norm > 0:
+            ctx.scaler.unscale_(ctx.optimizer)
+            nn.utils.clip_grad_norm_(ctx.params, ctx.clip_grad_norm)
+        ctx.scaler.step(ctx.optimizer)
+        ctx.scaler.update()
+    else:
+        loss.backward()
+        if ctx.clip_grad_norm > 0:
+            nn.utils.clip_grad_norm_(ctx.params, ctx.clip_grad_norm)
+        ctx.optimizer.step()
+    if ctx.ema is not None:
+        ctx.ema.update(ctx.trainable.model)
+    return loss.detach(), logits.detach()
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or inf; carries where it happened."""
+
+    def __init__(self, epoch: int, batch: int, step: int, value: float) -> None:
+        super().__init__(f"loss is {value} at epoch {epoch}, step {batch} of the epoch (global step {step})")
+        self.epoch, self.batch, self.step, self.value = epoch, batch, step, value
+
+
+@dataclass
+class EpochProgress:
+    """Mutable position inside an epoch, readable after a Ctrl-C: batches done, global step, sums."""
+
+    batches_done: int = 0
+    step: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds: float = 0.0
+
+
+def train_one_epoch(ctx: StepContext, loader: Iterable, schedule: WarmupCosine, epoch: int,
+                    progress: EpochProgress, *, max_steps: int = 0, bar: bool = False,
+                    total: Optional[int] = None) -> dict[str, float]:
+    """Train one epoch from ``progress.batches_done`` (non-zero when resuming mid-epoch).
+
+    The lr is set per iteration from the global step. Raises :class:`NonFiniteLoss` before the bad
+    step's update would be kept. Returns this process's sums plus the all-reduced means.
+    """
+    from tqdm import tqdm
+
+    ctx.trainable.train()
+    skip = progress.batches_done
+    n = total if total is not None else (len(loader) if hasattr(loader, "__len__") else None)
+    if max_steps:
+        n = min(n, max_steps) if n is not None else max_steps
+    pbar = tqdm(total=n, initial=skip, desc=f"epoch {epoch}", disable=not bar, leave=False, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    lr = schedule.lr_at(progress.step)
+    for i, (images, targets) in enumerate(loader):
+        if max_steps and i >= max_steps:
+            break
+        if i < skip:  # already trained on before the interruption
+            continue
+        lr = schedule.apply(ctx.optimizer, progress.step)
+        loss, logits = train_step(ctx, images, targets)
+        loss_v = float(loss)
+        if not math.isfinite(loss_v):
+            raise NonFiniteLoss(epoch, i, progress.step, loss_v)
+        bs = targets.shape[0]
+        progress.loss_sum += loss_v * bs
+        progress.correct += int((logits.argmax(1).cpu() == targets).sum())
+        progress.seen += bs
+        progress.batches_done = i + 1
+        progress.step += 1
+        if bar:
+            pbar.update(1)
+            pbar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.4f}",
+                             acc=f"{100 * progress.correct / progress.seen:.2f}", lr=f"{lr:.4g}", refresh=False)
+    pbar.close()
+    progress.seconds += time.perf_counter() - t0
+    loss_sum, correct, seen = all_reduce_sum([progress.loss_sum, progress.correct, progress.seen], ctx.device)
+    return {"train_loss": loss_sum / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1),
+            "images": seen, "lr": lr}
+
+
+@torch.no_grad()
+def evaluate(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, criterion: nn.Module,
+             device: torch.device, *, amp_dtype: Optional[torch.dtype] = None, channels_last: bool = True,
+             bar: bool = False, desc: str = "val") -> dict[str, float]:
+    """Mean loss and top-1/top-5 accuracy (percent) over ``loader``, summed over all processes."""
+    from tqdm import tqdm
+
+    loss_sum, top1, top5, n = 0.0, 0, 0, 0
+    for images, targets in tqdm(loader, desc=desc, disable=not bar, leave=False, dynamic_ncols=True):
+        images = to_device(images, device, channels_last)
+        targets = targets.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += float(criterion(logits, targets)) * targets.shape[0]
+        c1, c5 = topk_correct(logits, targets, (1, 5))
+        top1, top5, n = top1 + c1, top5 + c5, n + targets.shape[0]
+    loss_sum, top1, top5, n = all_reduce_sum([loss_sum, top1, top5, n], device)
+    n = max(n, 1)
+    return {"val_loss": loss_sum / n, "val_top1": 100.0 * top1 / n, "val_top5": 100.0 * top5 / n}
+
+
+class FeatureBatches:
+    """Batches of cached (features, label) tensors; shuffled per epoch from (seed, epoch), sharded by rank."""
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.feats, self.labels, self.batch_size = feats, labels, batch_size
+        self.shuffle, self.seed, self.rank, self.world = shuffle, seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        n = len(self.labels)
+        if not self.shuffle:
+            return torch.arange(self.rank, n, self.world)  # every sample exactly once over all ranks
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(n, generator=g)
+        usable = n - n % self.world  # equal share per rank for the gradient all-reduce
+        return order[:usable][self.rank::self.world]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self._indices()) / self.batch_size)
+
+    def __iter__(self):
+        idx = self._indices()
+        for i in range(0, len(idx), self.batch_size):
+            j = idx[i:i + self.batch_size]
+            yield self.feats[j], self.labels[j]
+
+
+@dataclass
+class FeatureBundle:
+    """Same attributes as utils.data.DataBundle, over cached features."""
+
+    train_loader: FeatureBatches
+    val_loader: FeatureBatches
+    classes: list
+    num_train: int
+    num_val: int
+
+    def set_epoch(self, epoch: int) -> None:
+        self.train_loader.set_epoch(epoch)
+
+
+class _EvalImages(torch.utils.data.Dataset):
+    def __init__(self, samples: list, transform: Callable) -> None:
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        path, target = self.samples[i]
+        with Image.open(path) as im:
+            return self.transform(im), target
+
+
+@torch.no_grad()
+def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, batch_size: int, workers: int,
+                          device: torch.device, seed: int, rank: int = 0, world_size: int = 1,
+                          bar: bool = False, amp_dtype: Optional[torch.dtype] = None) -> FeatureBundle:
+    """Run the frozen backbone once over train/ and val/ (eval transform, no augmentation) and keep the
+    pooled features, so a frozen-backbone run trains only the classifier, on tensors, in seconds."""
+    import os
+
+    from tqdm import tqdm
+
+    from utils.data import build_eval_transform, load_image_folder
+
+    transform = build_eval_transform(preprocess)
+    model.eval()
+    out = {}
+    classes = None
+    for split in ("train", "val"):
+        ds = load_image_folder(os.path.join(data_dir, split))
+        if classes is not None and list(ds.classes) != classes:
+            raise UserError(f"{data_dir}/val has classes {list(ds.classes)} but train/ has {classes}")
+        classes = list(ds.classes)
+        loader = torch.utils.data.DataLoader(_EvalImages(list(ds.samples), transform), batch_size=batch_size,
+                                             num_workers=workers)
+        feats, labels = [], []
+        for x, y in tqdm(loader, desc=f"caching {split} features", disable=not bar, leave=False):
+            x = x.to(device).contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp_dtype):
+                feats.append(model.forward_features(x).float().cpu())
+            labels.append(y)
+        out[split] = (torch.cat(feats), torch.cat(labels))
+    return FeatureBundle(
+        FeatureBatches(*out["train"], batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size),
+        FeatureBatches(*out["val"], batch_size, shuffle=False, rank=rank, world_size=world_size),
+        classes, len(out["train"][1]), len(out["val"][1]))
