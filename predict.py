@@ -44,11 +44,17 @@ def format_table(preds: list[dict[str, Any]]) -> str:
         return ""
     k = len(preds[0]["top"])
     files = [p["file"] for p in preds]
+    # Long temp/absolute paths hide the names: show them relative to the folder they share.
+    base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+    prefix = []
+    if len(files) > 1 and base not in ("", os.sep):
+        files = [os.path.relpath(os.path.abspath(f), base) for f in files]
+        prefix = [f"(files in {base})"]
     fw = min(max(len("file"), *(len(f) for f in files)), 60)
     cells = [[f"{t['class']} {100 * t['prob']:5.1f}%" for t in p["top"]] for p in preds]
     cw = [max(len(f"top-{j + 1}"), *(len(c[j]) for c in cells)) for j in range(k)]
     head = f"{'file':<{fw}}  " + "  ".join(f"{f'top-{j + 1}':<{cw[j]}}" for j in range(k))
-    lines = [head, "-" * len(head)]
+    lines = prefix + [head, "-" * len(head)]
     for f, c in zip(files, cells):
         shown = f if len(f) <= fw else "..." + f[-(fw - 3):]
         lines.append(f"{shown:<{fw}}  " + "  ".join(f"{c[j]:<{cw[j]}}" for j in range(k)))

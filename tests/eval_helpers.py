@@ -1,0 +1,102 @@
+"""Tiny real model files for the evaluate/predict/runtime tests (checkpoint, TorchScript, ONNX).
+
+The checkpoint follows COMMON.md's format; the exports embed classes/preprocess exactly as export.py
+does (TorchScript ``_extra_files``, ONNX ``metadata_props``), so the tests need no other helper's script.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from PIL import Image
+
+from models import build_model
+from utils.checkpoint import save_checkpoint
+from utils.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PHOTOS = os.path.join(ROOT, "tests", "assets", "photos")
+PREPROCESS = {"img_size": 32, "resize_size": 36, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+
+def photo_paths() -> list[str]:
+    """The 12 committed real photos, sorted."""
+    return sorted(os.path.join(PHOTOS, f) for f in os.listdir(PHOTOS) if f.endswith(".jpg"))
+
+
+def make_class_folders(root: str, groups: dict[str, list[str]]) -> str:
+    """Copy real photos into ``root/<class>/<file>`` (an ImageFolder split); returns ``root``."""
+    for cls, files in groups.items():
+        os.makedirs(os.path.join(root, cls), exist_ok=True)
+        for f in files:
+            shutil.copy(f, os.path.join(root, cls, os.path.basename(f)))
+    return root
+
+
+def make_checkpoint(path: str, classes: list[str], train_images: list[tuple[str, int]] | None = None,
+                    steps: int = 25, config: dict | None = None, seed: int = 0) -> str:
+    """Save a width-0.25 MobileNetV2 (32 px) checkpoint; optionally fit it briefly on real images
+    so its predictions differ per image (parity tests need clear, non-tied logits)."""
+    torch.manual_seed(seed)
+    model = build_model("mobilenet_v2", num_classes=len(classes), width_mult=0.25, dropout=0.0)
+    if train_images:
+        tf = build_eval_transform(PREPROCESS)
+        x = torch.stack([tf(Image.open(p)) for p, _ in train_images])
+        y = torch.tensor([c for _, c in train_images])
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        model.train()
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        # Re-estimate BatchNorm statistics on the same images so eval mode matches what was fitted.
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
+                m.momentum = None
+        with torch.no_grad():
+            model(x)
+    model.eval()
+    save_checkpoint(path, {
+        "model": model.state_dict(), "optimizer": None, "scheduler": None, "scaler": None, "ema": None,
+        "epoch": 1, "step": steps, "best_acc": 0.0, "config": dict(config or {}), "classes": list(classes),
+        "preprocess": dict(PREPROCESS), "arch": dict(model.arch), "rng": {},
+        "versions": {"torch": str(torch.__version__), "torchvision": ""},
+    })
+    return path
+
+
+def _model_of(ckpt_path: str) -> tuple[torch.nn.Module, dict]:
+    from utils.checkpoint import load_checkpoint, model_from_checkpoint
+
+    ckpt = load_checkpoint(ckpt_path)
+    return model_from_checkpoint(ckpt), ckpt
+
+
+def export_torchscript(ckpt_path: str, out: str) -> str:
+    """Trace the checkpoint's model and embed classes/preprocess as JSON ``_extra_files``."""
+    model, ckpt = _model_of(ckpt_path)
+    size = ckpt["preprocess"]["img_size"]
+    ts = torch.jit.trace(model, torch.randn(2, 3, size, size))
+    torch.jit.save(ts, out, _extra_files={"classes": json.dumps(ckpt["classes"]),
+                                          "preprocess": json.dumps(ckpt["preprocess"])})
+    return out
+
+
+def export_onnx(ckpt_path: str, out: str) -> str:
+    """Export to ONNX (opset 17, input "input", output "logits", dynamic batch) with metadata_props."""
+    import onnx
+
+    model, ckpt = _model_of(ckpt_path)
+    size = ckpt["preprocess"]["img_size"]
+    torch.onnx.export(model, (torch.randn(2, 3, size, size),), out, input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                      opset_version=17, dynamo=False)
+    proto = onnx.load(out)
+    for key in ("classes", "preprocess"):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(ckpt[key])
+    onnx.save(proto, out)
+    return out

@@ -1,0 +1,175 @@
+"""evaluate.py: numbers checked by hand on real photos, output files, class checks and error messages."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import evaluate
+from eval_helpers import PHOTOS, PREPROCESS, make_checkpoint, make_class_folders, photo_paths
+from utils.data import build_eval_transform
+from utils.errors import UserError
+from utils.runtime import LoadedModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLASSES = ["animal", "object", "scene"]
+# photo -> (true class, probabilities the stub model gives for animal/object/scene)
+TABLE = {
+    "black_swan": ("animal", [0.8, 0.1, 0.1]),
+    "giant_panda": ("animal", [0.7, 0.2, 0.1]),
+    "goldfish": ("animal", [0.05, 0.9, 0.05]),   # mistake, confidence 0.9
+    "ibex": ("animal", [0.3, 0.1, 0.6]),         # mistake, confidence 0.6
+    "forklift": ("object", [0.1, 0.8, 0.1]),
+    "golf_ball": ("object", [0.2, 0.7, 0.1]),
+    "hourglass": ("object", [0.75, 0.2, 0.05]),  # mistake, confidence 0.75
+    "mosque": ("scene", [0.1, 0.1, 0.8]),
+    "fireboat": ("scene", [0.2, 0.2, 0.6]),
+}
+
+
+def photo(name):
+    return os.path.join(PHOTOS, name + ".jpg")
+
+
+@pytest.fixture
+def table_data(tmp_path):
+    groups = {c: [photo(n) for n, (t, _) in TABLE.items() if t == c] for c in CLASSES}
+    return make_class_folders(str(tmp_path / "data"), groups)
+
+
+def stub_model(classes=CLASSES):
+    """A LoadedModel whose output for each real photo is fixed by TABLE (images recognised by their pixels)."""
+    tf = build_eval_transform(PREPROCESS)
+    refs = [(tf(Image.open(photo(n))), torch.tensor(p).log()) for n, (_, p) in TABLE.items()]
+    pad = len(classes) - len(CLASSES)
+
+    def run(x):
+        rows = []
+        for img in x:
+            match = [logit for ref, logit in refs if torch.allclose(ref, img, atol=1e-5)]
+            assert len(match) == 1, "stub model got an image that is not in TABLE"
+            rows.append(torch.cat([match[0], torch.full((pad,), -30.0)]))
+        return torch.stack(rows)
+
+    return LoadedModel("stub.pt", "checkpoint", list(classes), dict(PREPROCESS), run, torch.device("cpu"))
+
+
+def test_metrics_match_hand_computed_values(table_data, tmp_path):
+    res = evaluate.evaluate(stub_model(), table_data, batch_size=4, workers=0, progress=False)
+    m = res["metrics"]
+    assert res["cm_names"] == CLASSES
+    assert res["cm"].tolist() == [[2, 1, 1], [1, 2, 0], [0, 0, 2]]
+    by_class = {r["class"]: r for r in res["per_class"]}
+    assert by_class["animal"]["precision"] == pytest.approx(2 / 3)
+    assert by_class["animal"]["recall"] == pytest.approx(0.5)
+    assert by_class["animal"]["f1"] == pytest.approx(4 / 7)
+    assert by_class["object"]["f1"] == pytest.approx(2 / 3)
+    assert by_class["scene"]["recall"] == pytest.approx(1.0)
+    assert by_class["scene"]["f1"] == pytest.approx(0.8)
+    assert [by_class[c]["support"] for c in CLASSES] == [4, 3, 2]
+    assert m["images"] == 9 and m["skipped"] == 0
+    assert m["top1"] == pytest.approx(100 * 6 / 9)
+    assert m["top5"] == pytest.approx(100.0)
+    p_true = [p[CLASSES.index(t)] for t, p in TABLE.values()]
+    assert m["loss"] == pytest.approx(-sum(math.log(p) for p in p_true) / 9, rel=1e-5)
+    assert m["macro_f1"] == pytest.approx((4 / 7 + 2 / 3 + 0.8) / 3)
+    # mistakes, most confident first
+    assert [(os.path.basename(r["file"]), r["true"], r["predicted"]) for r in res["mistakes"]] == [
+        ("goldfish.jpg", "animal", "object"), ("hourglass.jpg", "object", "animal"), ("ibex.jpg", "animal", "scene")]
+    assert [r["confidence"] for r in res["mistakes"]] == pytest.approx([0.9, 0.75, 0.6], abs=1e-6)
+
+    files = evaluate.write_outputs(res, str(tmp_path / "out"))
+    with open(files["confusion_matrix.csv"]) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["true\\predicted"] + CLASSES
+    assert rows[1:] == [["animal", "2", "1", "1"], ["object", "1", "2", "0"], ["scene", "0", "0", "2"]]
+    with open(files["per_class.csv"]) as f:
+        per_class = list(csv.DictReader(f))
+    assert [(r["class"], r["precision"], r["recall"], r["f1"], r["support"]) for r in per_class] == [
+        ("animal", "0.6667", "0.5000", "0.5714", "4"), ("object", "0.6667", "0.6667", "0.6667", "3"),
+        ("scene", "0.6667", "1.0000", "0.8000", "2")]
+    with open(files["mistakes.csv"]) as f:
+        mistakes = list(csv.DictReader(f))
+    assert [(os.path.basename(r["file"]), r["confidence"]) for r in mistakes] == [
+        ("goldfish.jpg", "0.9000"), ("hourglass.jpg", "0.7500"), ("ibex.jpg", "0.6000")]
+    saved = json.load(open(files["metrics.json"]))
+    assert saved["top1"] == pytest.approx(m["top1"]) and saved["images"] == 9
+    for png in ("confusion_matrix.png", "mistakes.png"):
+        with Image.open(files[png]) as im:
+            assert im.format == "PNG" and im.width > 300
+    assert not [f for f in os.listdir(tmp_path / "out") if f.endswith(".tmp")]
+
+
+def test_unreadable_image_is_skipped_and_reported(table_data):
+    bad = os.path.join(table_data, "scene", "broken.jpg")
+    with open(photo("mosque"), "rb") as src, open(bad, "wb") as dst:
+        dst.write(src.read()[:300])  # a truncated JPEG
+    res = evaluate.evaluate(stub_model(), table_data, batch_size=4, workers=0, progress=False)
+    assert res["metrics"]["images"] == 9 and res["metrics"]["skipped"] == 1
+    assert res["metrics"]["skipped_files"][0]["file"] == bad
+    assert res["cm"].tolist() == [[2, 1, 1], [1, 2, 0], [0, 0, 2]]
+
+
+def test_subset_of_model_classes_is_allowed_and_reported(table_data):
+    res = evaluate.evaluate(stub_model(CLASSES + ["vehicle"]), table_data, batch_size=16, workers=0, progress=False)
+    assert res["cm_names"] == CLASSES  # 'vehicle' neither present nor predicted
+    assert res["metrics"]["model_classes_not_in_data"] == ["vehicle"]
+    assert any("3 of the model's 4 classes" in n and "vehicle" in n for n in res["notes"])
+
+
+def test_class_mismatch_lists_the_differences(tmp_path):
+    data = make_class_folders(str(tmp_path / "d"), {"animal": [photo("ibex")], "plant": [photo("mosque")]})
+    with pytest.raises(UserError) as e:
+        evaluate.evaluate(stub_model(), data, workers=0, progress=False)
+    msg = str(e.value)
+    assert "not known to the model: plant" in msg
+    assert "model classes without a folder: object, scene" in msg
+    assert data in msg
+
+
+def test_empty_data_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty" / "animal").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"no images found in .*empty.*<class name>"):
+        evaluate.evaluate(stub_model(), str(tmp_path / "empty"), workers=0, progress=False)
+    with pytest.raises(UserError, match="data folder .*missing not found"):
+        evaluate.evaluate(stub_model(), str(tmp_path / "missing"), workers=0, progress=False)
+
+
+def test_end_to_end_checkpoint_split_name_and_default_out(tmp_path):
+    """Real tiny model fitted on real photos; DATA given as the split name of the run's config."""
+    names = [os.path.splitext(os.path.basename(p))[0] for p in photo_paths()]
+    run = tmp_path / "run"
+    data_root = tmp_path / "DATA"
+    make_class_folders(str(data_root / "val"), {n: [p] for n, p in zip(names, photo_paths())})
+    make_checkpoint(str(run / "best.pt"), names, [(p, i) for i, p in enumerate(photo_paths())],
+                    config={"data": str(data_root)})
+    metrics = evaluate.main([str(run / "best.pt"), "val", "--batch-size", "5", "--workers", "1", "--no-progress"])
+    out = run / "eval"
+    assert sorted(os.listdir(out)) == sorted(["metrics.json", "per_class.csv", "confusion_matrix.csv",
+                                              "confusion_matrix.png", "mistakes.csv", "mistakes.png"])
+    assert metrics["data"] == str(data_root / "val") and metrics["images"] == 12
+    with open(out / "confusion_matrix.csv") as f:
+        cm = [[int(v) for v in row[1:]] for row in list(csv.reader(f))[1:]]
+    correct = sum(cm[i][i] for i in range(len(cm)))
+    assert sum(map(sum, cm)) == 12
+    assert metrics["top1"] == pytest.approx(100 * correct / 12)
+    assert metrics["top1"] >= 75  # it was fitted on these very photos
+    with open(out / "mistakes.csv") as f:
+        conf = [float(r["confidence"]) for r in csv.DictReader(f)]
+    assert len(conf) == 12 - correct and conf == sorted(conf, reverse=True)
+    assert metrics["images_per_s"] > 0
+
+
+def test_cli_errors_print_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(b"not a model at all")
+    r = subprocess.run([sys.executable, "evaluate.py", str(bad), str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.startswith(f"error: cannot read model file {bad}: it is not a valid checkpoint, TorchScript or ONNX")
+    assert "Traceback" not in r.stderr

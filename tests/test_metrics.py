@@ -1,0 +1,64 @@
+"""Metric functions against values computed by hand on fixed label vectors."""
+import numpy as np
+import pytest
+import torch
+
+from utils.metrics import confusion_matrix, macro_average, per_class_report, row_normalize, topk_correct
+
+# 9 samples, classes 0..2. True/pred pairs: (0,0) (0,0) (0,1) (0,2) (1,1) (1,1) (1,0) (2,2) (2,2)
+TARGET = [0, 0, 0, 0, 1, 1, 1, 2, 2]
+PRED = [0, 0, 1, 2, 1, 1, 0, 2, 2]
+
+
+def test_confusion_matrix_hand_counted():
+    cm = confusion_matrix(TARGET, PRED, labels=[0, 1, 2])
+    assert cm.tolist() == [[2, 1, 1], [1, 2, 0], [0, 0, 2]]
+    assert cm.dtype == np.int64
+
+
+def test_confusion_matrix_label_subset_and_order():
+    # Only classes 2 and 0, in that order: samples of other classes are left out.
+    cm = confusion_matrix(TARGET, PRED, labels=[2, 0])
+    assert cm.tolist() == [[2, 0], [1, 2]]
+
+
+def test_row_normalize_recall_view_and_empty_rows():
+    cm = np.array([[2, 1, 1], [0, 0, 0], [0, 0, 2]])
+    assert row_normalize(cm).tolist() == [[0.5, 0.25, 0.25], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]]
+
+
+def test_per_class_precision_recall_f1_support_by_hand():
+    rows = per_class_report(TARGET, PRED, labels=[0, 1, 2], names=["cat", "dog", "fox"])
+    # precision = diag / column sum, recall = diag / row sum, F1 = 2PR/(P+R)
+    expected = {
+        "cat": (2 / 3, 2 / 4, 4 / 7, 4),
+        "dog": (2 / 3, 2 / 3, 2 / 3, 3),
+        "fox": (2 / 3, 2 / 2, 0.8, 2),
+    }
+    assert [r["class"] for r in rows] == ["cat", "dog", "fox"]
+    for r in rows:
+        p, rec, f1, s = expected[r["class"]]
+        assert r["precision"] == pytest.approx(p)
+        assert r["recall"] == pytest.approx(rec)
+        assert r["f1"] == pytest.approx(f1)
+        assert r["support"] == s
+
+
+def test_predicted_only_class_gets_zero_support_and_precision():
+    # Class 3 never occurs but is predicted once: precision 0, support 0, no division warning.
+    rows = per_class_report([0, 0, 1], [0, 3, 1], labels=[0, 1, 3], names=["a", "b", "c", "d"])
+    d = rows[2]
+    assert (d["class"], d["precision"], d["recall"], d["f1"], d["support"]) == ("d", 0.0, 0.0, 0.0, 0)
+    # Macro average counts only classes with samples: a (P=1, R=.5) and b (P=1, R=1).
+    macro = macro_average(rows)
+    assert macro["precision"] == pytest.approx(1.0)
+    assert macro["recall"] == pytest.approx(0.75)
+    assert macro["f1"] == pytest.approx((2 / 3 + 1.0) / 2)
+
+
+def test_topk_correct_counts():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
+    target = torch.tensor([1, 2, 0])
+    # sample 0: top-1 hit; sample 1: target ranked 2nd (tie broken) or 3rd; sample 2: target ranked 3rd
+    assert topk_correct(logits, target, ks=(1, 3)) == [1, 3]
+    assert topk_correct(logits, target, ks=(1, 5)) == [1, 3]  # k capped at the class count

@@ -1,0 +1,112 @@
+"""open_model: checkpoint, TorchScript and ONNX give the same predictions on real photos; clear errors."""
+import json
+import os
+import zipfile
+
+import pytest
+import torch
+from PIL import Image
+
+from eval_helpers import PREPROCESS, export_onnx, export_torchscript, make_checkpoint, photo_paths
+from utils.data import build_eval_transform
+from utils.errors import UserError
+from utils.runtime import detect_kind, open_model
+
+NAMES = [os.path.splitext(os.path.basename(p))[0] for p in photo_paths()]
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    ckpt = make_checkpoint(str(d / "best.pt"), NAMES, [(p, i) for i, p in enumerate(photo_paths())])
+    return {"checkpoint": ckpt, "torchscript": export_torchscript(ckpt, str(d / "model.torchscript.pt")),
+            "onnx": export_onnx(ckpt, str(d / "model.onnx"))}
+
+
+def test_three_formats_same_predictions_on_real_photos(model_files):
+    x = None
+    outputs = {}
+    for kind, path in model_files.items():
+        m = open_model(path)
+        assert m.kind == kind == detect_kind(path)
+        assert m.classes == NAMES
+        assert m.preprocess == PREPROCESS
+        if x is None:
+            tf = build_eval_transform(m.preprocess)
+            x = torch.stack([tf(Image.open(p)) for p in photo_paths()])
+        logits = m.predict_batch(x)
+        assert logits.shape == (12, 12) and logits.dtype == torch.float32 and logits.device.type == "cpu"
+        outputs[kind] = logits
+    ref = outputs["checkpoint"]
+    # The fitted model tells the photos apart, so agreeing argmaxes is a real check (not 12 ties).
+    assert len(set(ref.argmax(1).tolist())) >= 9
+    for kind in ("torchscript", "onnx"):
+        torch.testing.assert_close(outputs[kind], ref, atol=1e-4, rtol=1e-4)
+        assert outputs[kind].argmax(1).tolist() == ref.argmax(1).tolist()
+        assert outputs[kind].topk(5).indices.tolist() == ref.topk(5).indices.tolist()
+
+
+def test_batch_size_does_not_change_results(model_files):
+    m = open_model(model_files["onnx"])
+    tf = build_eval_transform(m.preprocess)
+    x = torch.stack([tf(Image.open(p)) for p in photo_paths()[:5]])
+    one_by_one = torch.cat([m.predict_batch(x[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(one_by_one, m.predict_batch(x), atol=1e-5, rtol=1e-5)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(UserError, match=r"model file .*nope\.pt not found; pass a train\.py checkpoint"):
+        open_model(str(tmp_path / "nope.pt"))
+
+
+@pytest.mark.parametrize("kind", ["checkpoint", "torchscript", "onnx"])
+def test_truncated_model_file(model_files, tmp_path, kind):
+    data = open(model_files[kind], "rb").read()
+    bad = tmp_path / os.path.basename(model_files[kind])
+    bad.write_bytes(data[: len(data) // 3])
+    with pytest.raises(UserError) as e:
+        open_model(str(bad))
+    msg = str(e.value)
+    assert str(bad) in msg
+    assert "not a valid checkpoint, TorchScript or ONNX file" in msg or "cannot read" in msg
+    assert "checkpoint (.pt)" in msg and "ONNX file (.onnx)" in msg  # says what is accepted
+
+
+def test_image_instead_of_model(tmp_path):
+    with pytest.raises(UserError, match="not a valid checkpoint, TorchScript or ONNX file"):
+        open_model(photo_paths()[0])
+
+
+def test_folder_instead_of_model(tmp_path):
+    with pytest.raises(UserError, match="is a folder; pass a model file inside it"):
+        open_model(str(tmp_path))
+
+
+def test_torchscript_without_metadata_is_explained(model_files, tmp_path):
+    ts = torch.jit.load(model_files["torchscript"])
+    bare = str(tmp_path / "bare.pt")
+    torch.jit.save(ts, bare)  # no _extra_files
+    with pytest.raises(UserError, match=r"bare\.pt carries no class names .*re-export it with export\.py"):
+        open_model(bare)
+
+
+def test_onnx_with_broken_metadata_is_explained(model_files, tmp_path):
+    import onnx
+
+    proto = onnx.load(model_files["onnx"])
+    for p in proto.metadata_props:
+        if p.key == "preprocess":
+            p.value = json.dumps({"img_size": 32})
+    bad = str(tmp_path / "bad_meta.onnx")
+    onnx.save(proto, bad)
+    with pytest.raises(UserError, match=r"bad_meta\.onnx carries no preprocessing .*resize_size"):
+        open_model(bad)
+
+
+def test_checkpoint_without_classes(tmp_path):
+    ckpt = torch.load(make_checkpoint(str(tmp_path / "c.pt"), ["a", "b"]), weights_only=True)
+    del ckpt["classes"]
+    torch.save(ckpt, tmp_path / "noclasses.pt")
+    assert zipfile.is_zipfile(tmp_path / "noclasses.pt")
+    with pytest.raises(UserError, match="noclasses.pt carries no class names"):
+        open_model(str(tmp_path / "noclasses.pt"))
