@@ -284,14 +284,20 @@ def build_tensorrt_engine(onnx_path: str, engine_path: str, img_size: int, max_b
 
 
 # -------------------------------------------------------------------------------------------- inference
-def onnx_session(path: str, threads: int = 0):
-    """An onnxruntime CPU session with full graph optimisation (``threads=0``: onnxruntime's default)."""
+def onnx_session(path: str, threads: int = 0, spinning: bool = True):
+    """An onnxruntime CPU session with full graph optimisation (``threads=0``: onnxruntime's default).
+
+    ``spinning=False`` stops idle worker threads from busy-waiting after each run: needed when other
+    work (another runtime being timed, other processes) shares the cores.
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     if threads:
         opts.intra_op_num_threads = threads
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
