@@ -1,0 +1,90 @@
+"""utils.plots: curves from log.csv (function and command), confusion-matrix and mistakes figures."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eval_helpers import photo_paths
+from utils.errors import UserError
+from utils.plots import LOG_COLUMNS, plot_confusion_matrix, plot_curves, plot_mistakes, read_log
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_log(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(",".join(LOG_COLUMNS) + "\n")
+        for r in rows:
+            f.write(",".join(str(v) for v in r) + "\n")
+    return str(path)
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    a = write_log(tmp_path / "baseline" / "log.csv", [
+        (1, 0.1, 2.1, 31.0, 1.9, 40.0, 81.0, 12.0, 500.0),
+        (2, 0.05, 1.4, 52.5, 1.3, 58.0, 90.0, 11.5, 520.0),
+        (3, 0.0, 1.0, 68.0, 1.1, 63.5, 93.0, 11.7, 515.0)])
+    b = write_log(tmp_path / "strong_aug" / "log.csv", [
+        (1, 0.1, 2.3, 25.0, 2.0, 35.0, 80.0, 13.0, 480.0),
+        (2, 0.0, 1.8, 41.0, "", "", "", 13.1, 470.0)])  # a val pass that did not run
+    return a, b
+
+
+def test_read_log_parses_every_column(two_runs):
+    log = read_log(two_runs[0])
+    assert log["epoch"] == [1.0, 2.0, 3.0]
+    assert log["train_acc"] == [31.0, 52.5, 68.0]
+    assert log["val_top1"] == [40.0, 58.0, 63.5]
+    b = read_log(os.path.dirname(two_runs[1]))  # a run folder works too
+    assert b["train_loss"] == [2.3, 1.8] and np.isnan(b["val_loss"][1])
+
+
+def test_plot_curves_several_runs(two_runs, tmp_path):
+    out = str(tmp_path / "cmp" / "curves.png")
+    plot_curves(list(two_runs), out, labels=["base", "aug"])
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.width > 800 and im.height > 300
+        # something was drawn in colour (the run lines), not a blank canvas
+        assert len(im.convert("RGB").getcolors(1 << 20)) > 50
+    assert not [f for f in os.listdir(tmp_path / "cmp") if f.endswith(".tmp")]
+
+
+def test_plot_curves_errors(two_runs, tmp_path):
+    with pytest.raises(UserError, match=r"log file .*nope\.csv not found"):
+        plot_curves([str(tmp_path / "nope.csv")], str(tmp_path / "x.png"))
+    with pytest.raises(UserError, match="1 labels for 2 log files"):
+        plot_curves(list(two_runs), str(tmp_path / "x.png"), labels=["only-one"])
+    bad = tmp_path / "bad.csv"
+    bad.write_text("step,loss\n1,2.0\n")
+    with pytest.raises(UserError, match=r"bad\.csv is not a train\.py log\.csv \(missing columns: epoch, train_loss, val_loss\)"):
+        plot_curves([str(bad)], str(tmp_path / "x.png"))
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_command_line(two_runs, tmp_path):
+    out = tmp_path / "c.png"
+    r = subprocess.run([sys.executable, "-m", "utils.plots", *two_runs, "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert f"wrote {out} (2 runs)" in r.stdout
+    assert Image.open(out).format == "PNG"
+    r = subprocess.run([sys.executable, "-m", "utils.plots", str(tmp_path / "none.csv")], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: log file")
+
+
+def test_confusion_matrix_and_mistakes_figures(tmp_path):
+    cm = np.array([[5, 1], [2, 7]])
+    plot_confusion_matrix(cm, ["cat", "dog"], str(tmp_path / "cm.png"), title="t")
+    assert Image.open(tmp_path / "cm.png").format == "PNG"
+    photos = photo_paths()[:3]
+    mistakes = [{"file": p, "true": "a", "predicted": "b", "confidence": 0.9 - i / 10} for i, p in enumerate(photos)]
+    plot_mistakes(mistakes, str(tmp_path / "m.png"), max_images=2)
+    plot_mistakes([], str(tmp_path / "none.png"))
+    with Image.open(tmp_path / "m.png") as a, Image.open(tmp_path / "none.png") as b:
+        assert a.width > b.width  # a grid of 2 photos vs. the 'no mistakes' note
