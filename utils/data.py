@@ -1,26 +1,633 @@
-"""Data pipeline: transforms, datasets and loaders. (Owned by the data issue; grows there.)"""
+"""Data pipeline: transforms, image folders, reproducible samplers and the train/val loaders.
+
+Reproducibility contract: the batches of epoch ``e`` (which images, in which order, and every random
+augmentation) are a pure function of ``(seed, e)``. Order comes from ``torch.randperm`` seeded with
+``seed + e`` and cut DistributedSampler-style (rank ``r`` of ``R`` takes every R-th image of each global batch),
+so the union of R ranks' step-i batches equals the one-process step-i batch at R times the batch size. Every
+image's augmentation is seeded from ``(seed, e, image index)``, so neither ``workers`` nor resuming changes it.
+
+Two paths:
+- ``cache="memory"``: every image is decoded once into a uint8 tensor in RAM; train augmentation (random
+  resized crop, flip, rotation as one affine ``grid_sample``; colour jitter and random erasing vectorised) runs
+  batched on tensors. The Fashion-MNIST fast path.
+- ``cache="none"``: images are decoded per step by DataLoader workers (PIL + transforms v2); a corrupt file is
+  skipped with a warning and counted (``DataBundle.skipped``).
+"""
 from __future__ import annotations
 
-from typing import Any
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
-from torchvision.transforms import v2 as T
+import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2 as T
+
+from utils.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+AUGMENT_KEYS = ("scale", "hflip", "color_jitter", "rotation", "auto_augment", "random_erasing")
+MEMORY_BUDGET = 2 * 1024 ** 3  # "auto" caches in RAM when the decoded train+val images fit in this
 
 
-def build_eval_transform(preprocess: dict[str, Any]):
+# --------------------------------------------------------------------------------------------- transforms
+def to_rgb(img: Any) -> Any:
+    """PIL image in any mode (L, P, RGBA, CMYK, I;16 ...) or uint8 CHW tensor -> 3-channel RGB of the same kind."""
+    if isinstance(img, torch.Tensor):
+        if img.shape[-3] == 1:
+            return img.expand(*img.shape[:-3], 3, *img.shape[-2:])
+        return img[..., :3, :, :] if img.shape[-3] == 4 else img
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def build_eval_transform(preprocess: dict[str, Any]) -> Callable:
     """PIL image -> normalised float tensor (3, img_size, img_size), from a checkpoint's ``preprocess`` dict.
 
     Keys: ``img_size``, ``resize_size`` (shorter side before the center crop), ``mean``, ``std``.
     Greyscale/CMYK/RGBA/palette images become 3-channel RGB first.
     """
     return T.Compose([
-        T.Lambda(lambda im: im.convert("RGB") if getattr(im, "mode", "RGB") != "RGB" else im),
+        T.Lambda(to_rgb),
         T.PILToTensor(),
         T.Resize(int(preprocess["resize_size"]), antialias=True),
         T.CenterCrop(int(preprocess["img_size"])),
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(list(preprocess["mean"]), list(preprocess["std"])),
     ])
+
+
+def _pil_to_uint8(img: Any) -> torch.Tensor:
+    return img if isinstance(img, torch.Tensor) else T.functional.pil_to_tensor(img)
+
+
+def build_train_transform(img_size: int, *, mean, std, scale=(0.08, 1.0), hflip: float = 0.5,
+                          color_jitter: float = 0.0, rotation: float = 0.0, auto_augment: str | None = None,
+                          random_erasing: float = 0.0, backend: str = "pil") -> Callable:
+    """Train augmentation: image -> float tensor (3, img_size, img_size), normalised with ``mean``/``std``.
+
+    RandomResizedCrop(``scale``) -> horizontal flip (prob ``hflip``) -> ColorJitter(brightness, contrast and
+    saturation = ``color_jitter``) -> RandomRotation(+-``rotation`` degrees) -> TrivialAugmentWide
+    (``auto_augment="trivial"``) -> normalise -> RandomErasing (prob ``random_erasing``).
+    ``backend="pil"`` (default, fastest here: see README) crops/resizes the PIL image then converts;
+    ``"tensor"`` converts first (input may be a PIL image or a uint8 CHW tensor, e.g. from decode_jpeg);
+    ``"v1"`` is the same recipe with the legacy ``torchvision.transforms`` (kept for the benchmark).
+    Randomness comes from torch's global generator (seed it per image for reproducible runs).
+    """
+    if auto_augment not in (None, "trivial"):
+        raise UserError(f"auto_augment={auto_augment!r}: use null/None or 'trivial'")
+    scale = tuple(float(s) for s in scale)
+    if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        raise UserError(f"scale={scale}: use two fractions 0 < min <= max <= 1, e.g. [0.08, 1.0]")
+    if backend == "v1":
+        from torchvision import transforms as V1
+        ops: list = [V1.Lambda(to_rgb), V1.RandomResizedCrop(img_size, scale=scale, antialias=True)]
+        if hflip > 0:
+            ops.append(V1.RandomHorizontalFlip(hflip))
+        if color_jitter > 0:
+            ops.append(V1.ColorJitter(color_jitter, color_jitter, color_jitter))
+        if rotation > 0:
+            ops.append(V1.RandomRotation(rotation))
+        if auto_augment == "trivial":
+            ops.append(V1.TrivialAugmentWide())
+        ops += [V1.PILToTensor(), V1.ConvertImageDtype(torch.float32), V1.Normalize(list(mean), list(std))]
+        if random_erasing > 0:
+            ops.append(V1.RandomErasing(random_erasing))
+        return V1.Compose(ops)
+    if backend not in ("pil", "tensor"):
+        raise ValueError(f"backend {backend!r}")
+    ops = [T.Lambda(to_rgb)]
+    if backend == "tensor":
+        ops.append(T.Lambda(_pil_to_uint8))
+    ops.append(T.RandomResizedCrop(img_size, scale=scale, antialias=True))
+    if hflip > 0:
+        ops.append(T.RandomHorizontalFlip(hflip))
+    if color_jitter > 0:
+        ops.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
+    if rotation > 0:
+        ops.append(T.RandomRotation(rotation))
+    if auto_augment == "trivial":
+        ops.append(T.TrivialAugmentWide())
+    if backend == "pil":
+        ops.append(T.Lambda(_pil_to_uint8))
+    ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
+    if random_erasing > 0:
+        ops.append(T.RandomErasing(random_erasing))
+    return T.Compose(ops)
+
+
+# --------------------------------------------------------------------------------------------- folders
+def _is_image_file(path: str) -> bool:
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def load_pil_rgb(path: str):
+    """Open ``path`` fully decoded as an RGB PIL image (raises on corrupt files)."""
+    from PIL import Image
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    return to_rgb(img)
+
+
+class ImageFolderRGB(ImageFolder):
+    """torchvision ImageFolder that ignores hidden folders/files (``.DS_Store``, ``._x``, ``.ipynb_checkpoints``)
+    and returns RGB images whatever their mode."""
+
+    def __init__(self, root: str, transform: Callable | None = None):
+        super().__init__(root, transform=transform, loader=load_pil_rgb, is_valid_file=_is_image_file,
+                         allow_empty=True)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        return classes, {c: i for i, c in enumerate(classes)}
+
+
+def load_image_folder(root: str) -> ImageFolderRGB:
+    """The ImageFolder at ``root`` (``root/<class>/**/*.jpg``), checked: UserError if it is missing, has no
+    class sub-folders, no images, or fewer than 2 classes."""
+    fix = "it must hold one sub-folder of images per class (make one with split_dataset.py)"
+    if not os.path.exists(root):
+        raise UserError(f"{root} does not exist; {fix}")
+    if not os.path.isdir(root):
+        raise UserError(f"{root} is a file, not a folder; {fix}")
+    ds = ImageFolderRGB(root)
+    if not ds.classes:
+        raise UserError(f"{root} has no class sub-folders; {fix}")
+    if not ds.samples:
+        raise UserError(f"{root} has class folders ({', '.join(ds.classes[:5])}...) but no images with "
+                        f"extensions {' '.join(IMAGE_EXTENSIONS)}; {fix}")
+    if len(ds.classes) < 2:
+        raise UserError(f"{root} has {len(ds.classes)} class folder ({ds.classes[0]}); a classifier needs at "
+                        "least 2 classes")
+    return ds
+
+
+# --------------------------------------------------------------------------------------------- randomness
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix(z: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic): a fast, portable counter-based hash."""
+    with np.errstate(over="ignore"):
+        z = z.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def sample_seeds(seed: int, epoch: int, indices) -> np.ndarray:
+    """uint64 augmentation seed of each image index for this (seed, epoch): the same in any process."""
+    base = _splitmix(_splitmix(np.array([seed & 0xFFFFFFFF], np.uint64)) ^ np.array([epoch], np.uint64))
+    return _splitmix(base ^ np.asarray(indices, dtype=np.uint64))
+
+
+def _uniforms(seeds: np.ndarray, n: int, stream: int) -> np.ndarray:
+    """(len(seeds), n) uniforms in [0, 1), a pure function of each seed (and ``stream``, to keep draws apart)."""
+    k = np.arange(n, dtype=np.uint64) + np.uint64(stream * 64)
+    z = _splitmix(seeds[:, None] ^ _splitmix(k)[None, :])
+    return (z >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+
+
+class EpochBatchSampler:
+    """Batches of indices, DistributedSampler-style, reproducible per ``(seed, epoch)``.
+
+    Train (``shuffle=True``): permutation of ``torch.Generator().manual_seed(seed + epoch)``, cut into global
+    batches of ``batch_size * world``; rank ``r`` takes positions ``r, r+world, ...`` of each; an incomplete
+    last global batch is dropped (all ranks step together), except that a dataset smaller than one global batch
+    gives one batch (wrapped round to a multiple of ``world``). Items are ``(index, augmentation seed)``.
+    Val (``shuffle=False``): indices in order, rank ``r`` takes ``r::world`` (no padding, so metrics summed
+    over ranks count each image exactly once); items are plain indices.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1):
+        if batch_size < 1:
+            raise UserError(f"batch_size={batch_size}: use a positive batch size")
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world, self.epoch = rank, world, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _global_batch(self) -> int:
+        return self.batch_size * self.world
+
+    def __len__(self) -> int:
+        if self.shuffle:
+            return max(1, self.n // self._global_batch())
+        return math.ceil(len(range(self.rank, self.n, self.world)) / self.batch_size)
+
+    def __iter__(self) -> Iterator[list]:
+        if not self.shuffle:
+            mine = list(range(self.rank, self.n, self.world))
+            for i in range(0, len(mine), self.batch_size):
+                yield mine[i:i + self.batch_size]
+            return
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        perm = torch.randperm(self.n, generator=g)
+        gb = self._global_batch()
+        if self.n < gb:
+            size = math.ceil(self.n / self.world) * self.world
+            chunks = [perm.repeat(math.ceil(size / self.n))[:size]]
+        else:
+            chunks = [perm[i * gb:(i + 1) * gb] for i in range(self.n // gb)]
+        for chunk in chunks:
+            idx = chunk[self.rank::self.world].tolist()
+            seeds = sample_seeds(self.seed, self.epoch, idx).tolist()
+            yield list(zip(idx, seeds))
+
+
+# --------------------------------------------------------------------------------------------- disk path
+class _TrainFiles(Dataset):
+    """(index, seed) -> (augmented tensor, label), or (None, path) when the file cannot be decoded."""
+
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        path, label = self.samples[index]
+        try:
+            img = load_pil_rgb(path)
+        except Exception as e:  # any decoder error: skip this image, the loader counts it
+            return None, f"{path} ({type(e).__name__}: {e})"
+        state = torch.get_rng_state()  # keep the caller's RNG untouched when workers=0
+        torch.manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+        try:
+            return self.transform(img), label
+        finally:
+            torch.set_rng_state(state)
+
+
+class _ValFiles(Dataset):
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            return self.transform(load_pil_rgb(path)), label
+        except Exception as e:
+            return None, f"{path} ({type(e).__name__}: {e})"
+
+
+def _collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    good = [b for b in batch if b[0] is not None]
+    bad = [b[1] for b in batch if b[0] is None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.int64), bad
+    return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good], dtype=torch.int64), bad
+
+
+class SkippingLoader:
+    """Iterates a DataLoader built with ``_collate_skipping``: yields (images, labels), warns about and counts
+    corrupt files (``skipped``, ``skipped_files``); a batch left empty is not yielded."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+        self.batch_sampler = loader.batch_sampler
+        self.skipped_files: list[str] = []
+
+    @property
+    def skipped(self) -> int:
+        return len(self.skipped_files)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y, bad in self.loader:
+            for b in bad:
+                warnings.warn(f"skipped unreadable image {b}", stacklevel=2)
+            self.skipped_files += bad
+            if len(y):
+                yield x, y
+
+
+# --------------------------------------------------------------------------------------------- memory path
+def _decode_all(samples: list[tuple[str, int]], desc: str, progress: bool) -> tuple[list, list[str]]:
+    """Decode every file to a uint8 CHW tensor (1 channel for greyscale, else RGB); corrupt files -> None."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    out, bad = [], []
+    for path, _ in tqdm(samples, desc=desc, unit="img", disable=not progress, leave=False):
+        try:
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                img.load()
+            if img.mode not in ("L", "RGB"):
+                img = img.convert("RGB")
+            out.append(T.functional.pil_to_tensor(img))
+        except Exception as e:
+            out.append(None)
+            bad.append(f"{path} ({type(e).__name__}: {e})")
+    return out, bad
+
+
+def _stack_uniform(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """Stack same-sized images into (N, C, H, W) uint8 (C=1 only if all are greyscale); None if sizes differ."""
+    sizes = {tuple(t.shape[1:]) for t in tensors}
+    if len(sizes) != 1:
+        return None
+    channels = max(t.shape[0] for t in tensors)
+    return torch.stack([t.expand(channels, -1, -1) for t in tensors])
+
+
+def _square(t: torch.Tensor, size: int) -> torch.Tensor:
+    return T.functional.center_crop(T.functional.resize(t, size, antialias=True), [size, size])
+
+
+@dataclass
+class AugmentConfig:
+    """Keyword arguments of build_train_transform besides img_size/mean/std, validated."""
+    scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = 0.5
+    color_jitter: float = 0.0
+    rotation: float = 0.0
+    auto_augment: str | None = None
+    random_erasing: float = 0.0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> "AugmentConfig":
+        d = dict(d or {})
+        unknown = sorted(set(d) - set(AUGMENT_KEYS))
+        if unknown:
+            raise UserError(f"unknown augment option(s) {', '.join(unknown)}; known: {', '.join(AUGMENT_KEYS)}")
+        cfg = cls(**d)
+        cfg.scale = tuple(float(s) for s in cfg.scale)
+        build_train_transform(8, mean=IMAGENET_MEAN, std=IMAGENET_STD, **cfg.__dict__)  # validates values
+        return cfg
+
+
+def augment_batch(x: torch.Tensor, seeds: np.ndarray, img_size: int, cfg: AugmentConfig, mean, std) -> torch.Tensor:
+    """Batched train augmentation of uint8 images (B, C, H, W) -> normalised float (B, 3, img_size, img_size).
+
+    Same recipe and parameter distributions as build_train_transform, computed for all images at once: the crop
+    box, flip and rotation become one affine ``grid_sample`` (bilinear), jitter and erasing are vectorised.
+    Every random number comes from the image's seed, so an image's augmentation is independent of its batch.
+    Differences from the per-image path: bilinear resampling without antialiasing (only matters when a crop
+    is shrunk by more than 2x), jitter always in the order brightness, contrast, saturation, and rotation samples
+    real image content (not black) where the rotated crop stays inside the image.
+    """
+    b, c, h, w = x.shape
+    lo, hi = cfg.scale
+    u = _uniforms(seeds, 24, stream=0)
+    # RandomResizedCrop, torchvision's algorithm: 10 tries of (area, log aspect), else a centred fallback.
+    area = h * w * (lo + (hi - lo) * u[:, 0:10])
+    logr = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * u[:, 10:20]
+    cw = np.rint(np.sqrt(area * np.exp(logr)))
+    ch = np.rint(np.sqrt(area / np.exp(logr)))
+    ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = ok.argmax(1)
+    rows = np.arange(b)
+    in_ratio = w / h
+    if in_ratio < 3 / 4:
+        fw, fh = w, round(w / (3 / 4))
+    elif in_ratio > 4 / 3:
+        fw, fh = round(h * 4 / 3), h
+    else:
+        fw, fh = w, h
+    has = ok.any(1)
+    cw = np.where(has, cw[rows, first], fw)
+    ch = np.where(has, ch[rows, first], fh)
+    top = np.where(has, np.floor(u[:, 20] * (h - ch + 1)), (h - ch) // 2)
+    left = np.where(has, np.floor(u[:, 21] * (w - cw + 1)), (w - cw) // 2)
+    flip = np.where(u[:, 22] < cfg.hflip, -1.0, 1.0)
+    angle = np.deg2rad((2 * u[:, 23] - 1) * cfg.rotation) if cfg.rotation > 0 else np.zeros(b)
+    cos, sin = np.cos(angle), np.sin(angle)
+    cx = 2 * (left + cw / 2) / w - 1
+    cy = 2 * (top + ch / 2) / h - 1
+    theta = np.stack([np.stack([cos * flip * cw / w, -sin * ch / w, cx], 1),
+                      np.stack([sin * flip * cw / h, cos * ch / h, cy], 1)], 1)
+    theta_t = torch.from_numpy(theta).float()
+    # Same grid as F.affine_grid(align_corners=False), as one small matmul (affine_grid is slower on CPU).
+    lin = (torch.arange(img_size, dtype=torch.float32) * 2 + 1) / img_size - 1
+    base = torch.stack([lin.repeat(img_size), lin.repeat_interleave(img_size), torch.ones(img_size * img_size)], 1)
+    grid = torch.matmul(base, theta_t.transpose(1, 2)).view(b, img_size, img_size, 2)
+    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out = out.expand(b, 3, img_size, img_size) if c == 1 else out
+    out = out * (1 / 255)
+    if cfg.color_jitter > 0:
+        j = cfg.color_jitter
+        f = torch.from_numpy(max(0.0, 1 - j) + (1 + j - max(0.0, 1 - j)) * _uniforms(seeds, 3, stream=1)).float()
+        out = (out * f[:, 0, None, None, None]).clamp_(0, 1)
+        grey = (0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2]).unsqueeze(1)
+        m = grey.mean((1, 2, 3), keepdim=True)
+        out = ((out - m) * f[:, 1, None, None, None] + m).clamp_(0, 1)
+        grey = (0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2]).unsqueeze(1)
+        out = ((out - grey) * f[:, 2, None, None, None] + grey).clamp_(0, 1)
+    if cfg.auto_augment == "trivial":
+        ta = T.TrivialAugmentWide()
+        u8 = (out * 255).round_().to(torch.uint8)
+        state = torch.get_rng_state()
+        try:
+            for i in range(b):
+                torch.manual_seed(int(seeds[i] & np.uint64(0x7FFFFFFFFFFFFFFF)))
+                u8[i] = ta(u8[i])
+        finally:
+            torch.set_rng_state(state)
+        out = u8.float().mul_(1 / 255)
+    out = T.functional.normalize(out, list(mean), list(std))
+    if cfg.random_erasing > 0:
+        e = _uniforms(seeds, 41, stream=2)
+        s = img_size
+        ea = s * s * (0.02 + (0.33 - 0.02) * e[:, 0:10])
+        elr = math.log(0.3) + (math.log(3.3) - math.log(0.3)) * e[:, 10:20]
+        eh = np.rint(np.sqrt(ea * np.exp(elr)))
+        ew = np.rint(np.sqrt(ea / np.exp(elr)))
+        eok = (eh < s) & (ew < s)
+        efirst = eok.argmax(1)
+        do = (e[:, 40] < cfg.random_erasing) & eok.any(1)
+        eh, ew = eh[rows, efirst], ew[rows, efirst]
+        ei = np.floor(e[rows, 20 + efirst] * (s - eh + 1))
+        ej = np.floor(e[rows, 30 + efirst] * (s - ew + 1))
+        ar = torch.arange(s)
+        t = lambda a: torch.from_numpy(a).float()[:, None]  # noqa: E731
+        rmask = (ar[None] >= t(ei)) & (ar[None] < t(ei + eh))
+        cmask = (ar[None] >= t(ej)) & (ar[None] < t(ej + ew))
+        mask = (rmask[:, :, None] & cmask[:, None, :]) & torch.from_numpy(do)[:, None, None]
+        out = out.masked_fill(mask[:, None], 0.0)
+    return out
+
+
+class MemoryTrainLoader:
+    """Train batches from an in-RAM uint8 tensor, augmented batched in the main process."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, sampler: EpochBatchSampler, img_size: int,
+                 cfg: AugmentConfig, mean, std, pin_memory: bool):
+        self.images, self.labels, self.batch_sampler = images, labels, sampler
+        self.img_size, self.cfg, self.mean, self.std, self.pin_memory = img_size, cfg, mean, std, pin_memory
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.batch_sampler:
+            idx = torch.tensor([i for i, _ in batch])
+            seeds = np.array([s for _, s in batch], dtype=np.uint64)
+            x = augment_batch(self.images[idx], seeds, self.img_size, self.cfg, self.mean, self.std)
+            y = self.labels[idx]
+            yield (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
+
+
+class MemoryValLoader:
+    """Val batches from precomputed uint8 crops (resize + center crop done once, exactly as build_eval_transform)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, sampler: EpochBatchSampler, mean, std,
+                 pin_memory: bool):
+        self.images, self.labels, self.batch_sampler = images, labels, sampler
+        self.mean, self.std, self.pin_memory = mean, std, pin_memory
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for idx in self.batch_sampler:
+            x = to_rgb(self.images[idx]).float().mul_(1 / 255)
+            x = T.functional.normalize(x, list(self.mean), list(self.std))
+            y = self.labels[idx]
+            yield (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
+
+
+# --------------------------------------------------------------------------------------------- bundle
+@dataclass
+class DataBundle:
+    """Train/val loaders and what the training loop needs to know about them."""
+    train_loader: Any
+    val_loader: Any
+    classes: list[str]
+    num_train: int
+    num_val: int
+    cache: str = "none"                  # the path actually used: "memory" or "none"
+    skipped_at_load: list[str] = field(default_factory=list)  # corrupt files dropped while caching
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select epoch ``epoch``'s order and augmentations; call at the start of every epoch."""
+        self.train_loader.batch_sampler.set_epoch(epoch)
+
+    @property
+    def skipped(self) -> int:
+        """Corrupt images skipped so far (while caching and during iteration)."""
+        return (len(self.skipped_at_load) + getattr(self.train_loader, "skipped", 0)
+                + getattr(self.val_loader, "skipped", 0))
+
+
+def _dist_info(distributed: bool) -> tuple[int, int]:
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    if distributed:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return 0, 1
+
+
+def _estimate_bytes(samples: list[tuple[str, int]], resize_size: int) -> int | None:
+    """Decoded size of all ``samples`` if they look uniform (first image's size, RGB), else None."""
+    from PIL import Image
+    if not samples:
+        return 0
+    try:
+        with Image.open(samples[0][0]) as im:
+            w, h = im.size
+    except Exception:
+        return None
+    return len(samples) * 3 * w * h
+
+
+def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batch_size: int, workers: int,
+              augment: dict, cache: str = "auto", distributed: bool = False, seed: int = 0,
+              pin_memory: bool = False, progress: bool = True) -> DataBundle:
+    """Train/val loaders for ``data_dir/{train,val}`` (ImageFolder layout), see the module docstring.
+
+    ``batch_size`` is per process. ``cache``: "memory" (decode once into RAM), "none" (decode every step in
+    ``workers`` DataLoader processes) or "auto" (memory when all images share one size and the decoded train+val
+    set is under 2 GB). In memory mode images of different sizes are stored resized (shorter side
+    ``max(resize_size, img_size)``) and center-cropped square.
+    """
+    if not 8 <= img_size <= 1024:
+        raise UserError(f"img_size={img_size}: use a size between 28 and 224 (8..1024 accepted)")
+    if resize_size < img_size:
+        raise UserError(f"resize_size={resize_size} is smaller than img_size={img_size}; use resize_size >= img_size")
+    if cache not in ("auto", "memory", "none"):
+        raise UserError(f"cache={cache!r}: use auto, memory or none")
+    cfg = AugmentConfig.from_dict(augment)
+    for part in ("train", "val"):
+        if not os.path.isdir(os.path.join(data_dir, part)):
+            raise UserError(f"{os.path.join(data_dir, part)} not found; {data_dir} must hold train/ and val/ "
+                            "folders of class sub-folders (make them with split_dataset.py RAW OUT)")
+    train_ds = load_image_folder(os.path.join(data_dir, "train"))
+    val_ds = load_image_folder(os.path.join(data_dir, "val"))
+    if train_ds.classes != val_ds.classes:
+        only_t = sorted(set(train_ds.classes) - set(val_ds.classes))
+        only_v = sorted(set(val_ds.classes) - set(train_ds.classes))
+        raise UserError(f"{data_dir}: train/ and val/ have different class folders (only in train: {only_t}; "
+                        f"only in val: {only_v}); re-split with split_dataset.py so both have every class")
+    rank, world = _dist_info(distributed)
+    train_sampler = EpochBatchSampler(len(train_ds), batch_size, shuffle=True, seed=seed, rank=rank, world=world)
+    val_sampler = EpochBatchSampler(len(val_ds), batch_size, shuffle=False, rank=rank, world=world)
+    pin = pin_memory and torch.cuda.is_available()
+
+    use_memory = cache == "memory"
+    if cache == "auto":
+        est = [_estimate_bytes(ds.samples, resize_size) for ds in (train_ds, val_ds)]
+        use_memory = None not in est and sum(est) < MEMORY_BUDGET
+    if use_memory:
+        bundle = _memory_bundle(train_ds, val_ds, train_sampler, val_sampler, img_size, resize_size, cfg, mean,
+                                std, pin, require_uniform=(cache == "auto"), progress=progress and rank == 0)
+        if bundle is not None:
+            return bundle
+    train_tf = build_train_transform(img_size, mean=mean, std=std, **cfg.__dict__)
+    val_tf = build_eval_transform({"img_size": img_size, "resize_size": resize_size, "mean": mean, "std": std})
+    common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
+                  collate_fn=_collate_skipping)
+    train_loader = DataLoader(_TrainFiles(train_ds.samples, train_tf), batch_sampler=train_sampler, **common)
+    val_loader = DataLoader(_ValFiles(val_ds.samples, val_tf), batch_sampler=val_sampler, **common)
+    return DataBundle(SkippingLoader(train_loader), SkippingLoader(val_loader), list(train_ds.classes),
+                      len(train_ds), len(val_ds), cache="none")
+
+
+def _memory_bundle(train_ds, val_ds, train_sampler, val_sampler, img_size, resize_size, cfg, mean, std, pin,
+                   require_uniform: bool, progress: bool) -> DataBundle | None:
+    """Decode both splits into RAM; None (caller falls back to disk) if ``require_uniform`` and sizes differ."""
+    parts = {}
+    skipped: list[str] = []
+    for name, ds in (("train", train_ds), ("val", val_ds)):
+        decoded, bad = _decode_all(ds.samples, f"caching {name} images", progress)
+        for b in bad:
+            warnings.warn(f"skipped unreadable image {b}", stacklevel=3)
+        skipped += bad
+        keep = [i for i, t in enumerate(decoded) if t is not None]
+        tensors = [decoded[i] for i in keep]
+        labels = torch.tensor([ds.samples[i][1] for i in keep], dtype=torch.int64)
+        if not tensors:
+            raise UserError(f"{ds.root}: no image could be decoded")
+        stacked = _stack_uniform(tensors)
+        if stacked is None:
+            if require_uniform:
+                return None
+            side = max(resize_size, img_size)
+            stacked = torch.stack([to_rgb(_square(t, side)) for t in tensors])
+        parts[name] = (stacked, labels)
+    train_x, train_y = parts["train"]
+    val_x, val_y = parts["val"]
+    # Val: exactly build_eval_transform's uint8 ops (resize shorter side, center crop), done once.
+    val_x = T.functional.center_crop(T.functional.resize(val_x, resize_size, antialias=True), [img_size, img_size])
+    train_sampler.n, val_sampler.n = len(train_y), len(val_y)
+    return DataBundle(MemoryTrainLoader(train_x, train_y, train_sampler, img_size, cfg, mean, std, pin),
+                      MemoryValLoader(val_x.contiguous(), val_y, val_sampler, mean, std, pin),
+                      list(train_ds.classes), len(train_y), len(val_y), cache="memory", skipped_at_load=skipped)
