@@ -158,9 +158,9 @@ def load_image_folder(root: str) -> ImageFolderRGB:
         raise UserError(f"{root} does not exist; {fix}")
     if not os.path.isdir(root):
         raise UserError(f"{root} is a file, not a folder; {fix}")
-    ds = ImageFolderRGB(root)
-    if not ds.classes:
+    if not any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(root)):
         raise UserError(f"{root} has no class sub-folders; {fix}")
+    ds = ImageFolderRGB(root)
     if not ds.samples:
         raise UserError(f"{root} has class folders ({', '.join(ds.classes[:5])}...) but no images with "
                         f"extensions {' '.join(IMAGE_EXTENSIONS)}; {fix}")

@@ -1,0 +1,205 @@
+"""utils.data: transforms, checked folders, exact reproducible order (workers, resume, DDP), caches, corrupt files."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from utils.data import (IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment_batch, build_eval_transform,
+                        build_train_transform, load_data, load_image_folder, sample_seeds)
+from utils.errors import UserError
+from utils.split import split_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample")
+PHOTOS = os.path.join(ROOT, "tests", "assets", "photos")
+AUG = {"color_jitter": 0.4, "rotation": 10.0, "random_erasing": 0.5}
+
+
+@pytest.fixture(scope="module")
+def fm(tmp_path_factory):
+    """The committed real Fashion-MNIST sample split 150 train / 50 val."""
+    out = tmp_path_factory.mktemp("fm") / "split"
+    split_dataset(SAMPLE, str(out), val=0.25, seed=0)
+    return str(out)
+
+
+def _load(data_dir, **kw):
+    args = dict(img_size=32, resize_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD, batch_size=8, workers=0,
+                augment=AUG, cache="none", seed=7, progress=False)
+    args.update(kw)
+    return load_data(data_dir, **args)
+
+
+def _epoch(bundle, epoch):
+    bundle.set_epoch(epoch)
+    return [(x.clone(), y.clone()) for x, y in bundle.train_loader]
+
+
+def _same(a, b):
+    return len(a) == len(b) and all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+
+
+@pytest.mark.parametrize("size", [28, 64, 224])
+def test_transforms_any_mode_any_size(size):
+    photo = Image.open(os.path.join(PHOTOS, "goldfish.jpg"))
+    for img in (photo, photo.convert("L"), photo.convert("CMYK"), photo.convert("P"), photo.convert("RGBA")):
+        for backend in ("pil", "tensor", "v1") if img.mode == "RGB" else ("pil",):
+            tf = build_train_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, auto_augment="trivial",
+                                       random_erasing=0.5, color_jitter=0.4, rotation=15, backend=backend)
+            torch.manual_seed(0)
+            x = tf(img)
+            torch.manual_seed(0)
+            assert x.shape == (3, size, size) and x.dtype == torch.float32 and torch.equal(x, tf(img))
+        ev = build_eval_transform({"img_size": size, "resize_size": size * 8 // 7, "mean": IMAGENET_MEAN,
+                                   "std": IMAGENET_STD})(img)
+        assert ev.shape == (3, size, size)
+    with pytest.raises(UserError, match="auto_augment"):
+        build_train_transform(32, mean=IMAGENET_MEAN, std=IMAGENET_STD, auto_augment="rand")
+
+
+def test_load_image_folder_errors(tmp_path):
+    with pytest.raises(UserError, match=f"{tmp_path / 'nope'} does not exist"):
+        load_image_folder(str(tmp_path / "nope"))
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        load_image_folder(str(tmp_path / "file.txt"))
+    empty = tmp_path / "empty"
+    (empty / ".ipynb_checkpoints").mkdir(parents=True)
+    with pytest.raises(UserError, match="no class sub-folders"):
+        load_image_folder(str(empty))
+    (empty / "a").mkdir()
+    (empty / "b").mkdir()
+    (empty / "a" / "notes.txt").write_text("x")
+    with pytest.raises(UserError, match="no images"):
+        load_image_folder(str(empty))
+    one = tmp_path / "one"
+    shutil.copytree(os.path.join(SAMPLE, "Bag"), one / "Bag")
+    with pytest.raises(UserError, match="at least 2 classes"):
+        load_image_folder(str(one))
+    shutil.copytree(os.path.join(SAMPLE, "Coat"), one / "Coat")
+    (one / ".hidden").mkdir()
+    (one / "Coat" / "._x.png").write_bytes(b"junk")
+    ds = load_image_folder(str(one))
+    assert ds.classes == ["Bag", "Coat"] and len(ds.samples) == 40 and ds.targets.count(1) == 20
+
+
+def test_load_data_checks(fm, tmp_path):
+    with pytest.raises(UserError, match="unknown augment option.*colour_jitter"):
+        _load(fm, augment={"colour_jitter": 0.4})
+    no_val = tmp_path / "no_val"
+    shutil.copytree(os.path.join(fm, "train"), no_val / "train")
+    with pytest.raises(UserError, match=f"{no_val / 'val'} not found; .* must hold train/ and val/"):
+        _load(str(no_val))
+    bad = tmp_path / "bad"
+    shutil.copytree(fm, bad)
+    shutil.rmtree(bad / "val" / "Bag")
+    shutil.copytree(bad / "val" / "Coat", bad / "val" / "Jacket")
+    with pytest.raises(UserError, match=r"only in train: \['Bag'\]; only in val: \['Jacket'\]"):
+        _load(str(bad))
+
+
+@pytest.mark.parametrize("cache", ["none", "memory"])
+def test_epoch_is_pure_function_of_seed_and_epoch(fm, cache):
+    b = _load(fm, cache=cache)
+    assert b.cache == cache and (b.num_train, b.num_val) == (150, 50) and len(b.classes) == 10
+    e0, e1 = _epoch(b, 0), _epoch(b, 1)
+    assert len(e0) == 150 // 8 and all(x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and
+                                       y.dtype == torch.int64 for x, y in e0)
+    assert not torch.equal(e0[0][0], e1[0][0])
+    resumed = _load(fm, cache=cache)  # a new process resuming at epoch 1
+    assert _same(_epoch(resumed, 1), e1)
+    assert _same(_epoch(b, 0), e0)
+    if cache == "none":
+        with_workers = _load(fm, cache=cache, workers=2)
+        assert _same(_epoch(with_workers, 1), e1)
+    other_seed = _load(fm, cache=cache, seed=8)
+    assert not torch.equal(_epoch(other_seed, 1)[0][0], e1[0][0])
+
+
+@pytest.mark.parametrize("cache", ["none", "memory"])
+def test_two_ranks_union_equals_one_process_double_batch(fm, cache, monkeypatch):
+    one = _epoch(_load(fm, cache=cache, batch_size=8), 3)
+    ranks = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        ranks.append(_epoch(_load(fm, cache=cache, batch_size=4, distributed=True), 3))
+    assert len(ranks[0]) == len(ranks[1]) == len(one)
+    for (x, y), (x0, y0), (x1, y1) in zip(one, *ranks):
+        # rank r holds positions r, r+2, ... of the global batch
+        assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1)
+        assert torch.equal(y[0::2], y0) and torch.equal(y[1::2], y1)
+    # val: each rank gets its shard, together every image exactly once
+    val_ranks = []
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        b = _load(fm, cache=cache, batch_size=4, distributed=True)
+        val_ranks.append(torch.cat([y for _, y in b.val_loader]))
+    assert len(val_ranks[0]) + len(val_ranks[1]) == 50
+
+
+def test_memory_cache_matches_eval_transform_and_augments_per_image(fm):
+    mem, disk = _load(fm, cache="memory", resize_size=36), _load(fm, cache="none", resize_size=36)
+    assert _load(fm, cache="auto").cache == "memory"
+    vm, vd = list(mem.val_loader), list(disk.val_loader)
+    assert _same(vm, vd)  # identical val tensors: decode once == decode every time
+    ds = load_image_folder(os.path.join(fm, "val"))
+    tf = build_eval_transform({"img_size": 32, "resize_size": 36, "mean": IMAGENET_MEAN, "std": IMAGENET_STD})
+    assert torch.equal(vm[0][0][3], tf(Image.open(ds.samples[3][0])))
+    # an image's augmentation does not depend on which batch it is in
+    x = mem.train_loader.images[:6]
+    seeds = sample_seeds(0, 5, np.arange(6))
+    cfg = AugmentConfig.from_dict({**AUG, "auto_augment": "trivial"})
+    full = augment_batch(x, seeds, 32, cfg, IMAGENET_MEAN, IMAGENET_STD)
+    part = augment_batch(x[[4, 1]], seeds[[4, 1]], 32, cfg, IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.equal(full[[4, 1]], part)
+    # with a full-image crop the grid sample is exact: identity, and a mirror image with hflip=1
+    ident = AugmentConfig(scale=(1.0, 1.0), hflip=0.0)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    ref = (x.float().expand(-1, 3, -1, -1) / 255 - mean) / std
+    assert torch.allclose(augment_batch(x, seeds, 28, ident, IMAGENET_MEAN, IMAGENET_STD), ref, atol=1e-5)
+    flipped = augment_batch(x, seeds, 28, AugmentConfig(scale=(1.0, 1.0), hflip=1.0), IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.allclose(flipped, ref.flip(-1), atol=1e-5)
+    # crops: random sizes and positions, flips about half the time
+    cfg = AugmentConfig()
+    seeds = sample_seeds(1, 0, np.arange(400))
+    xx = x[:1].expand(400, -1, -1, -1)
+    out = augment_batch(xx, seeds, 28, cfg, IMAGENET_MEAN, IMAGENET_STD)
+    n_ident = sum(torch.allclose(o, ref[0], atol=1e-5) for o in out)
+    assert n_ident < 10 and len({round(float(o.sum()), 2) for o in out}) > 300
+
+
+def test_modes_and_sizes_become_rgb(tmp_path):
+    raw = tmp_path / "raw"
+    for cls, mode in (("cmyk", "CMYK"), ("palette", "P"), ("rgba", "RGBA"), ("grey", "L")):
+        (raw / cls).mkdir(parents=True)
+        for i, name in enumerate(sorted(os.listdir(PHOTOS))[:4]):
+            if name.endswith(".jpg"):
+                im = Image.open(os.path.join(PHOTOS, name)).convert(mode)
+                im.save(raw / cls / f"{i}.{'jpg' if mode in ('CMYK', 'L') else 'png'}")
+    data = tmp_path / "data"
+    split_dataset(str(raw), str(data), val=0.25)
+    for cache in ("none", "memory"):
+        b = _load(str(data), cache=cache, img_size=48, resize_size=56, batch_size=3)
+        x, y = next(iter(b.train_loader))
+        assert x.shape == (3, 3, 48, 48)
+        xv, _ = next(iter(b.val_loader))
+        assert xv.shape[1:] == (3, 48, 48)
+
+
+def test_corrupt_image_is_skipped_and_counted(fm, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(fm, data)
+    victim = sorted((data / "train" / "Bag").iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:40])  # truncated after the PNG header
+    b = _load(str(data), cache="none", batch_size=10)
+    b.set_epoch(0)
+    with pytest.warns(UserWarning, match="skipped unreadable image .*Bag"):
+        sizes = [len(y) for _, y in b.train_loader]
+    assert sum(sizes) == 149 and b.skipped == 1 and b.train_loader.skipped_files[0].startswith(str(victim))
+    with pytest.warns(UserWarning, match="skipped unreadable image"):
+        m = _load(str(data), cache="memory", batch_size=10)
+    assert m.num_train == 149 and m.skipped == 1
