@@ -248,19 +248,26 @@ def trtexec_command(onnx_path: str, engine_path: str, img_size: int, max_batch: 
             f"--optShapes={INPUT_NAME}:1x{s} --maxShapes={INPUT_NAME}:{max_batch}x{s}")
 
 
+def require_tensorrt(cmd: str) -> None:
+    """UserError (with the equivalent ``trtexec`` line) unless CUDA and the tensorrt package are present."""
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        raise UserError("the tensorrt format needs NVIDIA TensorRT (`pip install tensorrt`) and a CUDA GPU; "
+                        f"on a machine that has them run: {cmd}") from None
+    if not torch.cuda.is_available():
+        raise UserError(f"the tensorrt format needs a CUDA GPU and none is visible; on a GPU machine run: {cmd}")
+
+
 def build_tensorrt_engine(onnx_path: str, engine_path: str, img_size: int, max_batch: int = 32) -> dict[str, Any]:
     """Build a serialized fp16 TensorRT engine from the ONNX file (needs CUDA and ``tensorrt``).
 
     Untested on the CPU-only machine this repository is developed on.
     """
     cmd = trtexec_command(onnx_path, engine_path, img_size, max_batch)
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise UserError("the tensorrt format needs NVIDIA TensorRT (`pip install tensorrt`) and a CUDA GPU; "
-                        f"on a machine that has them run: {cmd}") from None
-    if not torch.cuda.is_available():
-        raise UserError(f"the tensorrt format needs a CUDA GPU and none is visible; on a GPU machine run: {cmd}")
+    require_tensorrt(cmd)
+    import tensorrt as trt
+
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT >= 10
