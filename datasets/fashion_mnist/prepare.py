@@ -70,7 +70,8 @@ def load_arrays(src: str = DEBIAN_DIR) -> dict[str, tuple[np.ndarray, np.ndarray
            for p in ("train", "t10k") for k in ("images-idx3", "labels-idx1")):
         return _load_debian(src)
     print(f"{src} not found: downloading with torchvision", file=sys.stderr)
-    return _load_torchvision(tempfile.mkdtemp(prefix="fashion_mnist_dl_"))
+    with tempfile.TemporaryDirectory(prefix="fashion_mnist_dl_") as cache:
+        return _load_torchvision(cache)
 
 
 def is_complete(out: str) -> bool:
