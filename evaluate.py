@@ -30,14 +30,33 @@ SPLIT_NAMES = ("train", "val", "test")
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def training_data_root(model: LoadedModel) -> str | None:
+    """The training data folder: the checkpoint's config, or for an export in RUN/export/ the run's config.yaml."""
+    if model.config and model.config.get("data"):
+        return str(model.config["data"])
+    folder = os.path.dirname(os.path.abspath(model.path))
+    for cfg_path in (os.path.join(folder, "config.yaml"), os.path.join(os.path.dirname(folder), "config.yaml")):
+        if os.path.isfile(cfg_path):
+            import yaml
+
+            try:
+                with open(cfg_path) as f:
+                    cfg = yaml.safe_load(f)
+            except (OSError, yaml.YAMLError):
+                continue
+            if isinstance(cfg, dict) and cfg.get("data"):
+                return str(cfg["data"])
+    return None
+
+
 def resolve_data(data: str, model: LoadedModel) -> str:
-    """``data`` is a split folder, or a split name resolved against the checkpoint's training data folder."""
+    """``data`` is a split folder, or a split name resolved against the run's training data folder."""
     if os.path.isdir(data) or data not in SPLIT_NAMES:
         return data
-    root = (model.config or {}).get("data")
+    root = training_data_root(model)
     if not root:
-        raise UserError(f"'{data}' is a split name, but {model.path} is a {model.kind} file without a training "
-                        f"config to find the data in; pass the split folder itself (e.g. DATA/{data})")
+        raise UserError(f"'{data}' is a split name, but neither {model.path} nor a config.yaml next to it says where "
+                        f"the training data is; pass the split folder itself (e.g. DATA/{data})")
     candidates = [root] if os.path.isabs(root) else [root, os.path.join(REPO_ROOT, root)]
     for base in candidates:
         if os.path.isdir(os.path.join(base, data)):

@@ -173,3 +173,44 @@ def test_cli_errors_print_one_line_and_exit_2(tmp_path):
     assert r.returncode == 2
     assert r.stderr.startswith(f"error: cannot read model file {bad}: it is not a valid checkpoint, TorchScript or ONNX")
     assert "Traceback" not in r.stderr
+
+
+def test_exported_onnx_finds_split_through_run_config_and_agrees(tmp_path):
+    """RUN/export/model.onnx + 'val': the data folder comes from RUN/config.yaml; results match the checkpoint."""
+    from eval_helpers import export_onnx
+
+    names = [os.path.splitext(os.path.basename(p))[0] for p in photo_paths()]
+    data_root = tmp_path / "DATA"
+    make_class_folders(str(data_root / "val"), {n: [p] for n, p in zip(names, photo_paths())})
+    run = tmp_path / "run"
+    ckpt = make_checkpoint(str(run / "best.pt"), names, [(p, i) for i, p in enumerate(photo_paths())])
+    (run / "export").mkdir()
+    onnx_path = export_onnx(ckpt, str(run / "export" / "model.onnx"))
+    with pytest.raises(UserError, match=r"'val' is a split name, but neither .*model\.onnx nor a config\.yaml"):
+        evaluate.main([onnx_path, "val", "--no-progress"])
+    (run / "config.yaml").write_text(f"data: {data_root}\nmodel: mobilenet_v2\n")
+    m_onnx = evaluate.main([onnx_path, "val", "--no-progress", "--workers", "0"])
+    m_ckpt = evaluate.main([ckpt, str(data_root / "val"), "--no-progress", "--workers", "0"])
+    assert os.path.isfile(run / "export" / "eval_model_onnx" / "confusion_matrix.png")
+    assert m_onnx["kind"] == "onnx" and m_onnx["images"] == 12
+    assert m_onnx["top1"] == m_ckpt["top1"] and m_onnx["top5"] == m_ckpt["top5"]
+    assert m_onnx["loss"] == pytest.approx(m_ckpt["loss"], abs=1e-4)
+    assert [r["support"] for r in m_onnx["per_class"]] == [r["support"] for r in m_ckpt["per_class"]]
+
+
+def test_fashion_mnist_sample_greyscale_pngs_with_workers(tmp_path):
+    """The committed real Fashion-MNIST sample (28x28 greyscale PNG, 10 x 20) through DataLoader workers."""
+    sample = os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample")
+    classes = sorted(os.listdir(sample))
+    assert len(classes) == 10
+    ckpt = make_checkpoint(str(tmp_path / "best.pt"), classes)
+    # drop one class folder from the data: a subset, reported, still evaluated
+    data = make_class_folders(str(tmp_path / "val"), {
+        c: [os.path.join(sample, c, f) for f in sorted(os.listdir(os.path.join(sample, c)))] for c in classes[1:]})
+    m = evaluate.main([ckpt, data, "--batch-size", "64", "--workers", "2", "--no-progress"])
+    assert m["images"] == 180 and m["skipped"] == 0
+    assert [r["support"] for r in m["per_class"] if r["class"] != classes[0]] == [20] * 9
+    assert m["model_classes_not_in_data"] == [classes[0]]
+    with open(tmp_path / "eval" / "confusion_matrix.csv") as f:
+        rows = list(csv.reader(f))[1:]
+    assert sum(int(v) for r in rows for v in r[1:]) == 180
