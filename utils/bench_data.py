@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> None:
                                   if os.path.isdir(p)))
     sets = {"photos-jpeg": (_files(args.photos, (".jpg", ".jpeg"), args.images), args.photo_size),
             "fmnist-png": (_files(fmnist, (".png",), args.images * 4), args.fmnist_size)}
+    import warnings
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                            category=DeprecationWarning)
     fns, meta, loaders = {}, {}, []
     for set_name, (files, size) in sets.items():
         n = len(files)

