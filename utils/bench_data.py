@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from utils.data import single_thread
 from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +68,8 @@ class _Bench(Dataset):
             img = decode_image(read_file(self.files[i]), mode=ImageReadMode.RGB)
         else:
             img = self.load(self.files[i])
-        return self.tf(img)
+        with single_thread():  # as the training path does (DataLoader workers already use one thread)
+            return self.tf(img)
 
 
 def _memory_fn(files: list[str], size: int, batch: int):

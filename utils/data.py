@@ -248,6 +248,19 @@ class EpochBatchSampler:
 
 
 # --------------------------------------------------------------------------------------------- disk path
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run small tensor ops with one intra-op thread, then restore the previous thread count."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
 class _TrainFiles(Dataset):
     """(index, seed) -> (augmented tensor, label), or (None, path) when the file cannot be decoded."""
 
@@ -267,7 +280,8 @@ class _TrainFiles(Dataset):
         state = torch.get_rng_state()  # keep the caller's RNG untouched when workers=0
         torch.manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
         try:
-            return self.transform(img), label
+            with single_thread():  # per-image ops are small (workers already run with one thread)
+                return self.transform(img), label
         finally:
             torch.set_rng_state(state)
 
@@ -282,9 +296,11 @@ class _ValFiles(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         try:
-            return self.transform(load_pil_rgb(path)), label
-        except Exception as e:
+            img = load_pil_rgb(path)
+        except Exception as e:  # any decoder error: skip this image, the loader counts it
             return None, f"{path} ({type(e).__name__}: {e})"
+        with single_thread():
+            return self.transform(img), label
 
 
 def _collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -376,19 +392,6 @@ def _stack_uniform(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 
 def _square(t: torch.Tensor, size: int) -> torch.Tensor:
     return T.functional.center_crop(T.functional.resize(t, size, antialias=True), [size, size])
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """Run small tensor ops with one intra-op thread, then restore the previous thread count."""
-    threads = torch.get_num_threads()
-    if threads > 1:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        if threads > 1:
-            torch.set_num_threads(threads)
 
 
 @dataclass
