@@ -8,8 +8,8 @@
 
 Files: DIR/model.onnx (fp32), DIR/model.torchscript.pt, DIR/model.int8.onnx, DIR/model.engine (TensorRT),
 DIR/export.json (every check below). Each file is verified on real validation images before it appears
-under its final name: fp32 files must match the PyTorch logits within --tol with the same top-1 on every
-image; the int8 file must lose at most --max-drop top-1 points on the validation set. A failed check is an
+under its final name: fp32 files must match the PyTorch logits within --tol (1e-4, relative to the largest
+logit when that exceeds 1) with the same top-1 on every image; the int8 file must lose at most --max-drop top-1 points on the validation set. A failed check is an
 error and leaves no file behind.
 """
 from __future__ import annotations
@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-limit", type=int, default=2000,
                    help="validation images for the int8 accuracy check, spread over all classes; 0 = all (default 2000)")
     p.add_argument("--tol", type=float, default=1e-4,
-                   help="largest allowed absolute logit difference of fp32 exports vs PyTorch (default 1e-4)")
+                   help="largest allowed logit difference of fp32 exports vs PyTorch: absolute for logits within "
+                        "+-1, times the largest |logit| beyond that (default 1e-4)")
     return p
 
 

@@ -146,7 +146,7 @@ def fine_tune(model: nn.Module, items: list[tuple[str, int]], preprocess: dict[s
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")

@@ -1,0 +1,42 @@
+"""benchmark.py infer: every variant built, timed and written (smoke test; speed itself is not asserted)."""
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+
+from utils import bench_infer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _args(argv):
+    p = argparse.ArgumentParser()
+    bench_infer.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_bench_infer_bare_architecture(tmp_path):
+    out = str(tmp_path / "infer.csv")
+    rows = bench_infer.run(_args(["--model", "mobilenet_v2", "--width-mult", "0.25", "--num-classes", "10",
+                                  "--img-size", "32", "--repeats", "3", "--batch-repeats", "1",
+                                  "--batch-size", "4", "--warmup", "1", "--calib-images", "4", "--out", out]))
+    assert [r["variant"] for r in rows] == list(bench_infer.VARIANTS)
+    with open(out) as f:
+        saved = list(csv.DictReader(f))
+    assert [r["variant"] for r in saved] == list(bench_infer.VARIANTS)
+    assert set(saved[0]) >= {"params", "macs", "file_mb", "b1_p50_ms", "b1_p90_ms", "b4_img_s", "load_avg"}
+    by = {r["variant"]: r for r in rows}
+    assert all(r["b1_p50_ms"] > 0 and r["b1_p90_ms"] >= r["b1_p50_ms"] and r["b4_img_s"] > 0 for r in rows)
+    assert by["onnxruntime_int8"]["file_mb"] < 0.5 * by["onnxruntime"]["file_mb"]
+    md = open(os.path.splitext(out)[0] + ".md").read()
+    assert "| onnxruntime_int8 |" in md and "int8 / fp32 onnxruntime" in md
+
+
+def test_bench_infer_help_lists_flags():
+    r = subprocess.run([sys.executable, "benchmark.py", "infer", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0
+    for flag in ("--model", "--width-mult", "--repeats", "--variants", "--calib-data", "--out"):
+        assert flag in r.stdout
