@@ -3,10 +3,12 @@
 Two image sets: JPEG photos at --photo-size (224 px; default the 12 committed photos, or e.g. the 100 photos of
 `pip download --no-deps ai-benchmark`) and Fashion-MNIST PNGs at --fmnist-size (32 px). Variants:
   v1-pil        PIL decode, torchvision.transforms (v1) on the PIL image
-  v2-pil        PIL decode, transforms.v2 crop/flip on the PIL image, then to tensor (the default path)
+  v2-pil        PIL decode, transforms.v2 crop/flip on the PIL image, then to tensor
   v2-tensor     PIL decode, to uint8 tensor, transforms.v2 on the tensor
-  io-v2-tensor  torchvision.io.decode_jpeg / decode_png on the file bytes, transforms.v2 on the tensor
-  memory        images decoded once into a uint8 tensor; batched augmentation (utils.data.augment_batch)
+  io-v2-tensor  torchvision.io decode_jpeg/decode_png on the bytes (utils.data.decode_rgb), transforms.v2 on the
+                tensor: the default of load_data(cache="none")
+  memory        images decoded once into a uint8 tensor; batched augmentation (utils.data.augment_batch):
+                the default of load_data(cache="auto") for small same-sized sets such as Fashion-MNIST
 Each per-image variant runs in this process (workers=0) and in --workers DataLoader processes. All variants are
 timed interleaved (round-robin) and reported as medians. Prints Markdown; writes OUT/data_bench.{csv,md}.
 """
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from utils.data import single_thread
+from utils.data import decode_rgb, single_thread
 from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,8 +66,7 @@ class _Bench(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         if self.variant == "io-v2-tensor":
-            from torchvision.io import ImageReadMode, decode_image, read_file
-            img = decode_image(read_file(self.files[i]), mode=ImageReadMode.RGB)
+            img = decode_rgb(self.files[i])
         else:
             img = self.load(self.files[i])
         with single_thread():  # as the training path does (DataLoader workers already use one thread)
