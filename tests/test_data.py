@@ -182,6 +182,8 @@ def test_modes_and_sizes_become_rgb(tmp_path):
                 im.save(raw / cls / f"{i}.{'jpg' if mode in ('CMYK', 'L') else 'png'}")
     data = tmp_path / "data"
     split_dataset(str(raw), str(data), val=0.25)
+    # 256 px photos for 48 px training: auto decodes per step (the batched crop does not antialias 5x shrinks)
+    assert _load(str(data), cache="auto", img_size=48, resize_size=56).cache == "none"
     for cache in ("none", "memory"):
         b = _load(str(data), cache=cache, img_size=48, resize_size=56, batch_size=3)
         x, y = next(iter(b.train_loader))

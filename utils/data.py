@@ -622,7 +622,9 @@ def _dist_info(distributed: bool) -> tuple[int, int]:
 
 
 def _estimate_bytes(samples: list[tuple[str, int]], resize_size: int) -> int | None:
-    """Decoded size of all ``samples`` if they look uniform (first image's size, RGB), else None."""
+    """Decoded size of all ``samples`` judged by the first image (RGB), or None when the memory path does not
+    suit them: images more than 2x ``resize_size`` would need an antialiased resize, which the batched
+    bilinear crop does not do (and decoding per step is as fast there, see README)."""
     from PIL import Image
     if not samples:
         return 0
@@ -630,6 +632,8 @@ def _estimate_bytes(samples: list[tuple[str, int]], resize_size: int) -> int | N
         with Image.open(samples[0][0]) as im:
             w, h = im.size
     except Exception:
+        return None
+    if max(w, h) > 2 * resize_size:
         return None
     return len(samples) * 3 * w * h
 
@@ -640,9 +644,10 @@ def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batc
     """Train/val loaders for ``data_dir/{train,val}`` (ImageFolder layout), see the module docstring.
 
     ``batch_size`` is per process. ``cache``: "memory" (decode once into RAM), "none" (decode every step in
-    ``workers`` DataLoader processes) or "auto" (memory when all images share one size and the decoded train+val
-    set is under 2 GB). In memory mode images of different sizes are stored resized (shorter side
-    ``max(resize_size, img_size)``) and center-cropped square.
+    ``workers`` DataLoader processes) or "auto" (memory when all images share one size, at most twice
+    ``resize_size``, and the decoded train+val set is under 2 GB; else none). With an explicit "memory", images of
+    different sizes are stored resized (shorter side ``max(resize_size, img_size)``) and center-cropped square.
+    ``progress`` shows a bar while caching (rank 0 only).
     """
     if not 8 <= img_size <= 1024:
         raise UserError(f"img_size={img_size}: use a size between 28 and 224 (8..1024 accepted)")
