@@ -218,7 +218,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "class names and preprocessing are read from it")
     p.add_argument("data", metavar="DATA",
                    help="split folder with one sub-folder per class (e.g. DATA/val), or a split name "
-                        "(train, val, test) of the checkpoint's training data folder")
+                        "(train, val, test) of the run's training data folder (from the checkpoint's config, "
+                        "or RUN/config.yaml for files in RUN/export/)")
     p.add_argument("--out", default=None,
                    help="output folder (default: RUN/eval for RUN/best.pt, RUN/eval_<name> for other "
                         "checkpoints, <folder>/eval_<file name> for exported files)")
@@ -226,6 +227,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None,
                    help=f"DataLoader worker processes decoding images (default: {default_workers()}, "
                         "min(4, CPU cores); 0 decodes in the main process)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads of the model runtime (default: the runtime's own choice, about one per "
+                        "core; on a machine busy with other jobs 1 can be faster)")
     p.add_argument("--device", default=None,
                    help="cpu or cuda (default: cuda when available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -234,7 +238,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
-    model = open_model(args.model, device=args.device)
+    model = open_model(args.model, device=args.device, threads=args.threads)
     data_dir = resolve_data(args.data, model)
     out_dir = args.out or default_out_dir(args.model, model.kind)
     print(f"model: {model.describe()}")

@@ -93,6 +93,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
     p.add_argument("--workers", type=int, default=None,
                    help=f"DataLoader worker processes decoding images (default: {default_workers()}; 0 = main process)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads of the model runtime (default: the runtime's own choice, about one per "
+                        "core; on a machine busy with other jobs 1 can be faster)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"skipped {item}: no such file, or no images in that folder / matching that pattern", file=sys.stderr)
     if not paths:
         raise UserError(f"no images found in {', '.join(args.images)}; pass image files, folders or glob patterns")
-    model = open_model(args.model, device=args.device)
+    model = open_model(args.model, device=args.device, threads=args.threads)
     result = predict_files(model, paths, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
                            progress=not args.no_progress)
     for line in summarize_failures(result["failed"], limit=20):

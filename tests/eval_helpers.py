@@ -5,6 +5,7 @@ does (TorchScript ``_extra_files``, ONNX ``metadata_props``), so the tests need 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,6 +22,21 @@ PHOTOS = os.path.join(ROOT, "tests", "assets", "photos")
 PREPROCESS = {"img_size": 32, "resize_size": 36, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Run tiny models on one intra-op thread, then restore the setting.
+
+    These 32 px models gain nothing from more threads, and on a machine shared with other jobs several
+    spinning OpenMP threads made them 10-50x slower (measured); tests must stay fast everywhere.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def photo_paths() -> list[str]:
     """The 12 committed real photos, sorted."""
     return sorted(os.path.join(PHOTOS, f) for f in os.listdir(PHOTOS) if f.endswith(".jpg"))
@@ -35,6 +51,7 @@ def make_class_folders(root: str, groups: dict[str, list[str]]) -> str:
     return root
 
 
+@one_thread()
 def make_checkpoint(path: str, classes: list[str], train_images: list[tuple[str, int]] | None = None,
                     steps: int = 25, config: dict | None = None, seed: int = 0) -> str:
     """Save a width-0.25 MobileNetV2 (32 px) checkpoint; optionally fit it briefly on real images
@@ -75,6 +92,7 @@ def _model_of(ckpt_path: str) -> tuple[torch.nn.Module, dict]:
     return model_from_checkpoint(ckpt), ckpt
 
 
+@one_thread()
 def export_torchscript(ckpt_path: str, out: str) -> str:
     """Trace the checkpoint's model and embed classes/preprocess as JSON ``_extra_files``."""
     model, ckpt = _model_of(ckpt_path)
@@ -85,6 +103,7 @@ def export_torchscript(ckpt_path: str, out: str) -> str:
     return out
 
 
+@one_thread()
 def export_onnx(ckpt_path: str, out: str) -> str:
     """Export to ONNX (opset 17, input "input", output "logits", dynamic batch) with metadata_props."""
     import onnx

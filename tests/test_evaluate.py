@@ -11,12 +11,18 @@ import torch
 from PIL import Image
 
 import evaluate
-from eval_helpers import PHOTOS, PREPROCESS, make_checkpoint, make_class_folders, photo_paths
+from eval_helpers import one_thread, PHOTOS, PREPROCESS, make_checkpoint, make_class_folders, photo_paths
 from utils.data import build_eval_transform
 from utils.errors import UserError
 from utils.runtime import LoadedModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 CLASSES = ["animal", "object", "scene"]
 # photo -> (true class, probabilities the stub model gives for animal/object/scene)
 TABLE = {

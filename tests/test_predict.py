@@ -11,12 +11,18 @@ import torch
 from PIL import Image
 
 import predict
-from eval_helpers import PHOTOS, export_onnx, make_checkpoint, photo_paths
+from eval_helpers import one_thread, PHOTOS, export_onnx, make_checkpoint, photo_paths
 from utils.data import build_eval_transform
 from utils.errors import UserError
 from utils.runtime import open_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in photo_paths()]
 
 

@@ -7,12 +7,18 @@ import pytest
 import torch
 from PIL import Image
 
-from eval_helpers import PREPROCESS, export_onnx, export_torchscript, make_checkpoint, photo_paths
+from eval_helpers import one_thread, PREPROCESS, export_onnx, export_torchscript, make_checkpoint, photo_paths
 from utils.data import build_eval_transform
 from utils.errors import UserError
 from utils.runtime import detect_kind, open_model
 
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in photo_paths()]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -151,12 +151,17 @@ def _open_torchscript(path: str, device: torch.device) -> LoadedModel:
     return LoadedModel(path, "torchscript", classes, pre, run, device)
 
 
-def _open_onnx(path: str, device: torch.device) -> LoadedModel:
+def _open_onnx(path: str, device: torch.device, threads: int | None = None) -> LoadedModel:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # errors only: optimiser notices are not the user's business
+    # Image decoding runs in DataLoader workers on the same cores between runs; idle ORT threads that
+    # busy-wait would take those cycles (measured: ~1.4x fewer images/s with spinning on a 2-core box).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
@@ -184,15 +189,21 @@ def _open_onnx(path: str, device: torch.device) -> LoadedModel:
     return LoadedModel(path, "onnx", classes, pre, run, used)
 
 
-def open_model(path: str, device: str | torch.device | None = None) -> LoadedModel:
+def open_model(path: str, device: str | torch.device | None = None, threads: int | None = None) -> LoadedModel:
     """Load a checkpoint, TorchScript or ONNX file as a :class:`LoadedModel` (format told from content).
 
-    Unknown or corrupt files raise :class:`UserError` naming the file and the accepted formats.
+    ``threads`` sets the intra-op threads (onnxruntime session; for PyTorch formats this is process-wide
+    ``torch.set_num_threads``); None keeps each runtime's default. Unknown or corrupt files raise
+    :class:`UserError` naming the file and the accepted formats.
     """
+    if threads is not None and threads < 1:
+        raise UserError(f"--threads must be at least 1, got {threads}")
     dev = pick_device(device)
     kind = detect_kind(path)
+    if kind == "onnx":
+        return _open_onnx(path, dev, threads)
+    if threads:
+        torch.set_num_threads(threads)
     if kind == "checkpoint":
         return _open_checkpoint(path, dev)
-    if kind == "torchscript":
-        return _open_torchscript(path, dev)
-    return _open_onnx(path, dev)
+    return _open_torchscript(path, dev)
