@@ -16,11 +16,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from utils.data import build_eval_transform
+from utils.data import IMAGE_EXTENSIONS, build_eval_transform
 from utils.errors import UserError
 from utils.runtime import LoadedModel
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 def is_image_file(path: str) -> bool:
