@@ -11,6 +11,7 @@ example: python split_dataset.py ~/flower_photos data/flowers --val 0.2 --test 0
 from __future__ import annotations
 
 import argparse
+import sys
 
 from utils.errors import run_main
 from utils.split import format_report, split_dataset
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (only after success)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args()
+    sys.stdout.reconfigure(errors="backslashreplace")  # file names that are not valid UTF-8 still print
     result = split_dataset(args.raw, args.out, val=args.val, test=args.test, seed=args.seed, mode=args.mode,
                            overwrite=args.overwrite, progress=not args.quiet)
     print(format_report(result))

@@ -17,6 +17,7 @@ from utils.split import scan_folder, split_dataset
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample")
 PHOTOS = os.path.join(ROOT, "tests", "assets", "photos")
+LATIN1 = os.fsdecode(b"caf\xe9 cr\xe8me.png")  # not valid UTF-8: a Latin-1 file name from an old archive
 
 
 def _png(cls: str, i: int) -> str:
@@ -34,7 +35,7 @@ def _snapshot(folder: str) -> dict:
 
 
 def _read_csv(path: str) -> list[dict]:
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as f:
         return list(csv.DictReader(f))
 
 
@@ -69,6 +70,7 @@ def messy(tmp_path):
     Image.open(_png("Coat", 4)).convert("RGB").save(coat / "long.jpeg", format="JPEG")
     Image.open(_png("Coat", 5)).save(coat / "modern.webp", format="WEBP", lossless=True)
     Image.open(_png("Coat", 6)).save(coat / "mantel ünïcödé 外套 (1).png")
+    shutil.copy(_png("Coat", 10), os.path.join(coat, LATIN1))
     Image.open(_png("Coat", 7)).convert("RGB").convert("CMYK").save(coat / "cmyk.jpg", format="JPEG")
     Image.open(_png("Coat", 8)).convert("P").save(coat / "palette.png")
     Image.open(_png("Coat", 9)).convert("RGBA").save(coat / "rgba.png")
@@ -109,7 +111,8 @@ def test_messy_folder_is_split_with_every_problem_reported(messy, tmp_path):
     rows = _read_csv(out / "split.csv")
     by_source = {r["source"]: r for r in rows}
     for kept in ("Coat/upper.JPG", "Coat/long.jpeg", "Coat/modern.webp", "Coat/more/deeper/nested.bmp",
-                 "Coat/mantel ünïcödé 外套 (1).png", "Coat/cmyk.jpg", "Coat/palette.png", "Coat/rgba.png",
+                 "Coat/mantel ünïcödé 外套 (1).png", "Coat/" + LATIN1, "Coat/cmyk.jpg", "Coat/palette.png",
+                 "Coat/rgba.png",
                  "Coat/grey_photo.jpg", "Lonely/only.png"):
         assert kept in by_source, kept
         assert os.path.isfile(out / by_source[kept]["path"])

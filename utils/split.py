@@ -273,12 +273,13 @@ def split_dataset(raw: str, out: str, *, val: float = 0.2, test: float = 0.0, se
             if s == "train" or (s == "val" and val > 0) or (s == "test" and test > 0):
                 for c in result.classes:
                     os.makedirs(os.path.join(tmp, s, c), exist_ok=True)
-        with open(os.path.join(tmp, "split.csv"), "w", newline="", encoding="utf-8") as fh:
+        # surrogateescape: a file name that is not valid UTF-8 (old Latin-1 archives) is written back byte for byte
+        with open(os.path.join(tmp, "split.csv"), "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
             w = csv.writer(fh)
             w.writerow(["path", "class", "split", "sha256", "source"])
             for f in files:
                 w.writerow([f"{f.split}/{f.cls}/{f.relpath}", f.cls, f.split, f.sha256, f.source])
-        with open(os.path.join(tmp, "report.csv"), "w", newline="", encoding="utf-8") as fh:
+        with open(os.path.join(tmp, "report.csv"), "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
             w = csv.writer(fh)
             w.writerow(["item", "status", "reason"])
             for src, reason in result.skipped:
