@@ -10,8 +10,9 @@ Two paths:
 - ``cache="memory"``: every image is decoded once into a uint8 tensor in RAM; train augmentation (random
   resized crop, flip, rotation as one affine ``grid_sample``; colour jitter and random erasing vectorised) runs
   batched on tensors. The Fashion-MNIST fast path.
-- ``cache="none"``: images are decoded per step by DataLoader workers (PIL + transforms v2); a corrupt file is
-  skipped with a warning and counted (``DataBundle.skipped``).
+- ``cache="none"``: images are decoded per step by DataLoader workers (torchvision.io decoders, PIL for other
+  formats, then transforms v2 on uint8 tensors); a corrupt file is skipped with a warning and counted
+  (``DataBundle.skipped``).
 """
 from __future__ import annotations
 
@@ -307,7 +308,8 @@ class _TrainFiles(Dataset):
         except Exception as e:  # any decoder error: skip this image, the loader counts it
             return None, f"{path} ({type(e).__name__}: {e})"
         state = torch.get_rng_state()  # keep the caller's RNG untouched when workers=0
-        torch.manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
+        # The CPU generator only (torch.manual_seed would also reseed every CUDA device, per image).
+        torch.random.default_generator.manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
         try:
             with single_thread():  # per-image ops are small (workers already run with one thread)
                 return self.transform(img), label
@@ -519,7 +521,7 @@ def _augment_batch(x: torch.Tensor, seeds: np.ndarray, img_size: int, cfg: Augme
         state = torch.get_rng_state()
         try:
             for i in range(b):
-                torch.manual_seed(int(seeds[i] & np.uint64(0x7FFFFFFFFFFFFFFF)))
+                torch.random.default_generator.manual_seed(int(seeds[i] & np.uint64(0x7FFFFFFFFFFFFFFF)))
                 u8[i] = ta(u8[i])
         finally:
             torch.set_rng_state(state)
