@@ -205,3 +205,28 @@ def test_corrupt_image_is_skipped_and_counted(fm, tmp_path):
     with pytest.warns(UserWarning, match="skipped unreadable image"):
         m = _load(str(data), cache="memory", batch_size=10)
     assert m.num_train == 149 and m.skipped == 1
+
+
+def _ddp_worker(rank: int, data_dir: str, port: str, out: str) -> None:
+    import torch.distributed as tdist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    tdist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        b = _load(data_dir, cache="none", batch_size=4, distributed=True)
+        torch.save({"train": _epoch(b, 2), "val": [y for _, y in b.val_loader]}, f"{out}.{rank}")
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_real_torch_distributed_process_group(fm, tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    mp.spawn(_ddp_worker, args=(fm, port, str(tmp_path / "r")), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"r.{r}", weights_only=True) for r in (0, 1)]
+    one = _epoch(_load(fm, cache="none", batch_size=8), 2)
+    for (x, y), (x0, y0), (x1, y1) in zip(one, ranks[0]["train"], ranks[1]["train"]):
+        assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1) and torch.equal(y[1::2], y1)
+    assert sum(len(y) for r in ranks for y in r["val"]) == 50
