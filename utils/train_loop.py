@@ -253,6 +253,8 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, cr
     """Mean loss and top-1/top-5 accuracy (percent) over ``loader``, summed over all processes."""
     from tqdm import tqdm
 
+    if isinstance(model, nn.Module):
+        model.eval()  # BatchNorm/dropout in inference mode (train_one_epoch switches back via Trainable.train)
     loss_sum, top1, top5, n = 0.0, 0, 0, 0
     for images, targets in tqdm(loader, desc=desc, disable=not bar, leave=False, dynamic_ncols=True):
         images = to_device(images, device, channels_last)
