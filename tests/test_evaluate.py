@@ -3,6 +3,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -220,3 +221,23 @@ def test_fashion_mnist_sample_greyscale_pngs_with_workers(tmp_path):
     with open(tmp_path / "eval" / "confusion_matrix.csv") as f:
         rows = list(csv.reader(f))[1:]
     assert sum(int(v) for r in rows for v in r[1:]) == 180
+
+
+def test_reproduces_train_py_validation(tmp_path):
+    """evaluate.py on a real train.py checkpoint gives the val numbers train.py logged for that epoch."""
+    import train
+
+    sample = os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample")
+    data = tmp_path / "data"
+    for part in ("train", "val"):
+        shutil.copytree(sample, data / part)
+    run = tmp_path / "run"
+    train.main(["--data", str(data), "--out", str(run), "--width-mult", "0.25", "--epochs", "1",
+                "--batch-size", "50", "--lr", "0.05", "--workers", "0", "--set", "progress=false"])
+    with open(run / "log.csv") as f:
+        logged = list(csv.DictReader(f))[-1]
+    m = evaluate.main([str(run / "best.pt"), "val", "--workers", "0", "--batch-size", "64", "--no-progress"])
+    assert m["images"] == 200
+    assert m["loss"] == pytest.approx(float(logged["val_loss"]), abs=1e-3)
+    assert m["top1"] == pytest.approx(float(logged["val_top1"]), abs=0.51)  # at most one near-tie flips
+    assert m["top5"] == pytest.approx(float(logged["val_top5"]), abs=0.51)
