@@ -9,8 +9,8 @@
 Files: DIR/model.onnx (fp32), DIR/model.torchscript.pt, DIR/model.int8.onnx, DIR/model.engine (TensorRT),
 DIR/export.json (every check below). Each file is verified on real validation images before it appears
 under its final name: fp32 files must match the PyTorch logits within --tol (1e-4, relative to the largest
-logit when that exceeds 1) with the same top-1 on every image; the int8 file must lose at most --max-drop top-1 points on the validation set. A failed check is an
-error and leaves no file behind.
+logit when that exceeds 1) with the same top-1 on every image; the int8 file must lose at most --max-drop
+top-1 points on the validation set. A failed check is an error and leaves no file behind.
 """
 from __future__ import annotations
 
