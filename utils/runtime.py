@@ -36,13 +36,15 @@ class LoadedModel:
 
     Attributes: ``path``, ``kind`` ("checkpoint" | "torchscript" | "onnx"), ``classes`` (list of names,
     index = logit position), ``preprocess`` (dict img_size/resize_size/mean/std), ``device``,
-    ``arch`` (build args, checkpoints only, else None) and ``config`` (training config, checkpoints only).
+    ``arch`` (build args, checkpoints only, else None), ``config`` (training config, checkpoints only)
+    and ``threads`` (intra-op threads asked for in :func:`open_model`, else None).
     """
 
     def __init__(self, path: str, kind: str, classes: list[str], preprocess: dict[str, Any],
                  run: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-                 arch: dict | None = None, config: dict | None = None) -> None:
+                 arch: dict | None = None, config: dict | None = None, threads: int | None = None) -> None:
         self.path = path
+        self.threads = threads  # intra-op threads the caller asked for (None: runtime default)
         self.kind = kind
         self.classes = classes
         self.preprocess = preprocess
@@ -215,9 +217,10 @@ def open_model(path: str, device: str | torch.device | None = None, threads: int
     dev = pick_device(device)
     kind = detect_kind(path)
     if kind == "onnx":
-        return _open_onnx(path, dev, threads)
-    if threads:
-        torch.set_num_threads(threads)
-    if kind == "checkpoint":
-        return _open_checkpoint(path, dev)
-    return _open_torchscript(path, dev)
+        model = _open_onnx(path, dev, threads)
+    else:
+        if threads:
+            torch.set_num_threads(threads)
+        model = _open_checkpoint(path, dev) if kind == "checkpoint" else _open_torchscript(path, dev)
+    model.threads = threads
+    return model
