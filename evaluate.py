@@ -73,6 +73,10 @@ def match_classes(data_classes: list[str], model: LoadedModel, data_dir: str) ->
     known = set(model.classes)
     unknown = [c for c in data_classes if c not in known]
     absent = [c for c in model.classes if c not in set(data_classes)]
+    if unknown and set(unknown) & set(SPLIT_NAMES):
+        split = next(c for c in ("val", "test", "train") if c in unknown)
+        raise UserError(f"{data_dir} holds split folders ({', '.join(c for c in unknown if c in SPLIT_NAMES)}), "
+                        f"not class folders; pass one split, e.g. {os.path.join(data_dir, split)}")
     if unknown:
         msg = (f"class folders in {data_dir} differ from the classes of {model.path}: "
                f"not known to the model: {', '.join(unknown)}")

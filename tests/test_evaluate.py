@@ -139,6 +139,15 @@ def test_class_mismatch_lists_the_differences(tmp_path):
     assert data in msg
 
 
+def test_split_root_instead_of_split_is_explained(tmp_path):
+    root = tmp_path / "DATA"
+    make_class_folders(str(root / "train"), {"animal": [photo("ibex")]})
+    make_class_folders(str(root / "val"), {"animal": [photo("goldfish")]})
+    with pytest.raises(UserError, match=r"holds split folders \(train, val\), not class folders; pass one split, "
+                                        r"e.g. .*DATA/val"):
+        evaluate.evaluate(stub_model(), str(root), workers=0, progress=False)
+
+
 def test_empty_data_folder_is_a_clear_error(tmp_path):
     (tmp_path / "empty" / "animal").mkdir(parents=True)
     with pytest.raises(UserError, match=r"no images found in .*empty.*<class name>"):
