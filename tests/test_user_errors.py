@@ -1,0 +1,98 @@
+"""The mistakes users make most, through the real command lines: each is one clear `error:` line, exit 2,
+no traceback, and the message names the file and what to do."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from eval_helpers import make_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample")
+PHOTOS = os.path.join(ROOT, "tests", "assets", "photos")
+
+
+def fails(*args):
+    """Run a script expecting a user error; return its single error line."""
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 2, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+    assert "Traceback" not in p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, p.stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    classes = sorted(os.listdir(SAMPLE))
+    return make_checkpoint(str(tmp_path_factory.mktemp("ck") / "best.pt"), classes)
+
+
+def test_wrong_paths(tmp_path):
+    msg = fails("train.py", "--data", str(tmp_path / "nope"))
+    assert msg == (f"error: data folder {tmp_path / 'nope'} not found; pass --data DIR with train/ and val/ "
+                   "class folders (make one with split_dataset.py)")
+    msg = fails("split_dataset.py", str(tmp_path / "nope"), str(tmp_path / "out"))
+    assert f"{tmp_path / 'nope'} is not a folder" in msg
+    msg = fails("export.py", str(tmp_path / "nope.pt"))
+    assert msg == f"error: checkpoint {tmp_path / 'nope.pt'} not found; pass a .pt file written by train.py (e.g. RUN/best.pt)"
+
+
+def test_empty_folders(tmp_path):
+    (tmp_path / "empty").mkdir()
+    msg = fails("split_dataset.py", str(tmp_path / "empty"), str(tmp_path / "out"))
+    assert "found 0 class folder(s) with usable images; a classifier needs at least 2" in msg
+    msg = fails("train.py", "--data", str(tmp_path / "empty"))
+    assert f"{tmp_path / 'empty' / 'train'} not found" in msg and "split_dataset.py" in msg
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_raw_folder_given_to_train(tmp_path):
+    # The classic mix-up: the raw class folders instead of the split.
+    msg = fails("train.py", "--data", SAMPLE)
+    assert "must hold train/ and val/ folders" in msg and "split_dataset.py RAW OUT" in msg
+
+
+def test_wrong_model_file(tmp_path):
+    junk = tmp_path / "model.pt"
+    junk.write_bytes(b"\x00not a model")
+    for script in ("evaluate.py", "predict.py"):
+        msg = fails(script, str(junk), PHOTOS)
+        assert f"cannot read model file {junk}" in msg and "pass a train.py checkpoint" in msg
+    image_as_model = os.path.join(PHOTOS, "ibex.jpg")
+    assert "cannot read model file" in fails("predict.py", image_as_model, PHOTOS)
+
+
+def test_wrong_weights_for_architecture(tmp_path):
+    from models.pretrained import resolve_imagenet_weights
+
+    data = tmp_path / "data"
+    for split in ("train", "val"):
+        for cls in ("Bag", "Coat"):
+            os.makedirs(data / split / cls)
+            for f in sorted(os.listdir(os.path.join(SAMPLE, cls)))[:4]:
+                shutil.copy(os.path.join(SAMPLE, cls, f), data / split / cls / f)
+    v2_file = resolve_imagenet_weights("mobilenet_v2")
+    msg = fails("train.py", "--data", str(data), "--model", "mobilenet_v3_small", "--pretrained", v2_file,
+                "--epochs", "1", "--img-size", "32", "--out", str(tmp_path / "run"), "--set", "progress=false")
+    assert f"weights file {v2_file} does not fit mobilenet_v3_small" in msg and "--model/--width-mult" in msg
+
+
+def test_bad_config_values():
+    assert fails("train.py", "--set", "foo=1") == (
+        "error: --set: unknown config key(s) foo; valid keys are listed by `python train.py --help`")
+    assert fails("train.py", "--set", "lr=abc") == "error: --set: 'lr' must be float, got 'abc' (str)"
+
+
+def test_classes_that_differ(tmp_path, ckpt):
+    data = tmp_path / "val"
+    for cls in ("Bag", "Coat", "Parka"):
+        os.makedirs(data / cls)
+        src = os.path.join(SAMPLE, "Coat")
+        for f in sorted(os.listdir(src))[:2]:
+            shutil.copy(os.path.join(src, f), data / cls / f)
+    msg = fails("evaluate.py", ckpt, str(data), "--workers", "0", "--no-progress")
+    assert "Parka" in msg and "class" in msg
