@@ -22,7 +22,7 @@ from torch import nn
 from models import build_model, count_params, load_pretrained
 from utils import config as cfglib
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.distributed import DistInfo, barrier, cleanup, init_distributed
+from utils.distributed import barrier, cleanup, convert_sync_batchnorm, init_distributed
 from utils.errors import UserError, run_main
 from utils.log import CSVLogger, summary_line
 from utils.schedule import WarmupCosine, build_optimizer
@@ -83,6 +83,7 @@ def resolve_data_dir(cfg: cfglib.TrainConfig, is_main: bool) -> str:
 
 def make_model(cfg: cfglib.TrainConfig, num_classes: int, resuming: bool, is_main: bool) -> nn.Module:
     """Build the network, load pretrained weights (fresh runs only) and freeze the backbone if asked."""
+    torch.manual_seed(cfg.seed)  # same initial weights whatever ran before (data loading, process group setup)
     model = build_model(cfg.model, num_classes=num_classes, width_mult=cfg.width_mult, dropout=cfg.dropout,
                         small_input=cfg.small_input)
     if cfg.pretrained != "none" and not resuming:
@@ -110,7 +111,7 @@ def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, step, 
         "preprocess": {"img_size": cfg.img_size, "resize_size": cfg.resize_size, "mean": list(cfg.mean),
                        "std": list(cfg.std)},
         "arch": dict(model.arch), "rng": rng,
-        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
+        "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
         # Set only when Ctrl-C stopped an epoch half-way: where to pick it up again.
         "partial_epoch": None if partial is None else {
             "batches_done": partial.batches_done, "loss_sum": partial.loss_sum, "correct": partial.correct,
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- model
     model = make_model(cfg, len(classes), resuming=ckpt is not None, is_main=main_proc)
     if dist.enabled and cfg.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same top module, BN children swapped
+        model = convert_sync_batchnorm(model, device.type)  # same top module, BN children swapped
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -142,6 +142,8 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
             raise bad()
         return float(value)
     if tp is str:
+        if isinstance(value, bool) and key in CHOICES and "on" in CHOICES[key]:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
         if not isinstance(value, str):
             raise bad()
         if key in CHOICES and value not in CHOICES[key]:
@@ -158,7 +160,11 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str) -> Tr
         raise UserError(
             f"{source}: unknown config key(s) {', '.join(unknown)}; valid keys are listed by `python train.py --help`"
         )
-    checked = {k: _coerce(k, v, types[k], source) for k, v in values.items()}
+    checked = {}
+    for k, v in values.items():
+        if isinstance(v, _Raw):  # from --set: a string field keeps the text, others are parsed as YAML
+            v = str(v) if types[k] is str else _parse_yaml_scalar(str(v))
+        checked[k] = _coerce(k, v, types[k], source)
     return dataclasses.replace(cfg, **checked)
 
 
@@ -178,17 +184,26 @@ def read_yaml(path: str) -> dict[str, Any]:
     return data
 
 
+class _Raw(str):
+    """A ``--set`` value as typed; parsed once the key's type is known."""
+
+
+def _parse_yaml_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        return raw
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
-    """``["lr=0.1", "nesterov=true"]`` -> ``{"lr": 0.1, "nesterov": True}`` (values parsed as YAML)."""
+    """``["lr=0.1", "nesterov=true"]`` -> ``{"lr": "0.1", "nesterov": "true"}``; values are parsed as YAML
+    (``0.1`` -> float, ``true`` -> bool, ``[1, 2]`` -> list) except for string keys, which keep the text."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise UserError(f"--set {item!r}: expected key=value, e.g. --set label_smoothing=0.1")
-        try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            out[key.strip()] = raw
+        out[key.strip()] = _Raw(raw.strip())
     return out
 
 

@@ -61,3 +61,66 @@ def cleanup() -> None:
     """Leave the process group."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class CPUSyncBatchNorm(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are computed over the whole global batch (all processes),
+    for CPU/gloo runs: PyTorch's nn.SyncBatchNorm only supports GPUs. The per-channel sums go through
+    ``torch.distributed.nn.functional.all_reduce``, which is differentiable, so gradients are exact too.
+    Its all-reduces run on their own process group: sharing DDP's group, they could interleave with DDP's
+    asynchronous gradient buckets in a different order on each process and pair up the wrong tensors.
+    """
+
+    group = None  # set by convert_sync_batchnorm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        c = x.shape[1]
+        xf = x.float()
+        # Sums in float64: var = E[x^2] - E[x]^2 cancels catastrophically in float32 when |mean| >> std.
+        xd = xf.double()
+        count = torch.full((1,), xf.numel() / c, dtype=torch.float64, device=x.device)
+        stats = all_reduce(torch.cat([xd.sum((0, 2, 3)), (xd * xd).sum((0, 2, 3)), count]),
+                           group=self.group or dist.group.WORLD)
+        n = stats[-1]
+        mean64 = stats[:c] / n
+        var64 = (stats[c:2 * c] / n - mean64 * mean64).clamp_min(0)
+        mean, var = mean64.float(), var64.float()
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_var.lerp_((var64 * n / (n - 1).clamp_min(1)).float().detach(), m)
+        shape = (1, c, 1, 1)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(model: torch.nn.Module, device_type: str) -> torch.nn.Module:
+    """Swap BatchNorm layers for synchronised ones: ``nn.SyncBatchNorm`` on GPUs, :class:`CPUSyncBatchNorm`
+    on CPU. Parameter and buffer names are unchanged, so checkpoints stay plain MobileNet state dicts.
+    Every process must call it (the CPU version creates a process group)."""
+    if device_type != "cpu":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    group = dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else None
+    _swap_bn(model, group)
+    return model
+
+
+def _swap_bn(module: torch.nn.Module, group) -> None:
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.BatchNorm2d) and not isinstance(child, CPUSyncBatchNorm):
+            new = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                   child.track_running_stats)
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            new.group = group
+            setattr(module, name, new)
+        else:
+            _swap_bn(child, group)

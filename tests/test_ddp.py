@@ -1,0 +1,104 @@
+"""torchrun: 2 CPU processes (gloo) at batch b must train like 1 process at batch 2b.
+
+BatchNorm makes this comparison subtle: each DDP process normalises with its own half-batch statistics,
+which differ from the full batch's. So the 2-process run uses sync_bn (on CPU: utils.distributed.
+CPUSyncBatchNorm, since PyTorch's SyncBatchNorm is GPU-only), which normalises with global-batch statistics;
+then the only differences left are float summation order. Dropout and mixup are off (their random masks are
+drawn per process). A control run without sync_bn shows that the comparison would catch the BN mismatch.
+
+"Float tolerance" is measured, not guessed: float32 training on real images is itself only accurate to a
+few 1e-3 in the weight gradients of the early depthwise layers (vs float64), so the tolerance is the
+difference between two equally valid float32 computations of the same 1-process run (NCHW vs
+channels_last memory format, which use different convolution kernels).
+"""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from utils.checkpoint import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample")
+COMMON = ["--model", "mobilenet_v2", "--width-mult", "0.25", "--img-size", "32", "--epochs", "2", "--lr", "0.01",
+          "--workers", "0", "--device", "cpu", "--set", "resize_size=32", "--set", "progress=false",
+          "--set", "amp=off", "--set", "dropout=0.0", "--set", "max_steps_per_epoch=1", "--set", "warmup_epochs=0",
+          "--set", "channels_last=false"]
+
+
+def _split(root, n_train=10, n_val=4):
+    for c in sorted(os.listdir(SAMPLE)):
+        files = sorted(os.listdir(os.path.join(SAMPLE, c)))
+        for part, chosen in (("train", files[:n_train]), ("val", files[n_train:n_train + n_val])):
+            os.makedirs(os.path.join(root, part, c), exist_ok=True)
+            for f in chosen:
+                os.symlink(os.path.join(SAMPLE, c, f), os.path.join(root, part, c, f))
+    return str(root)
+
+
+def _run(args, nproc):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if nproc == 1:
+        cmd = [sys.executable, os.path.join(ROOT, "train.py")] + args
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               os.path.join(ROOT, "train.py")] + args
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _max_diff(a, b):
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
+
+
+def _log(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    data = _split(tmp / "data")
+    _run(COMMON + ["--data", data, "--batch-size", "16", "--out", str(tmp / "one")], 1)
+    _run(COMMON + ["--data", data, "--batch-size", "16", "--out", str(tmp / "one_cl"), "--set", "channels_last=true"], 1)
+    two = _run(COMMON + ["--data", data, "--batch-size", "8", "--out", str(tmp / "two"), "--set", "sync_bn=true"], 2)
+    _run(COMMON + ["--data", data, "--batch-size", "8", "--out", str(tmp / "nosync")], 2)
+    return tmp, two
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(runs):
+    tmp, two = runs
+    a = load_checkpoint(str(tmp / "one" / "last.pt"))
+    b = load_checkpoint(str(tmp / "two" / "last.pt"))
+    assert a["step"] == b["step"] == 2 and a["model"].keys() == b["model"].keys()
+    floor = _max_diff(a["model"], load_checkpoint(str(tmp / "one_cl" / "last.pt"))["model"])
+    diff = _max_diff(a["model"], b["model"])
+    print(f"max |w_1proc - w_2proc| = {diff:.3g}; float32 noise floor (NCHW vs channels_last) = {floor:.3g}")
+    assert diff <= max(floor, 1e-6), (diff, floor)
+    # the logged metrics were all-reduced over both processes: same numbers as the 1-process run
+    la, lb = _log(str(tmp / "one" / "log.csv")), _log(str(tmp / "two" / "log.csv"))
+    assert len(la) == len(lb) == 2
+    lc = _log(str(tmp / "one_cl" / "log.csv"))
+    for ra, rb, rc in zip(la, lb, lc):
+        assert abs(float(ra["val_top1"]) - float(rb["val_top1"])) <= 2.5  # at most 1 of 40 images flips
+        for k in ("train_loss", "val_loss"):
+            tol = max(2 * abs(float(ra[k]) - float(rc[k])), 2e-3)
+            assert abs(float(ra[k]) - float(rb[k])) <= tol, (k, ra[k], rb[k], tol)
+    assert float(la[0]["train_loss"]) == pytest.approx(float(lb[0]["train_loss"]), abs=1e-4)  # before any update
+    # only rank 0 wrote files and printed the summary lines
+    assert sorted(os.listdir(tmp / "two")) == ["best.pt", "config.yaml", "curves.png", "last.pt", "log.csv"]
+    assert two.stdout.count("epoch 1/2") == 1 and "x2 processes" in two.stdout
+
+
+def test_without_sync_bn_the_comparison_detects_the_difference(runs):
+    tmp, _ = runs
+    a = load_checkpoint(str(tmp / "one" / "last.pt"))
+    floor = _max_diff(a["model"], load_checkpoint(str(tmp / "one_cl" / "last.pt"))["model"])
+    c = load_checkpoint(str(tmp / "nosync" / "last.pt"))
+    diff = _max_diff(a["model"], c["model"])
+    print(f"without sync_bn: max |w_1proc - w_2proc| = {diff:.3g}; noise floor {floor:.3g}")
+    assert diff > 10 * floor, (diff, floor)

@@ -1,0 +1,217 @@
+"""train.py end to end on real Fashion-MNIST sample images (tiny model, CPU): exact resume after a kill and
+after Ctrl-C mid-epoch, checkpoint format and atomicity, NaN stop, frozen backbone, and the user-error cases."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from utils import config as C
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample")
+TINY = ["--model", "mobilenet_v2", "--width-mult", "0.25", "--img-size", "32", "--batch-size", "16", "--workers", "0",
+        "--device", "cpu", "--set", "resize_size=32", "--set", "progress=false", "--set", "amp=off"]
+
+
+def _split(root, n_train=12, n_val=4, classes=None):
+    """train/val class folders of symlinks to the committed real sample PNGs (first n_train / next n_val)."""
+    for c in classes or sorted(os.listdir(SAMPLE)):
+        files = sorted(os.listdir(os.path.join(SAMPLE, c)))
+        for part, chosen in (("train", files[:n_train]), ("val", files[n_train:n_train + n_val])):
+            os.makedirs(os.path.join(root, part, c), exist_ok=True)
+            for f in chosen:
+                os.symlink(os.path.join(SAMPLE, c, f), os.path.join(root, part, c, f))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return _split(tmp_path_factory.mktemp("fmnist"))
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return [{k: v for k, v in r.items() if k not in ("epoch_seconds", "images_per_s")} for r in csv.DictReader(f)]
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+RECIPE = ["--epochs", "3", "--lr", "0.05", "--set", "warmup_epochs=1", "--set", "ema_decay=0.9",
+          "--set", "mixup_alpha=0.2", "--set", "label_smoothing=0.1", "--set", "no_wd_norm_bias=true"]
+
+
+class Killed(Exception):
+    pass
+
+
+def test_kill_after_epoch_then_resume_is_exact(data, tmp_path, monkeypatch):
+    full = train.main(TINY + RECIPE + ["--data", data, "--out", str(tmp_path / "full")])
+    assert full["last"]["epoch"] == 3
+
+    # "kill" the second run right after epoch 1 was logged and checkpointed
+    real_plot = train._plot
+
+    def plot_then_die(out):
+        real_plot(out)
+        if len(_rows(os.path.join(out, "log.csv"))) == 1:
+            raise Killed
+
+    monkeypatch.setattr(train, "_plot", plot_then_die)
+    with pytest.raises(Killed):
+        train.main(TINY + RECIPE + ["--data", data, "--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(train, "_plot", real_plot)
+    assert load_checkpoint(str(tmp_path / "cut" / "last.pt"))["epoch"] == 1
+    train.main(["--resume", str(tmp_path / "cut" / "last.pt")])  # config, data and out come from the checkpoint
+
+    a, b = load_checkpoint(str(tmp_path / "full" / "last.pt")), load_checkpoint(str(tmp_path / "cut" / "last.pt"))
+    assert _max_diff(a["model"], b["model"]) == 0
+    assert _max_diff(a["ema"], b["ema"]) == 0
+    assert a["step"] == b["step"] == 3 * 7 and a["epoch"] == b["epoch"] == 3
+    assert _rows(str(tmp_path / "full" / "log.csv")) == _rows(str(tmp_path / "cut" / "log.csv"))
+
+
+def test_ctrl_c_mid_epoch_saves_last_and_resume_is_exact(data, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    train.main(TINY + RECIPE + ["--epochs", "2", "--data", data, "--out", str(full)])
+    import utils.train_loop as tl
+
+    real_step, calls = tl.train_step, {"n": 0}
+
+    def step_then_interrupt(*a, **k):
+        if calls["n"] == 10:  # global step 10 = 4th step of epoch 2 (7 steps per epoch)
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(tl, "train_step", step_then_interrupt)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        train.main(TINY + RECIPE + ["--epochs", "2", "--data", data, "--out", str(cut)])
+    monkeypatch.setattr(tl, "train_step", real_step)
+    ck = load_checkpoint(str(cut / "last.pt"))
+    assert ck["epoch"] == 1 and ck["step"] == 10 and ck["partial_epoch"]["batches_done"] == 3
+    train.main(["--resume", str(cut / "last.pt")])
+    a, b = load_checkpoint(str(full / "last.pt")), load_checkpoint(str(cut / "last.pt"))
+    assert _max_diff(a["model"], b["model"]) == 0 and _max_diff(a["ema"], b["ema"]) == 0
+    assert _rows(str(full / "log.csv")) == _rows(str(cut / "log.csv"))
+
+
+def test_checkpoint_format_log_and_config(data, tmp_path):
+    out = tmp_path / "run"
+    train.main(TINY + ["--epochs", "2", "--lr", "0.05", "--data", data, "--out", str(out), "--set", "ema_decay=0.5"])
+    assert sorted(os.listdir(out)) == ["best.pt", "config.yaml", "curves.png", "last.pt", "log.csv"]
+    ck = torch.load(str(out / "last.pt"), map_location="cpu", weights_only=True)
+    for key in ("model", "optimizer", "scheduler", "scaler", "ema", "epoch", "step", "best_acc", "config",
+                "classes", "preprocess", "arch", "rng", "versions"):
+        assert key in ck, key
+    assert ck["classes"] == sorted(os.listdir(SAMPLE))
+    recipe = C.read_yaml(os.path.join(ROOT, "configs", "default.yaml"))  # no --config: the default recipe
+    assert ck["preprocess"] == {"img_size": 32, "resize_size": 32, "mean": recipe["mean"], "std": recipe["std"]}
+    assert ck["arch"] == {"name": "mobilenet_v2", "num_classes": 10, "width_mult": 0.25, "dropout": 0.2,
+                          "small_input": False}
+    assert ck["config"]["epochs"] == 2 and ck["scaler"] is None
+    with open(out / "log.csv") as f:
+        header = f.readline().strip()
+    assert header == "epoch,lr,train_loss,train_acc,val_loss,val_top1,val_top5,epoch_seconds,images_per_s"
+    rows = list(csv.DictReader(open(out / "log.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    # best.pt holds the epoch with the best val top-1, and validation used the EMA weights it stores
+    best = load_checkpoint(str(out / "best.pt"))
+    assert float(best["best_acc"]) == max(float(r["val_top1"]) for r in rows)
+    model = model_from_checkpoint(best)
+    assert _max_diff(model.state_dict(), best["ema"]) == 0
+    assert any((best["ema"][k].float() - best["model"][k].float()).abs().max() > 0 for k in best["model"])
+
+
+def test_failed_checkpoint_write_keeps_the_previous_file(data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    real_save = torch.save
+    state = {"epoch": 0}
+
+    def save_then_fail(obj, f, *a, **k):
+        if isinstance(obj, dict) and obj.get("epoch") == 2:  # the second epoch's write dies half-way
+            with open(f, "wb") as fh:
+                fh.write(b"half a checkpoint")
+            raise OSError("disk full")
+        return real_save(obj, f, *a, **k)
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        train.main(TINY + ["--epochs", "2", "--lr", "0.05", "--data", data, "--out", str(out)])
+    monkeypatch.setattr(torch, "save", real_save)
+    assert load_checkpoint(str(out / "last.pt"))["epoch"] == 1  # intact previous checkpoint
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]  # no temp debris
+    del state
+
+
+def test_nan_loss_stops_with_epoch_and_step_and_keeps_last_good(data, tmp_path):
+    out = tmp_path / "run"
+    train.main(TINY + ["--epochs", "1", "--lr", "0.05", "--data", data, "--out", str(out)])
+    good = load_checkpoint(str(out / "last.pt"))
+    # resume with an absurd learning rate: the weights overflow and the loss turns non-finite in epoch 2
+    with pytest.raises(UserError) as e:
+        train.main(["--resume", str(out / "last.pt"), "--epochs", "3", "--lr", "1e30", "--set", "warmup_epochs=0",
+                    "--set", "no_wd_norm_bias=false"])
+    msg = str(e.value)
+    assert msg.startswith("training diverged: loss is nan at epoch 2, step ") or \
+        msg.startswith("training diverged: loss is inf at epoch 2, step "), msg
+    assert "last good checkpoint" in msg and str(out / "last.pt") in msg
+    kept = load_checkpoint(str(out / "last.pt"))
+    assert kept["epoch"] == 1 and _max_diff(kept["model"], good["model"]) == 0
+
+
+def test_frozen_backbone_trains_only_the_head(data, tmp_path):
+    from models import build_model
+
+    init = build_model("mobilenet_v2", num_classes=10, width_mult=0.25)
+    torch.save(init.state_dict(), str(tmp_path / "init.pth"))
+    for cached in ("false", "true"):
+        out = tmp_path / f"run_{cached}"
+        res = train.main(TINY + ["--epochs", "2", "--lr", "0.1", "--data", data, "--out", str(out), "--freeze",
+                                 "features", "--pretrained", str(tmp_path / "init.pth"),
+                                 "--set", f"cache_features={cached}"])
+        ck = load_checkpoint(str(out / "last.pt"))
+        for k, v in init.state_dict().items():
+            if k.startswith("features."):  # weights and BatchNorm running statistics untouched
+                assert torch.equal(ck["model"][k], v), k
+        assert not torch.equal(ck["model"]["classifier.1.weight"], init.state_dict()["classifier.1.weight"])
+        assert res["best_acc"] > 10.0  # real features of real images: better than chance (10 classes)
+
+
+def _run_cli(args, cwd):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args, capture_output=True, text=True,
+                       cwd=str(cwd), timeout=300)
+    return r.returncode, r.stderr.strip().splitlines()
+
+
+def test_user_errors_are_one_line(data, tmp_path):
+    from models import build_model
+
+    # missing folder
+    code, err = _run_cli(TINY + ["--data", str(tmp_path / "missing")], tmp_path)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: data folder") and "missing" in err[0]
+    # single-class dataset
+    one = _split(tmp_path / "one", 4, 2, classes=["Bag"])
+    code, err = _run_cli(TINY + ["--data", one, "--out", str(tmp_path / "o1")], tmp_path)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and "class" in err[0]
+    # empty dataset (class folders without images)
+    for part in ("train", "val"):
+        for c in ("a", "b"):
+            os.makedirs(tmp_path / "empty" / part / c)
+    code, err = _run_cli(TINY + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")], tmp_path)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:")
+    # pretrained weights of another architecture
+    torch.save(build_model("mobilenet_v3_small", num_classes=10).state_dict(), str(tmp_path / "v3.pth"))
+    code, err = _run_cli(TINY + ["--data", data, "--out", str(tmp_path / "o3"), "--pretrained",
+                                 str(tmp_path / "v3.pth")], tmp_path)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and "v3.pth" in err[0]
+    assert not (tmp_path / "o3" / "last.pt").exists()
