@@ -1,17 +1,141 @@
-"""Training step speed: train.py's real step (data loading included) vs a plain fp32 NCHW loop.
+"""Training step speed: train.py's real step (its data loader included) vs a plain fp32 NCHW loop.
 
-Both variants are timed interleaved in one run; the table prints as Markdown and is saved as CSV.
+Variants, all on the same real images and loader, timed interleaved (A B C A B C ...) and reported as medians:
+  plain fp32 NCHW      - model(x); loss.backward(); optimizer.step() with default memory format and precision
+  fp32 channels_last   - the same with NHWC tensors
+  bf16 + channels_last - CPU bf16 autocast (fp16 + GradScaler on CUDA)
+  train.py step        - utils.train_loop.train_step with the settings train.py picks (amp=auto, channels_last)
+Each timed call = fetch the next batch from the loader + one optimizer step.
+
+    python benchmark.py train                                   # default recipe: Fashion-MNIST, 32 px, batch 128
+    python benchmark.py train --img-size 224 --batch-size 32    # where bf16 autocast pays off on a CPU
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import csv
+import io
+import os
+
+import torch
+from torch import nn
+
+from utils.checkpoint import atomic_write
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `benchmark.py train`."""
-    parser.add_argument("--model", default="mobilenet_v2", help="model name (default: mobilenet_v2)")
+    parser.add_argument("--config", default=None, help="recipe whose model/data settings are used "
+                        "(default: configs/default.yaml)")
+    parser.add_argument("--data", default=None, help="folder with train/ (default: the recipe's data folder; the "
+                        "default Fashion-MNIST split is prepared if missing)")
+    parser.add_argument("--model", default=None, help="model name (default: the recipe's)")
+    parser.add_argument("--width-mult", type=float, default=None, help="width multiplier (default: the recipe's)")
+    parser.add_argument("--img-size", type=int, default=None, help="image size in px (default: the recipe's)")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size (default: the recipe's)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed steps per variant (default: 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default: 2)")
+    parser.add_argument("--out", default="runs/bench/train.csv", help="CSV output (default: %(default)s)")
 
 
 def run(args: argparse.Namespace) -> None:
-    """Run the benchmark (filled in with train.py)."""
-    raise SystemExit("benchmark.py train: not implemented yet")
+    """Build the recipe's data and model, time the variants interleaved, print Markdown, save CSV."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        # train.py sets PASSIVE before importing torch; OpenMP reads it only at start-up, so start again with it.
+        import sys
+
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.execv(sys.executable, [sys.executable] + sys.argv)
+    from models import build_model
+    from train import resolve_data_dir
+    from utils import config as cfglib
+    from utils.data import load_data
+    from utils.schedule import build_optimizer
+    from utils.timing import interleaved_timings, median
+    from utils.train_loop import StepContext, Trainable, pick_amp, pick_device, train_step
+
+    flags = {k: v for k, v in {"data": args.data, "model": args.model, "width_mult": args.width_mult,
+                               "img_size": args.img_size, "batch_size": args.batch_size}.items() if v is not None}
+    path = args.config or cfglib.DEFAULT_RECIPE
+    cfg = cfglib.build_config(cfglib.read_yaml(path), path, flags, [])
+    if args.img_size is not None and "resize_size" in cfglib.read_yaml(path):
+        cfg.resize_size = max(cfg.img_size, cfg.resize_size)
+    device = pick_device(args.device)
+    data_dir = resolve_data_dir(cfg, True)
+    augment = {"scale": (cfg.scale_min, 1.0), "hflip": cfg.hflip}
+    data = load_data(data_dir, img_size=cfg.img_size, resize_size=max(cfg.resize_size, cfg.img_size), mean=cfg.mean,
+                     std=cfg.std, batch_size=cfg.batch_size, workers=cfg.workers, augment=augment, cache=cfg.cache,
+                     seed=0, pin_memory=device.type == "cuda", progress=False)
+    data.set_epoch(0)
+    torch.manual_seed(0)
+    base = build_model(cfg.model, num_classes=len(data.classes), width_mult=cfg.width_mult, dropout=cfg.dropout,
+                       small_input=cfg.small_input).to(device)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    low = torch.float16 if device.type == "cuda" else torch.bfloat16
+    auto = pick_amp(cfg.amp, device, cfg.img_size, cfg.amp_min_img_size)
+    variants = {  # name -> (channels_last, autocast dtype)
+        "plain fp32 NCHW": (False, None),
+        "fp32 channels_last": (True, None),
+        f"{'fp16' if device.type == 'cuda' else 'bf16'} + channels_last": (True, low),
+        f"train.py step ({'fp32' if auto is None else str(auto).replace('torch.', '')}"
+        f"{' channels_last' if cfg.channels_last else ''})": (cfg.channels_last, auto),
+    }
+
+    def batches():
+        while True:
+            yield from data.train_loader
+
+    fns = {}
+    for name, (cl, dtype) in variants.items():
+        model = copy.deepcopy(base)
+        if cl:
+            model = model.to(memory_format=torch.channels_last)
+        opt = build_optimizer(model, cfg.optimizer, cfg.lr * 0.01, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                              weight_decay=cfg.weight_decay, no_wd_norm_bias=cfg.no_wd_norm_bias)
+        scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+        it = batches()
+        if name.startswith("plain"):
+            def step(model=model, opt=opt, it=it):
+                x, y = next(it)
+                x, y = x.to(device), y.to(device)
+                loss = criterion(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+        else:
+            ctx = StepContext(Trainable(model), opt, criterion, device, dtype, scaler, channels_last=cl)
+
+            def step(ctx=ctx, it=it):
+                train_step(ctx, *next(it))
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+        fns[name] = step
+
+    print(f"benchmark.py train: {cfg.model} x{cfg.width_mult} at {cfg.img_size} px, batch {cfg.batch_size}, {device}, "
+          f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats, data: {data_dir} ({data.cache})")
+    times = interleaved_timings(fns, repeats=args.repeats, warmup=args.warmup)
+    base_med = median(times["plain fp32 NCHW"])
+    rows = []
+    for name, ts in times.items():
+        med = median(ts)
+        rows.append({"variant": name, "median_s_per_step": round(med, 4), "images_per_s": round(cfg.batch_size / med, 1),
+                     "speedup_vs_plain": round(base_med / med, 2), "img_size": cfg.img_size,
+                     "batch_size": cfg.batch_size, "device": str(device)})
+    print("\n| variant | median s/step | img/s | vs plain fp32 NCHW |\n|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['variant']} | {r['median_s_per_step']:.3f} | {r['images_per_s']:.0f} | {r['speedup_vs_plain']:.2f}x |")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(buf.getvalue())
+
+    atomic_write(args.out, write)
+    print(f"\nsaved {args.out}")
