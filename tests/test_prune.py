@@ -60,6 +60,7 @@ def test_prune_cli_fine_tunes_reports_and_exports(tmp_path):
     assert report["fine_tune"]["steps"] == 4 and report["val_images"] == 80
     for k in ("val_top1", "eager_ms", "onnxruntime_ms"):
         assert k in a and k in b
+    assert report["after_prune"]["bn_images"] == 120  # all 120 training images (fewer than --bn-images)
     assert json.load(open(os.path.join(out, "prune.json")))["after_fine_tune"]["macs"] == a["macs"]
     saved = load_checkpoint(os.path.join(out, "pruned.pt"))
     assert saved["pruned"]["ratio"] == 0.5 and saved["classes"] == load_checkpoint(ckpt)["classes"]
