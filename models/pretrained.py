@@ -60,6 +60,7 @@ def resolve_imagenet_weights(arch: str) -> str:
         except ImportError:
             pass
     try:
+        cached.parent.mkdir(parents=True, exist_ok=True)  # the download writes its .partial file there first
         torch.hub.download_url_to_file(DOWNLOAD_ROOT + fname, str(cached), progress=True)
     except Exception as e:  # no network, proxy, disk: all end the same way for the user
         fix = f"run `{OFFLINE_FIX}`, or " if arch == "mobilenet_v2" else ""

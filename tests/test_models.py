@@ -156,3 +156,34 @@ def test_offline_download_failure_names_the_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
     with pytest.raises(UserError, match=r"ImageNet weights for mobilenet_v3_large are not on this machine .*OSError: no network.*copy mobilenet_v3_large-8738ca79.pth into"):
         P.resolve_imagenet_weights("mobilenet_v3_large")
+
+
+def test_download_creates_the_cache_folder(tmp_path, monkeypatch):
+    import models.pretrained as P
+
+    hub = tmp_path / "fresh" / "hub" / "checkpoints"
+    monkeypatch.setattr(P, "_torch_hub_dir", lambda: hub)
+    seen = {}
+
+    def fake_download(url, dst, progress=True):
+        seen["parent_exists"] = os.path.isdir(os.path.dirname(dst))
+        torch.save({}, dst)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    assert P.resolve_imagenet_weights("mobilenet_v3_small") == str(hub / "mobilenet_v3_small-047dcff4.pth")
+    assert seen["parent_exists"]
+
+
+def test_out_of_memory_becomes_one_clear_line(capsys):
+    from utils.errors import run_main
+
+    def main():
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you tried")
+
+    with pytest.raises(SystemExit) as e:
+        run_main(main)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory (") and "lower --batch-size or --img-size" in err
+    with pytest.raises(RuntimeError, match="other bug"):
+        run_main(lambda: (_ for _ in ()).throw(RuntimeError("other bug")))

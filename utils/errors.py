@@ -20,6 +20,20 @@ def run_main(main: Callable[[], object]) -> None:
         msg = " ".join(str(e).split("\n"))
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
+    except (MemoryError, RuntimeError) as e:
+        if not _is_out_of_memory(e):
+            raise
+        print("error: out of memory (" + str(e).splitlines()[0][:200] + "); lower --batch-size or --img-size, "
+              "use fewer --workers, or --set cache=none for large image folders", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    """True for host or GPU allocation failures (torch.OutOfMemoryError is a RuntimeError)."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
