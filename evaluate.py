@@ -37,10 +37,10 @@ SPLIT_NAMES = ("train", "val", "test")
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def training_data_root(model: LoadedModel) -> str | None:
-    """The training data folder: the checkpoint's config, or for an export in RUN/export/ the run's config.yaml."""
-    if model.config and model.config.get("data"):
-        return str(model.config["data"])
+def training_config(model: LoadedModel) -> dict[str, Any]:
+    """The run's training config: the checkpoint's own, or for an export in RUN/export/ the run's config.yaml."""
+    if model.config:
+        return model.config
     folder = os.path.dirname(os.path.abspath(model.path))
     for cfg_path in (os.path.join(folder, "config.yaml"), os.path.join(os.path.dirname(folder), "config.yaml")):
         if os.path.isfile(cfg_path):
@@ -51,16 +51,16 @@ def training_data_root(model: LoadedModel) -> str | None:
                     cfg = yaml.safe_load(f)
             except (OSError, yaml.YAMLError):
                 continue
-            if isinstance(cfg, dict) and cfg.get("data"):
-                return str(cfg["data"])
-    return None
+            if isinstance(cfg, dict):
+                return cfg
+    return {}
 
 
 def resolve_data(data: str, model: LoadedModel) -> str:
     """``data`` is a split folder, or a split name resolved against the run's training data folder."""
     if os.path.isdir(data) or data not in SPLIT_NAMES:
         return data
-    root = training_data_root(model)
+    root = training_config(model).get("data")
     if not root:
         raise UserError(f"'{data}' is a split name, but neither {model.path} nor a config.yaml next to it says where "
                         f"the training data is; pass the split folder itself (e.g. DATA/{data})")
@@ -131,6 +131,9 @@ def evaluate(model: LoadedModel, data_dir: str, batch_size: int = 64, workers: i
     n = len(target)
     top1, top5 = topk_correct(logits, target, ks=(1, 5))
     loss = float(torch.nn.functional.cross_entropy(logits, target))
+    # train.py logs val_loss with its training criterion; give that number too so the two can be compared.
+    smoothing = float(training_config(model).get("label_smoothing") or 0.0)
+    loss_smoothed = float(torch.nn.functional.cross_entropy(logits, target, label_smoothing=smoothing))
 
     # Rows/columns: classes present in the data plus any class the model predicted (model order).
     labels = sorted(set(target.tolist()) | set(pred.tolist()))
@@ -149,6 +152,7 @@ def evaluate(model: LoadedModel, data_dir: str, batch_size: int = 64, workers: i
         "model": model.path, "kind": model.kind, "data": data_dir, "device": model.device.type,
         "images": n, "skipped": len(res.failed),
         "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss,
+        "label_smoothing": smoothing, "loss_label_smoothed": loss_smoothed,
         "macro_precision": macro["precision"], "macro_recall": macro["recall"], "macro_f1": macro["f1"],
         "mistakes": len(mistakes),
         "classes_in_data": list(per_class), "model_classes_not_in_data": [c for c in model.classes if c not in per_class],
@@ -214,8 +218,10 @@ def format_report(result: dict[str, Any]) -> str:
 
 def summary_line(m: dict[str, Any]) -> str:
     skipped = f", {m['skipped']} unreadable skipped" if m["skipped"] else ""
+    smoothed = (f" ({m['loss_label_smoothed']:.4f} with label smoothing {m['label_smoothing']:g}, as train.py logs it)"
+                if m["label_smoothing"] else "")
     return (f"{m['kind']} {m['model']} on {m['data']}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  "
-            f"loss {m['loss']:.4f}  macro-F1 {m['macro_f1']:.4f}  | {m['images']} images{skipped} in "
+            f"loss {m['loss']:.4f}{smoothed}  macro-F1 {m['macro_f1']:.4f}  | {m['images']} images{skipped} in "
             f"{m['seconds']:.1f} s, {m['images_per_s']:.0f} images/s (model alone {m['model_images_per_s']:.0f} images/s, "
             f"{m['device']})")
 

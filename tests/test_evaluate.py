@@ -84,6 +84,7 @@ def test_metrics_match_hand_computed_values(table_data, tmp_path):
     assert m["top5"] == pytest.approx(100.0)
     p_true = [p[CLASSES.index(t)] for t, p in TABLE.values()]
     assert m["loss"] == pytest.approx(-sum(math.log(p) for p in p_true) / 9, rel=1e-5)
+    assert m["label_smoothing"] == 0.0 and m["loss_label_smoothed"] == pytest.approx(m["loss"])
     assert m["macro_f1"] == pytest.approx((4 / 7 + 2 / 3 + 0.8) / 3)
     # mistakes, most confident first
     assert [(os.path.basename(r["file"]), r["true"], r["predicted"]) for r in res["mistakes"]] == [
@@ -247,6 +248,8 @@ def test_reproduces_train_py_validation(tmp_path):
         logged = list(csv.DictReader(f))[-1]
     m = evaluate.main([str(run / "best.pt"), "val", "--workers", "0", "--batch-size", "64", "--no-progress"])
     assert m["images"] == 200
-    assert m["loss"] == pytest.approx(float(logged["val_loss"]), abs=1e-3)
+    # train.py's val_loss uses its criterion (label smoothing from the config); plain CE is reported beside it
+    assert m["label_smoothing"] == 0.1
+    assert m["loss_label_smoothed"] == pytest.approx(float(logged["val_loss"]), abs=1e-3)
     assert m["top1"] == pytest.approx(float(logged["val_top1"]), abs=0.51)  # at most one near-tie flips
     assert m["top5"] == pytest.approx(float(logged["val_top5"]), abs=0.51)
