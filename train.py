@@ -191,7 +191,11 @@ def main(argv: list[str] | None = None) -> dict:
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     start_epoch, step, best_acc, partial = 0, 0, 0.0, None
     if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise UserError(f"{cfg.resume}: its optimizer state does not fit the current settings ({e}); resume "
+                            "with the same optimizer, freeze and no_wd_norm_bias settings") from None
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, best_acc = int(ckpt["epoch"]), int(ckpt["step"]), float(ckpt["best_acc"])
