@@ -101,7 +101,7 @@ def match_classes(data_classes: list[str], model: LoadedModel, data_dir: str) ->
 
 def default_out_dir(model_path: str, kind: str) -> str:
     """RUN/best.pt -> RUN/eval; another checkpoint RUN/x.pt -> RUN/eval_x; an export f.onnx -> its folder/eval_f_onnx."""
-    folder = os.path.dirname(os.path.abspath(model_path))
+    folder = os.path.dirname(model_path)
     name = os.path.basename(model_path)
     if kind == "checkpoint":
         stem = os.path.splitext(name)[0]
