@@ -275,7 +275,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     after_prune["val_top1_bn_recalibrated"] = measure(pruned, images, labels, img_size)["val_top1"]
     tune = None
     if args.steps > 0:
+        import copy
+
+        kept = copy.deepcopy(pruned.state_dict())
         tune = fine_tune(pruned, train_items, preprocess, args.steps, args.lr, args.batch_size, device, args.workers)
+        pruned.cpu()
+        tune["val_top1"] = measure(pruned, images, labels, img_size)["val_top1"]
+        if tune["val_top1"] < after_prune["val_top1_bn_recalibrated"]:
+            # A fine-tune that hurts (learning rate too high for this model) must not replace better weights.
+            pruned.load_state_dict(kept)
+            tune["kept"] = "BatchNorm re-estimated weights (the fine-tune lowered val top-1; try a smaller --lr)"
+            print(f"fine-tune lowered val top-1 to {tune['val_top1']:.2f}%; keeping the weights from before it "
+                  "(try a smaller --lr or more --steps)")
+        else:
+            tune["kept"] = "fine-tuned weights"
     after = measure(pruned, images, labels, img_size)
     lat = latencies({"original": original, "pruned": pruned}, img_size, args.repeats)
     before.update(lat["original"])
@@ -310,8 +323,11 @@ def _load() -> str:
 def format_report(r: dict[str, Any]) -> str:
     """Markdown table of the before/after numbers."""
     bn = dict(r["after_prune"], val_top1=r["after_prune"]["val_top1_bn_recalibrated"])
-    rows = [("original", r["before"]), ("pruned", r["after_prune"]), ("pruned + BatchNorm re-estimated", bn),
-            ("pruned + fine-tune", r["after_fine_tune"])]
+    rows = [("original", r["before"]), ("pruned", r["after_prune"]), ("pruned + BatchNorm re-estimated", bn)]
+    if r["fine_tune"]:
+        rows.append((f"pruned + fine-tune ({r['fine_tune']['steps']} steps)",
+                     dict(r["after_fine_tune"], val_top1=r["fine_tune"]["val_top1"])))
+    rows.append(("saved pruned.pt", r["after_fine_tune"]))
     lines = ["| model | MMACs | params (M) | val top-1 % | eager b1 ms | onnxruntime b1 ms |", "|---|---|---|---|---|---|"]
     for name, m in rows:
         lines.append(f"| {name} | {m['macs'] / 1e6:.1f} | {m['params'] / 1e6:.3f} | {m['val_top1']:.2f} | "
