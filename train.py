@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "random_erasing": cfg.random_erasing}
         data = load_data(data_dir, img_size=cfg.img_size, resize_size=cfg.resize_size, mean=cfg.mean, std=cfg.std,
                          batch_size=cfg.batch_size, workers=cfg.workers, augment=augment, cache=cfg.cache,
-                         distributed=dist.enabled, seed=cfg.seed, pin_memory=device.type == "cuda")
+                         distributed=dist.enabled, seed=cfg.seed, pin_memory=device.type == "cuda",
+                         progress=cfg.progress)
         classes = list(data.classes)
     if ckpt is not None and list(ckpt.get("classes", classes)) != classes:
         raise UserError(f"{cfg.resume} was trained on classes {ckpt['classes']}, but {data_dir} has {classes}; "

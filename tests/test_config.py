@@ -85,3 +85,12 @@ def test_help_lists_every_key():
     assert r.returncode == 0
     for key in C.field_types():
         assert f"  {key} (default" in r.stdout, key
+
+
+def test_model_name_and_width_checked_before_any_work():
+    from utils.config import build_config
+
+    with pytest.raises(UserError, match="config: unknown model 'mobilenet_v9'; choose one of: mobilenet_v1, mobilenet_v2"):
+        build_config({}, "test", {"model": "mobilenet_v9"}, [])
+    with pytest.raises(UserError, match="config: width_mult must be positive"):
+        build_config({}, "test", {}, ["width_mult=0"])

@@ -13,6 +13,8 @@ from typing import Any, Optional
 
 import yaml
 
+from models import available_models
+
 from utils.checkpoint import atomic_write
 from utils.errors import UserError
 
@@ -170,6 +172,8 @@ def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str) -> Tr
 
 def read_yaml(path: str) -> dict[str, Any]:
     """Read a recipe file into a dict (an empty file is an empty recipe)."""
+    if not os.path.isfile(path) and not os.path.isabs(path) and os.path.isfile(os.path.join(REPO_ROOT, path)):
+        path = os.path.join(REPO_ROOT, path)  # `--config configs/x.yaml` works from any directory
     if not os.path.isfile(path):
         raise UserError(f"config file {path} not found; pass one of configs/*.yaml to --config")
     try:
@@ -221,6 +225,8 @@ def validate(cfg: TrainConfig) -> None:
         (len(cfg.mean) == 3 and len(cfg.std) == 3, "mean and std must have 3 values (RGB)"),
         (cfg.warmup_epochs >= 0, "warmup_epochs must be 0 or more"),
         (not cfg.cache_features or cfg.freeze == "features", "cache_features needs freeze: features"),
+        (cfg.model in available_models(), f"unknown model '{cfg.model}'; choose one of: {', '.join(available_models())}"),
+        (cfg.width_mult > 0, "width_mult must be positive"),
     ]
     for ok, msg in checks:
         if not ok:

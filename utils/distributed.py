@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -83,8 +84,10 @@ class CPUSyncBatchNorm(torch.nn.BatchNorm2d):
         # Sums in float64: var = E[x^2] - E[x]^2 cancels catastrophically in float32 when |mean| >> std.
         xd = xf.double()
         count = torch.full((1,), xf.numel() / c, dtype=torch.float64, device=x.device)
-        stats = all_reduce(torch.cat([xd.sum((0, 2, 3)), (xd * xd).sum((0, 2, 3)), count]),
-                           group=self.group or dist.group.WORLD)
+        with warnings.catch_warnings():  # deprecated in favour of functional collectives; still the
+            warnings.simplefilter("ignore", FutureWarning)  # differentiable one that works with gloo
+            stats = all_reduce(torch.cat([xd.sum((0, 2, 3)), (xd * xd).sum((0, 2, 3)), count]),
+                               group=self.group or dist.group.WORLD)
         n = stats[-1]
         mean64 = stats[:c] / n
         var64 = (stats[c:2 * c] / n - mean64 * mean64).clamp_min(0)
