@@ -106,8 +106,9 @@ def test_epoch_is_pure_function_of_seed_and_epoch(fm, cache):
     b = _load(fm, cache=cache)
     assert b.cache == cache and (b.num_train, b.num_val) == (150, 50) and len(b.classes) == 10
     e0, e1 = _epoch(b, 0), _epoch(b, 1)
-    assert len(e0) == 150 // 8 and all(x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and
-                                       y.dtype == torch.int64 for x, y in e0)
+    # 18 full batches plus the last 6 images (kept: small folders must not lose images every epoch).
+    assert [len(y) for _, y in e0] == [8] * 18 + [6]
+    assert all(x.shape[1:] == (3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64 for x, y in e0)
     assert not torch.equal(e0[0][0], e1[0][0])
     resumed = _load(fm, cache=cache)  # a new process resuming at epoch 1
     assert _same(_epoch(resumed, 1), e1)
@@ -230,3 +231,18 @@ def test_real_torch_distributed_process_group(fm, tmp_path):
     for (x, y), (x0, y0), (x1, y1) in zip(one, ranks[0]["train"], ranks[1]["train"]):
         assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1) and torch.equal(y[1::2], y1)
     assert sum(len(y) for r in ranks for y in r["val"]) == 50
+
+
+def test_last_partial_batch_is_kept_unless_a_rank_would_get_one_image():
+    from utils.data import EpochBatchSampler
+
+    def sizes(n, b, world=1, rank=0):
+        return [len(x) for x in EpochBatchSampler(n, b, shuffle=True, rank=rank, world=world)]
+
+    assert sizes(56, 32) == [32, 24]            # the finetune case: 56 images, batch 32
+    assert sizes(33, 32) == [32]                # a lone last image would break BatchNorm: dropped
+    assert sizes(10, 32) == [10]                # smaller than one batch: one batch
+    assert sizes(101, 8, world=2, rank=1) == [8] * 6 + [3]   # wrapped to a multiple of the world size
+    seen = {i for r in range(2) for batch in EpochBatchSampler(101, 8, shuffle=True, rank=r, world=2)
+            for i, _ in batch}
+    assert seen == set(range(101))

@@ -233,9 +233,10 @@ class EpochBatchSampler:
     """Batches of indices, DistributedSampler-style, reproducible per ``(seed, epoch)``.
 
     Train (``shuffle=True``): permutation of ``torch.Generator().manual_seed(seed + epoch)``, cut into global
-    batches of ``batch_size * world``; rank ``r`` takes positions ``r, r+world, ...`` of each; an incomplete
-    last global batch is dropped (all ranks step together), except that a dataset smaller than one global batch
-    gives one batch (wrapped round to a multiple of ``world``). Items are ``(index, augmentation seed)``.
+    batches of ``batch_size * world``; rank ``r`` takes positions ``r, r+world, ...`` of each. An incomplete
+    last global batch is kept (small photo folders would otherwise lose up to a batch of images every epoch),
+    wrapped round to a multiple of ``world`` so all ranks step together, unless it would give a rank fewer than
+    2 images (BatchNorm cannot train on one); then it is dropped. Items are ``(index, augmentation seed)``.
     Val (``shuffle=False``): indices in order, rank ``r`` takes ``r::world`` (no padding, so metrics summed
     over ranks count each image exactly once); items are plain indices.
     """
@@ -252,9 +253,18 @@ class EpochBatchSampler:
     def _global_batch(self) -> int:
         return self.batch_size * self.world
 
+    def _chunk_sizes(self) -> list[int]:
+        """Sizes of the global train batches of one epoch (see the class docstring)."""
+        gb = self._global_batch()
+        sizes = [gb] * (self.n // gb)
+        rest = math.ceil((self.n % gb) / self.world) * self.world
+        if rest and (rest // self.world >= 2 or not sizes):
+            sizes.append(rest)
+        return sizes
+
     def __len__(self) -> int:
         if self.shuffle:
-            return max(1, self.n // self._global_batch())
+            return len(self._chunk_sizes())
         return math.ceil(len(range(self.rank, self.n, self.world)) / self.batch_size)
 
     def __iter__(self) -> Iterator[list]:
@@ -265,12 +275,11 @@ class EpochBatchSampler:
             return
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         perm = torch.randperm(self.n, generator=g)
-        gb = self._global_batch()
-        if self.n < gb:
-            size = math.ceil(self.n / self.world) * self.world
-            chunks = [perm.repeat(math.ceil(size / self.n))[:size]]
-        else:
-            chunks = [perm[i * gb:(i + 1) * gb] for i in range(self.n // gb)]
+        wrapped = perm.repeat(2 + self._global_batch() // max(1, self.n))  # source for the wrap-round
+        start, chunks = 0, []
+        for size in self._chunk_sizes():
+            chunks.append(wrapped[start:start + size])
+            start += size
         for chunk in chunks:
             idx = chunk[self.rank::self.world].tolist()
             seeds = sample_seeds(self.seed, self.epoch, idx).tolist()
