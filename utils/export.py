@@ -27,6 +27,7 @@ from torch import nn
 
 from utils.checkpoint import atomic_write, load_checkpoint
 from utils.errors import UserError
+from utils.runtime import onnx_session  # noqa: F401  (re-exported: bench_infer, prune, tests)
 
 ONNX_OPSET = 17
 INPUT_NAME = "input"
@@ -291,24 +292,6 @@ def build_tensorrt_engine(onnx_path: str, engine_path: str, img_size: int, max_b
 
 
 # -------------------------------------------------------------------------------------------- inference
-def onnx_session(path: str, threads: int = 0, spinning: bool = True):
-    """An onnxruntime CPU session with full graph optimisation (``threads=0``: onnxruntime's default).
-
-    ``spinning=False`` stops idle worker threads from busy-waiting after each run: needed when other
-    work (another runtime being timed, other processes) shares the cores.
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        opts.intra_op_num_threads = threads
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
-    return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
-
-
 def file_predictor(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """``predict(x) -> logits`` for an exported file, through the loader evaluate/predict use (utils.runtime)."""
     from utils.runtime import open_model

@@ -167,22 +167,33 @@ def _open_torchscript(path: str, device: torch.device) -> LoadedModel:
     return LoadedModel(path, "torchscript", classes, pre, run, device)
 
 
-def _open_onnx(path: str, device: torch.device, threads: int | None = None) -> LoadedModel:
+def onnx_session(path: str, threads: int = 0, spinning: bool = True, providers: list[str] | None = None):
+    """An onnxruntime session with every graph optimisation (``threads=0``: onnxruntime's default count).
+
+    ``spinning=False`` stops idle worker threads from busy-waiting after each run: image decoding in
+    DataLoader workers, or another runtime being timed, shares the same cores (measured: ~1.4x fewer
+    images/s with spinning on a 2-core box).
+    """
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # errors only: optimiser notices are not the user's business
-    # Image decoding runs in DataLoader workers on the same cores between runs; idle ORT threads that
-    # busy-wait would take those cycles (measured: ~1.4x fewer images/s with spinning on a 2-core box).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
+    return ort.InferenceSession(path, sess_options=opts, providers=providers or ["CPUExecutionProvider"])
+
+
+def _open_onnx(path: str, device: torch.device, threads: int | None = None) -> LoadedModel:
+    import onnxruntime as ort
+
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
         providers.insert(0, "CUDAExecutionProvider")
     try:
-        sess = ort.InferenceSession(path, sess_options=opts, providers=providers)
+        sess = onnx_session(path, threads or 0, spinning=False, providers=providers)
     except Exception as e:
         # Not a zip archive, so not a checkpoint/TorchScript; the ONNX parser's detail only helps for .onnx files.
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
