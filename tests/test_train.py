@@ -75,7 +75,7 @@ def test_kill_after_epoch_then_resume_is_exact(data, tmp_path, monkeypatch):
     a, b = load_checkpoint(str(tmp_path / "full" / "last.pt")), load_checkpoint(str(tmp_path / "cut" / "last.pt"))
     assert _max_diff(a["model"], b["model"]) == 0
     assert _max_diff(a["ema"], b["ema"]) == 0
-    assert a["step"] == b["step"] == 3 * 7 and a["epoch"] == b["epoch"] == 3
+    assert a["step"] == b["step"] == 3 * 8 and a["epoch"] == b["epoch"] == 3
     assert _rows(str(tmp_path / "full" / "log.csv")) == _rows(str(tmp_path / "cut" / "log.csv"))
 
 
@@ -87,7 +87,7 @@ def test_ctrl_c_mid_epoch_saves_last_and_resume_is_exact(data, tmp_path, monkeyp
     real_step, calls = tl.train_step, {"n": 0}
 
     def step_then_interrupt(*a, **k):
-        if calls["n"] == 10:  # global step 10 = 4th step of epoch 2 (7 steps per epoch)
+        if calls["n"] == 10:  # global step 10 = 3rd step of epoch 2 (8 steps per epoch: 7 full batches of 16 + the last 8 images)
             raise KeyboardInterrupt
         calls["n"] += 1
         return real_step(*a, **k)
@@ -98,7 +98,7 @@ def test_ctrl_c_mid_epoch_saves_last_and_resume_is_exact(data, tmp_path, monkeyp
         train.main(TINY + RECIPE + ["--epochs", "2", "--data", data, "--out", str(cut)])
     monkeypatch.setattr(tl, "train_step", real_step)
     ck = load_checkpoint(str(cut / "last.pt"))
-    assert ck["epoch"] == 1 and ck["step"] == 10 and ck["partial_epoch"]["batches_done"] == 3
+    assert ck["epoch"] == 1 and ck["step"] == 10 and ck["partial_epoch"]["batches_done"] == 2
     train.main(["--resume", str(cut / "last.pt")])
     a, b = load_checkpoint(str(full / "last.pt")), load_checkpoint(str(cut / "last.pt"))
     assert _max_diff(a["model"], b["model"]) == 0 and _max_diff(a["ema"], b["ema"]) == 0
