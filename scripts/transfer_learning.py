@@ -71,6 +71,10 @@ def train(data: str, run: str, variant: str, epochs: int, args: argparse.Namespa
         return list(csv.DictReader(f)), wall
 
 
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 1)
+
+
 def acc_by(rows: list[dict], seconds: float) -> float | None:
     """Best val top-1 among epochs finished within ``seconds`` of training (None if none finished)."""
     t, best = 0.0, None
@@ -116,8 +120,8 @@ def main() -> None:
             "variant": variant, "epochs": epochs, "probe_seconds": round(epoch_s, 1),
             "train_minutes": round(sum(float(r["epoch_seconds"]) for r in rows) / 60, 2),
             "wall_minutes": round(wall / 60, 2),  # incl. start-up and (frozen-head) feature caching
-            **{f"top1_at_{f:g}x": acc_by(rows, budget * f) for f in (0.25, 0.5, 1.0)},
-            "best_top1": max(float(r["val_top1"]) for r in rows),
+            **{f"top1_at_{f * args.minutes:g}min": _round(acc_by(rows, budget * f)) for f in (0.25, 0.5, 1.0)},
+            "best_top1": round(max(float(r["val_top1"]) for r in rows), 1),
         })
 
     cols = list(results[0])
