@@ -278,6 +278,9 @@ def main(argv: list[str] | None = None) -> dict:
         if main_proc:
             logger.log(row)
             print(summary_line(row, cfg.epochs), flush=True)
+            if getattr(data, "skipped", 0):
+                print(f"  skipped {data.skipped} unreadable image(s) so far; split_dataset.py's report.csv lists "
+                      "bad files (re-split to drop them)", flush=True)
             is_best = val["val_top1"] > best_acc
             best_acc = max(best_acc, val["val_top1"])
             save("last.pt", epoch + 1)

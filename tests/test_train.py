@@ -219,3 +219,16 @@ def test_user_errors_are_one_line(data, tmp_path):
                                  str(tmp_path / "v3.pth")], tmp_path)
     assert code == 2 and len(err) == 1 and err[0].startswith("error:") and "v3.pth" in err[0]
     assert not (tmp_path / "o3" / "last.pt").exists()
+
+
+def test_corrupt_training_image_is_skipped_and_reported(tmp_path, capsys):
+    root = _split(tmp_path / "d", n_train=6, n_val=2, classes=["Bag", "Coat"])
+    bad = os.path.join(root, "train", "Bag", "broken.png")
+    with open(os.path.join(SAMPLE, "Bag", sorted(os.listdir(os.path.join(SAMPLE, "Bag")))[0]), "rb") as f:
+        head = f.read()[:60]  # a real PNG cut short: decodes as truncated
+    with open(bad, "wb") as f:
+        f.write(head)
+    with pytest.warns(UserWarning, match="broken.png"):
+        train.main(TINY + ["--epochs", "1", "--data", root, "--out", str(tmp_path / "run"), "--set", "cache=none"])
+    out = capsys.readouterr().out
+    assert "skipped 1 unreadable image(s) so far" in out and (tmp_path / "run" / "best.pt").is_file()
