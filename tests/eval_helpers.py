@@ -42,6 +42,19 @@ def photo_paths() -> list[str]:
     return sorted(os.path.join(PHOTOS, f) for f in os.listdir(PHOTOS) if f.endswith(".jpg"))
 
 
+def link_sample_split(root: str, n_train: int, n_val: int, classes: list[str] | None = None) -> str:
+    """``root/{train,val}/<class>/`` of symlinks to the committed real Fashion-MNIST sample PNGs
+    (first ``n_train`` / next ``n_val`` of each class, sorted names); returns ``root``."""
+    sample = os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample")
+    for c in classes or sorted(os.listdir(sample)):
+        files = sorted(os.listdir(os.path.join(sample, c)))
+        for part, chosen in (("train", files[:n_train]), ("val", files[n_train:n_train + n_val])):
+            os.makedirs(os.path.join(root, part, c), exist_ok=True)
+            for f in chosen:
+                os.symlink(os.path.join(sample, c, f), os.path.join(root, part, c, f))
+    return str(root)
+
+
 def make_class_folders(root: str, groups: dict[str, list[str]]) -> str:
     """Copy real photos into ``root/<class>/<file>`` (an ImageFolder split); returns ``root``."""
     for cls, files in groups.items():

@@ -18,6 +18,7 @@ import sys
 
 import pytest
 
+from eval_helpers import link_sample_split
 from utils.checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,13 +30,7 @@ COMMON = ["--model", "mobilenet_v2", "--width-mult", "0.25", "--img-size", "32",
 
 
 def _split(root, n_train=10, n_val=4):
-    for c in sorted(os.listdir(SAMPLE)):
-        files = sorted(os.listdir(os.path.join(SAMPLE, c)))
-        for part, chosen in (("train", files[:n_train]), ("val", files[n_train:n_train + n_val])):
-            os.makedirs(os.path.join(root, part, c), exist_ok=True)
-            for f in chosen:
-                os.symlink(os.path.join(SAMPLE, c, f), os.path.join(root, part, c, f))
-    return str(root)
+    return link_sample_split(str(root), n_train, n_val)
 
 
 def _run(args, nproc):

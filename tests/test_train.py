@@ -10,6 +10,7 @@ import torch
 
 import train
 from utils import config as C
+from eval_helpers import link_sample_split
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.errors import UserError
 
@@ -20,14 +21,7 @@ TINY = ["--model", "mobilenet_v2", "--width-mult", "0.25", "--img-size", "32", "
 
 
 def _split(root, n_train=12, n_val=4, classes=None):
-    """train/val class folders of symlinks to the committed real sample PNGs (first n_train / next n_val)."""
-    for c in classes or sorted(os.listdir(SAMPLE)):
-        files = sorted(os.listdir(os.path.join(SAMPLE, c)))
-        for part, chosen in (("train", files[:n_train]), ("val", files[n_train:n_train + n_val])):
-            os.makedirs(os.path.join(root, part, c), exist_ok=True)
-            for f in chosen:
-                os.symlink(os.path.join(SAMPLE, c, f), os.path.join(root, part, c, f))
-    return str(root)
+    return link_sample_split(str(root), n_train, n_val, classes)
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,6 @@ from utils.runtime import onnx_session  # noqa: F401  (re-exported: bench_infer,
 ONNX_OPSET = 17
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
 
 @dataclass
@@ -65,12 +64,11 @@ def load_export_source(path: str) -> ExportSource:
 # ----------------------------------------------------------------------------------------------- images
 def list_images(root: str) -> list[str]:
     """Every image file under ``root`` (recursive), sorted so runs are reproducible."""
+    from utils.inference import images_under
+
     if not os.path.isdir(root):
         raise UserError(f"image folder {root} not found; pass an existing folder of images")
-    found = []
-    for folder, _, files in os.walk(root):
-        found += [os.path.join(folder, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)]
-    return sorted(found)
+    return images_under(root)
 
 
 def list_labelled_images(root: str, classes: Sequence[str]) -> list[tuple[str, int]]:

@@ -31,7 +31,8 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-def _images_under(folder: str) -> list[str]:
+def images_under(folder: str) -> list[str]:
+    """Every image file under ``folder`` (recursive, hidden files and folders skipped), in sorted order."""
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -51,7 +52,7 @@ def expand_image_args(items: Sequence[str]) -> tuple[list[str], list[str]]:
         if os.path.isfile(item):
             found = [item]
         elif os.path.isdir(item):
-            found = _images_under(item)
+            found = images_under(item)
         else:
             found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p) and is_image_file(p))
         if not found:
@@ -71,7 +72,7 @@ def scan_class_folders(root: str) -> tuple[dict[str, list[str]], list[str]]:
         raise UserError(f"data folder {root} not found; pass a split folder with one sub-folder per class "
                         "(e.g. DATA/val) or a split name of the run (train, val, test)")
     class_dirs = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-    per_class = {c: _images_under(os.path.join(root, c)) for c in class_dirs}
+    per_class = {c: images_under(os.path.join(root, c)) for c in class_dirs}
     empty = [c for c, files in per_class.items() if not files]
     per_class = {c: files for c, files in per_class.items() if files}
     if not per_class:
