@@ -95,11 +95,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         formats.insert(0, "onnx")  # both are built from the verified fp32 ONNX file
     src = ex.load_export_source(args.checkpoint)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "export")
-    os.makedirs(out, exist_ok=True)
     img_size = int(src.preprocess["img_size"])
     paths = {f: os.path.join(out, FILES[f]) for f in FORMATS}
-    if "tensorrt" in formats:  # fail before any work when the engine cannot be built here
-        ex.require_tensorrt(ex.trtexec_command(paths["onnx"], paths["tensorrt"], img_size))
+    if "tensorrt" in formats:  # fail before any work (and before creating --out) when no engine can be built here
+        ex.require_tensorrt(ex.trtexec_command(paths["onnx"], paths["tensorrt"], img_size),
+                            first=f"`python export.py {args.checkpoint} --format onnx --out {out}`, ")
+    os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)
 
     val_dir = args.val_data or _data_folder(args, src.config, "val", "--val-data")

@@ -134,8 +134,10 @@ def test_tensorrt_without_gpu_gives_trtexec_line(run, tmp_path):
     ckpt, _, _ = run
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    with pytest.raises(UserError, match=r"trtexec --onnx=.*model\.onnx --saveEngine=.*model\.engine --fp16"):
+    with pytest.raises(UserError, match=r"export\.py .* --format onnx --out .*trt`, then trtexec --onnx=.*model\.onnx "
+                                         r"--saveEngine=.*model\.engine --fp16"):
         export.main([ckpt, "--format", "tensorrt", "--out", str(tmp_path / "trt")])
+    assert not (tmp_path / "trt").exists()  # nothing half-made is left behind
 
 
 def test_missing_val_data_names_the_flag(run, tmp_path):

@@ -247,15 +247,19 @@ def trtexec_command(onnx_path: str, engine_path: str, img_size: int, max_batch: 
             f"--optShapes={INPUT_NAME}:1x{s} --maxShapes={INPUT_NAME}:{max_batch}x{s}")
 
 
-def require_tensorrt(cmd: str) -> None:
-    """UserError (with the equivalent ``trtexec`` line) unless CUDA and the tensorrt package are present."""
+def require_tensorrt(cmd: str, first: str = "") -> None:
+    """UserError (with the equivalent ``trtexec`` line) unless CUDA and the tensorrt package are present.
+
+    ``first`` is prepended to that line, e.g. the export.py call that writes the ONNX file it reads.
+    """
+    todo = f"{first}then {cmd}" if first else cmd
     try:
         import tensorrt  # noqa: F401
     except ImportError:
         raise UserError("the tensorrt format needs NVIDIA TensorRT (`pip install tensorrt`) and a CUDA GPU; "
-                        f"on a machine that has them run: {cmd}") from None
+                        f"on a machine that has them run: {todo}") from None
     if not torch.cuda.is_available():
-        raise UserError(f"the tensorrt format needs a CUDA GPU and none is visible; on a GPU machine run: {cmd}")
+        raise UserError(f"the tensorrt format needs a CUDA GPU and none is visible; on a GPU machine run: {todo}")
 
 
 def build_tensorrt_engine(onnx_path: str, engine_path: str, img_size: int, max_batch: int = 32) -> dict[str, Any]:
