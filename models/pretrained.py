@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -76,6 +77,11 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
     ``weights_only=True``: a weights file must never be able to run code.
     """
+    return read_weights(path)[0]
+
+
+def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Like :func:`read_state_dict`, plus the ``arch`` a train.py checkpoint records (None for plain files)."""
     if not os.path.isfile(path):
         raise UserError(f"weights file {path} not found; pass an existing .pth/.pt file or 'imagenet'")
     try:
@@ -85,7 +91,9 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
             f"cannot read weights file {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "it must be a PyTorch state dict or a checkpoint saved by train.py"
         ) from None
+    arch = None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        arch = obj.get("arch") if isinstance(obj.get("arch"), dict) else None
         obj = obj["model"]  # a train.py checkpoint
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"weights file {path} does not hold a state dict (name -> tensor)")
@@ -93,7 +101,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     for prefix in ("module.", "_orig_mod."):
         if obj and all(k.startswith(prefix) for k in obj):
             obj = {k[len(prefix):]: v for k, v in obj.items()}
-    return obj
+    return obj, arch
 
 
 def _head_keys(model: nn.Module) -> set[str]:
@@ -118,7 +126,7 @@ def load_pretrained(model: nn.Module, source: str) -> LoadReport:
     """
     arch = getattr(model, "arch", {}).get("name", "")
     path = resolve_imagenet_weights(arch) if source == "imagenet" else source
-    state = read_state_dict(path)
+    state, saved_arch = read_weights(path)
     own = model.state_dict()
     head = _head_keys(model)
 
@@ -136,8 +144,10 @@ def load_pretrained(model: nn.Module, source: str) -> LoadReport:
         if bad_shapes:
             problems.append(f"different shapes {_short(bad_shapes)}")
         desc = f"{arch} width {model.arch['width_mult']}" if arch else type(model).__name__
+        saved = (f" (it was saved from {saved_arch.get('name')} width {saved_arch.get('width_mult')}: train with "
+                 f"--model {saved_arch.get('name')} --width-mult {saved_arch.get('width_mult')})") if saved_arch else ""
         raise UserError(
-            f"weights file {path} does not fit {desc}: {'; '.join(problems)}; "
+            f"weights file {path} does not fit {desc}{saved}: {'; '.join(problems)}; "
             "pass weights saved from the same model name and width (--model/--width-mult)"
         )
     to_load = {k: v for k, v in state.items() if k not in skipped}

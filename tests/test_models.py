@@ -128,6 +128,13 @@ def test_pretrained_errors_are_clear(tmp_path, imagenet_file):
     half = build_model("mobilenet_v2", num_classes=1000, width_mult=0.5)
     with pytest.raises(UserError, match=r"different shapes features.0.0.weight \(32, 3, 3, 3\) vs \(16, 3, 3, 3\)"):
         load_pretrained(half, imagenet_file)
+    # a train.py checkpoint records its architecture: the error names it and the flags that fit it
+    small = build_model("mobilenet_v3_small", num_classes=5, width_mult=0.25)
+    ckpt = str(tmp_path / "best.pt")
+    torch.save({"model": small.state_dict(), "arch": dict(small.arch)}, ckpt)
+    with pytest.raises(UserError, match=r"does not fit mobilenet_v2 width 0.5 \(it was saved from mobilenet_v3_small "
+                                        r"width 0.25: train with --model mobilenet_v3_small --width-mult 0.25\)"):
+        load_pretrained(half, ckpt)
     with pytest.raises(UserError, match="weights file .*nope.pth not found"):
         load_pretrained(half, str(tmp_path / "nope.pth"))
     junk = tmp_path / "junk.pth"
