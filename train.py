@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> dict:
                        channels_last=ctx.channels_last, bar=main_proc and cfg.progress)
         row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"],
                "train_acc": stats["train_acc"], **val, "epoch_seconds": time.perf_counter() - t_epoch,
-               "images_per_s": stats["images"] / max(progress.seconds, 1e-9)}
+               "images_per_s": stats["images"] / max(progress.seconds, 1e-9),
+               "skipped_images": getattr(data, "skipped", 0)}
         if main_proc:
             logger.log(row)
             print(summary_line(row, cfg.epochs), flush=True)

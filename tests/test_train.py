@@ -115,7 +115,7 @@ def test_checkpoint_format_log_and_config(data, tmp_path):
     assert ck["config"]["epochs"] == 2 and ck["scaler"] is None
     with open(out / "log.csv") as f:
         header = f.readline().strip()
-    assert header == "epoch,lr,train_loss,train_acc,val_loss,val_top1,val_top5,epoch_seconds,images_per_s"
+    assert header == "epoch,lr,train_loss,train_acc,val_loss,val_top1,val_top5,epoch_seconds,images_per_s,skipped_images"
     rows = list(csv.DictReader(open(out / "log.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     # best.pt holds the epoch with the best val top-1, and validation used the EMA weights it stores
@@ -226,3 +226,5 @@ def test_corrupt_training_image_is_skipped_and_reported(tmp_path, capsys):
         train.main(TINY + ["--epochs", "1", "--data", root, "--out", str(tmp_path / "run"), "--set", "cache=none"])
     out = capsys.readouterr().out
     assert "skipped 1 unreadable image(s) so far" in out and (tmp_path / "run" / "best.pt").is_file()
+    with open(tmp_path / "run" / "log.csv", newline="") as f:
+        assert [r["skipped_images"] for r in csv.DictReader(f)] == ["1"]

@@ -8,7 +8,8 @@ from typing import Any
 
 from utils.checkpoint import atomic_write
 
-COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "epoch_seconds", "images_per_s"]
+COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "epoch_seconds", "images_per_s",
+           "skipped_images"]  # skipped_images: unreadable images skipped so far in this run
 
 
 class CSVLogger:
@@ -27,12 +28,12 @@ class CSVLogger:
 
     def log(self, row: dict[str, Any]) -> None:
         """Append one epoch's row (keys = :data:`COLUMNS`)."""
-        self.rows.append({k: _fmt(row[k]) for k in COLUMNS})
+        self.rows.append({k: _fmt(row.get(k, 0 if k == "skipped_images" else "")) for k in COLUMNS})
         self._write()
 
     def _write(self) -> None:
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+        w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", restval="", extrasaction="ignore")
         w.writeheader()
         w.writerows(self.rows)
         text = buf.getvalue()
