@@ -16,9 +16,9 @@ import os
 import sys
 import time
 
-# Idle OpenMP threads sleep instead of spinning. Measured here with other processes on the 2 cores:
-# a batch-128 training step took 11.4 s with spinning threads and 0.16 s with PASSIVE. Must precede torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from utils.omp import short_openmp_spin
+
+short_openmp_spin()  # idle OpenMP threads spin briefly, then sleep (measured in utils/omp.py); must precede torch
 
 import torch  # noqa: E402
 from torch import nn
@@ -148,13 +148,10 @@ def main(argv: list[str] | None = None) -> dict:
         data = None
         classes = list(load_image_folder(os.path.join(data_dir, "train")).classes)
     else:
-        augment = {"scale": (cfg.scale_min, 1.0), "hflip": cfg.hflip, "color_jitter": cfg.color_jitter,
-                   "rotation": cfg.rotation, "auto_augment": None if cfg.auto_augment == "none" else cfg.auto_augment,
-                   "random_erasing": cfg.random_erasing}
         data = load_data(data_dir, img_size=cfg.img_size, resize_size=cfg.resize_size, mean=cfg.mean, std=cfg.std,
-                         batch_size=cfg.batch_size, workers=cfg.workers, augment=augment, cache=cfg.cache,
-                         distributed=dist.enabled, seed=cfg.seed, pin_memory=device.type == "cuda",
-                         progress=cfg.progress)
+                         batch_size=cfg.batch_size, workers=cfg.workers, augment=cfglib.augment_settings(cfg),
+                         cache=cfg.cache, distributed=dist.enabled, seed=cfg.seed,
+                         pin_memory=device.type == "cuda", progress=cfg.progress)
         classes = list(data.classes)
     if ckpt is not None and list(ckpt.get("classes", classes)) != classes:
         raise UserError(f"{cfg.resume} was trained on classes {ckpt['classes']}, but {data_dir} has {classes}; "

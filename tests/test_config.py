@@ -21,6 +21,17 @@ def test_precedence_defaults_recipe_flags_set():
     assert cfg.resize_size == round(cfg.img_size * 256 / 224)
 
 
+def test_val_resize_follows_img_size_through_crop_pct():
+    assert C.build_config({}, "r", {"img_size": 224}, []).resize_size == 256
+    assert C.build_config({"crop_pct": 1.0}, "r", {"img_size": 32}, []).resize_size == 32
+    assert C.build_config({"crop_pct": 0.5}, "r", {"img_size": 48}, []).resize_size == 96
+    assert C.build_config({"resize_size": 40, "crop_pct": 1.0}, "r", {"img_size": 32}, []).resize_size == 40
+    with pytest.raises(UserError, match=r"crop_pct must be in \(0, 1\]"):
+        C.build_config({"crop_pct": 1.2}, "r", {}, [])
+    with pytest.raises(UserError, match="resize_size=32 is smaller than img_size=48"):
+        C.build_config({"resize_size": 32}, "r", {"img_size": 48}, [])
+
+
 def test_int_is_accepted_for_float_but_not_the_reverse():
     assert C.build_config({"lr": 1}, "r.yaml", {}, []).lr == 1.0
     with pytest.raises(UserError, match=r"r.yaml: 'epochs' must be int, got 2.5"):

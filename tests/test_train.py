@@ -109,6 +109,8 @@ def test_checkpoint_format_log_and_config(data, tmp_path):
         assert key in ck, key
     assert ck["classes"] == sorted(os.listdir(SAMPLE))
     recipe = C.read_yaml(os.path.join(ROOT, "configs", "default.yaml"))  # no --config: the default recipe
+    # the recipe's crop_pct 1.0 makes the val resize follow --img-size (no border cut at any size)
+    assert recipe["crop_pct"] == 1.0 and "resize_size" not in recipe
     assert ck["preprocess"] == {"img_size": 32, "resize_size": 32, "mean": recipe["mean"], "std": recipe["std"]}
     assert ck["arch"] == {"name": "mobilenet_v2", "num_classes": 10, "width_mult": 0.25, "dropout": 0.2,
                           "small_input": False}

@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="intra-op threads for PyTorch and onnxruntime alike (default 0: each library's default). "
                              "On a busy shared machine use 1: multi-threaded PyTorch stalls at every barrier when "
                              "another process holds a core (measured 2100 ms vs 22 ms per image at load 4 on 2 cores)")
+    parser.add_argument("--ort-spinning", choices=("on", "off"), default="on",
+                        help="onnxruntime worker threads busy-wait between operators (on: onnxruntime's default, what "
+                             "a serving process gets; off: they sleep, which frees the cores for other work but adds "
+                             "a wake-up to every operator; default on)")
     parser.add_argument("--out", help="CSV path (a .md with the table is written next to it; default: "
                                       "CHECKPOINT_FOLDER/benchmark_infer.csv or runs/benchmark/infer_MODEL_WIDTH_SIZE.csv)")
 
@@ -112,14 +116,16 @@ def build_variants(model: torch.nn.Module, pre: dict[str, Any], args: argparse.N
         onnx_path = os.path.join(tmp, "model.onnx")
         ex.export_onnx(model, onnx_path, size, [], pre)
         if "onnxruntime" in want:
-            out["onnxruntime"] = (_ort_fn(ex.onnx_session(onnx_path, threads=args.threads, spinning=False)), "numpy", os.path.getsize(onnx_path))
+            sess = ex.onnx_session(onnx_path, threads=args.threads, spinning=args.ort_spinning == "on")
+            out["onnxruntime"] = (_ort_fn(sess), "numpy", os.path.getsize(onnx_path))
         if "onnxruntime_int8" in want:
             calib_paths = ex.evenly_spaced(ex.list_images(args.calib_data), args.calib_images)
             if not calib_paths:
                 raise UserError(f"no images in {args.calib_data}; pass --calib-data DIR with real photos")
             int8_path = os.path.join(tmp, "model.int8.onnx")
             ex.quantize_int8(onnx_path, int8_path, ex.load_images(calib_paths, pre))
-            out["onnxruntime_int8"] = (_ort_fn(ex.onnx_session(int8_path, threads=args.threads, spinning=False)), "numpy", os.path.getsize(int8_path))
+            sess = ex.onnx_session(int8_path, threads=args.threads, spinning=args.ort_spinning == "on")
+            out["onnxruntime_int8"] = (_ort_fn(sess), "numpy", os.path.getsize(int8_path))
     return out
 
 
@@ -171,7 +177,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         variants = build_variants(model, pre, args, tmp)
         print(f"timing {len(variants)} variants interleaved: {args.repeats} x batch 1, "
               f"{args.batch_repeats} x batch {args.batch_size} (torch threads {torch.get_num_threads()}, "
-              f"onnxruntime threads {args.threads or 'default'})")
+              f"onnxruntime threads {args.threads or 'default'}, spinning {args.ort_spinning})")
         res = measure(variants, size, args.batch_size, args.repeats, args.batch_repeats, args.warmup)
     load = f"{load_before} -> {_load()}"
     rows = [{"model": label, "img_size": size, "variant": name, "params": params, "macs": macs,

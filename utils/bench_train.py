@@ -42,11 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Build the recipe's data and model, time the variants interleaved, print Markdown, save CSV."""
-    if "OMP_WAIT_POLICY" not in os.environ:
-        # train.py sets PASSIVE before importing torch; OpenMP reads it only at start-up, so start again with it.
+    from utils.omp import short_openmp_spin
+
+    if short_openmp_spin():
+        # train.py sets this before importing torch; OpenMP reads it only at start-up, so start again with it.
         import sys
 
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         os.execv(sys.executable, [sys.executable] + sys.argv)
     from models import build_model
     from train import resolve_data_dir

@@ -38,7 +38,8 @@ class TrainConfig:
     # data
     data: str = "datasets/fashion_mnist/split"  # folder with train/ and val/ class folders
     img_size: int = 224  # training and validation crop size (px)
-    resize_size: int = 0  # validation: shorter side before the center crop (0 = img_size * 256 / 224)
+    resize_size: int = 0  # validation: shorter side before the center crop (0 = round(img_size / crop_pct))
+    crop_pct: float = 0.875  # with resize_size 0: center crop / resized side (0.875 = 224/256; 1.0 = no border cut)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # normalisation mean (RGB)
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # normalisation std (RGB)
     workers: int = 2  # data loader worker processes per training process
@@ -222,6 +223,10 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
         (0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)"),
         (0 < cfg.scale_min <= 1, "scale_min must be in (0, 1]"),
+        (0 < cfg.crop_pct <= 1, "crop_pct must be in (0, 1] (1.0 = resize to img_size, no border cut)"),
+        (cfg.resize_size == 0 or cfg.resize_size >= cfg.img_size,
+         f"resize_size={cfg.resize_size} is smaller than img_size={cfg.img_size}; use resize_size >= img_size, or 0 "
+         "(then it follows img_size / crop_pct)"),
         (len(cfg.mean) == 3 and len(cfg.std) == 3, "mean and std must have 3 values (RGB)"),
         (cfg.warmup_epochs >= 0, "warmup_epochs must be 0 or more"),
         (not cfg.cache_features or cfg.freeze == "features", "cache_features needs freeze: features"),
@@ -240,10 +245,23 @@ def build_config(recipe: Optional[dict[str, Any]], recipe_source: str, flags: di
         cfg = apply_overrides(cfg, recipe, recipe_source)
     cfg = apply_overrides(cfg, flags, "command line")
     cfg = apply_overrides(cfg, parse_set(sets), "--set")
-    if cfg.resize_size == 0:
-        cfg = dataclasses.replace(cfg, resize_size=int(round(cfg.img_size * 256 / 224)))
     validate(cfg)
+    if cfg.resize_size == 0:  # follows img_size, so --img-size on any recipe keeps the recipe's crop border
+        cfg = dataclasses.replace(cfg, resize_size=int(round(cfg.img_size / cfg.crop_pct)))
     return cfg
+
+
+def augment_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The train-time augmentation of ``cfg`` as ``utils.data.load_data(augment=...)`` takes it."""
+    return {"scale": (cfg.scale_min, 1.0), "hflip": cfg.hflip, "color_jitter": cfg.color_jitter,
+            "rotation": cfg.rotation, "auto_augment": None if cfg.auto_augment == "none" else cfg.auto_augment,
+            "random_erasing": cfg.random_erasing}
+
+
+def from_checkpoint(config: dict[str, Any] | None, source: str) -> TrainConfig:
+    """The TrainConfig a checkpoint was trained with (keys this version does not know are ignored)."""
+    known = field_types()
+    return apply_overrides(TrainConfig(), {k: v for k, v in (config or {}).items() if k in known}, source)
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

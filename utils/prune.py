@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from utils.errors import UserError, run_main
+
+if TYPE_CHECKING:
+    from utils.config import TrainConfig
 
 
 # --------------------------------------------------------------------------------------------- pruning
@@ -95,30 +97,6 @@ def shrink_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn
 
 
 # ------------------------------------------------------------------------------------------- fine-tune
-class _LabelledImages(torch.utils.data.Dataset):
-    def __init__(self, items: list[tuple[str, int]], transform) -> None:
-        self.items, self.transform = items, transform
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        path, label = self.items[i]
-        with Image.open(path) as im:
-            return self.transform(im), label
-
-
-def _train_transform(preprocess: dict[str, Any]):
-    """Light augmentation for a short recovery fine-tune: the eval pipeline plus a random flip."""
-    from torchvision.transforms import v2 as T
-
-    from utils.data import build_eval_transform
-
-    return T.Compose([T.RandomHorizontalFlip(), build_eval_transform(preprocess)])
-
-
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, items: list[tuple[str, int]], preprocess: dict[str, Any],
                           images: int = 512, batch_size: int = 64) -> int:
@@ -146,43 +124,34 @@ def recalibrate_batchnorm(model: nn.Module, items: list[tuple[str, int]], prepro
     return len(chosen)
 
 
-def fine_tune(model: nn.Module, items: list[tuple[str, int]], preprocess: dict[str, Any], steps: int,
-              lr: float, batch_size: int, device: torch.device, workers: int = 2) -> dict[str, Any]:
-    """Minimal SGD + cosine loop (a few hundred steps) to recover the accuracy pruning removed.
-
-    train.py's loop is built around a config and a run folder; a recovery fine-tune needs only this.
+def fine_tune(model: nn.Module, data_dir: str, cfg: "TrainConfig", preprocess: dict[str, Any], steps: int, lr: float,
+              batch_size: int, device: torch.device, workers: int = 2) -> dict[str, Any]:
+    """Recover the accuracy pruning removed: ``steps`` optimizer steps with train.py's own data pipeline and
+    step, the checkpoint's preprocessing and augmentation, SGD Nesterov with a cosine decay from ``lr`` to 0.
     """
-    from tqdm import tqdm
+    from utils.config import augment_settings
+    from utils.data import load_data
+    from utils.schedule import WarmupCosine, build_optimizer
+    from utils.train_loop import EpochProgress, StepContext, Trainable, train_one_epoch
 
-    loader = torch.utils.data.DataLoader(_LabelledImages(items, _train_transform(preprocess)), batch_size=batch_size,
-                                         shuffle=True, num_workers=workers, drop_last=len(items) > batch_size,
-                                         generator=torch.Generator().manual_seed(0))
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": 4e-5}, {"params": no_decay, "weight_decay": 0.0}],
-                          lr=lr, momentum=0.9, nesterov=True)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
-    model.to(device).train()
-    step, losses, t0 = 0, [], time.time()
-    bar = tqdm(total=steps, desc="fine-tune", unit="step")
+    data = load_data(data_dir, img_size=int(preprocess["img_size"]), resize_size=int(preprocess["resize_size"]),
+                     mean=preprocess["mean"], std=preprocess["std"], batch_size=batch_size, workers=workers, augment=augment_settings(cfg), cache=cfg.cache,
+                     seed=cfg.seed)
+    model.to(device).to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, "sgd", lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay,
+                                no_wd_norm_bias=True)
+    ctx = StepContext(Trainable(model), optimizer, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), device,
+                      channels_last=True, params=list(model.parameters()))
+    schedule, step, epoch, t0, last = WarmupCosine(lr, steps), 0, 0, time.time(), {}
     while step < steps:
-        for x, y in loader:
-            for g in opt.param_groups:  # cosine from lr to 0 over the run
-                g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * step / steps))
-            loss = loss_fn(model(x.to(device)), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if step >= steps:
-                break
-    bar.close()
-    model.eval()
-    return {"steps": steps, "lr": lr, "batch_size": batch_size, "images": len(items),
-            "first_loss": losses[0] if losses else None, "last_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+        data.set_epoch(epoch)
+        progress = EpochProgress(step=step)
+        last = train_one_epoch(ctx, data.train_loader, schedule, epoch + 1, progress, max_steps=steps - step,
+                               bar=True)
+        step, epoch = progress.step, epoch + 1
+    model.to(memory_format=torch.contiguous_format).eval()
+    return {"steps": steps, "lr": lr, "batch_size": batch_size, "images_seen": steps * batch_size,
+            "last_epoch_train_loss": round(last.get("train_loss", float("nan")), 4),
             "seconds": round(time.time() - t0, 1)}
 
 
@@ -230,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio", type=float, default=0.4,
                    help="fraction of the expanded (1x1 -> depthwise) channels to remove (default 0.4)")
     p.add_argument("--steps", type=int, default=300, help="fine-tune steps after pruning; 0 skips it (default 300)")
-    p.add_argument("--lr", type=float, default=0.01, help="peak fine-tune learning rate, cosine to 0 (default 0.01)")
-    p.add_argument("--batch-size", type=int, default=32, help="fine-tune batch size (default 32)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="fine-tune learning rate at the start, cosine to 0 (default: the checkpoint's peak lr / 10)")
+    p.add_argument("--batch-size", type=int, default=None, help="fine-tune batch size (default: the checkpoint's)")
     p.add_argument("--data", help="data folder with train/ and val/ class folders "
                                   "(default: the 'data' entry of the checkpoint's config)")
     p.add_argument("--bn-images", type=int, default=512,
@@ -247,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from models import build_model
     from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+    from utils.config import from_checkpoint
     from utils.export import atomic_write, evenly_spaced, list_labelled_images, load_images
 
     args = build_parser().parse_args(argv)
@@ -257,6 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not data:
         raise UserError(f"{args.checkpoint} does not say where its data is; pass --data DIR (with train/ and val/)")
     classes, preprocess = list(ckpt["classes"]), dict(ckpt["preprocess"])
+    cfg = from_checkpoint(ckpt.get("config"), args.checkpoint)
     img_size = int(preprocess["img_size"])
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "pruned")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -278,7 +250,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import copy
 
         kept = copy.deepcopy(pruned.state_dict())
-        tune = fine_tune(pruned, train_items, preprocess, args.steps, args.lr, args.batch_size, device, args.workers)
+        lr = args.lr if args.lr is not None else cfg.lr / 10
+        tune = fine_tune(pruned, data, cfg, preprocess, args.steps, lr, args.batch_size or cfg.batch_size, device,
+                         args.workers)
         pruned.cpu()
         tune["val_top1"] = measure(pruned, images, labels, img_size)["val_top1"]
         if tune["val_top1"] < after_prune["val_top1_bn_recalibrated"]:
