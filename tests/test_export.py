@@ -95,6 +95,12 @@ def test_int8_is_static_qdq_u8_activations_s8_per_channel_weights(run):
                  and inits[n.input[0]].data_type == onnx.TensorProto.INT8 and len(inits[n.input[0]].dims) == 4]
     assert weight_dq and all(len(inits[n.input[1]].dims) == 1 and inits[n.input[1]].dims[0] > 1
                              for n in weight_dq)  # one scale per output channel
+    # the stem conv and the first depthwise conv stay fp32 (float weights), every other conv is int8
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    float_w = [n.name for n in convs if n.input[1] in inits and inits[n.input[1]].data_type == onnx.TensorProto.FLOAT]
+    assert float_w == report["files"]["int8"]["fp32_layers"] and len(float_w) == 2
+    assert "features.0" in float_w[0] and "features.1" in float_w[1]
+    assert len(weight_dq) == len(convs) - 2
     assert {p.key for p in proto.metadata_props} >= {"classes", "preprocess"}
     assert os.path.getsize(os.path.join(out, "model.int8.onnx")) < 0.5 * os.path.getsize(os.path.join(out, "model.onnx"))
     chk = report["checks"]["int8"]

@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="intra-op threads for PyTorch and onnxruntime alike (default 0: each library's default). "
                              "On a busy shared machine use 1: multi-threaded PyTorch stalls at every barrier when "
                              "another process holds a core (measured 2100 ms vs 22 ms per image at load 4 on 2 cores)")
+    parser.add_argument("--block", type=int, default=5,
+                        help="timed calls in a row per variant before switching (after a 50 ms pause and one untimed "
+                             "call, so the previous runtime's spinning threads are gone); 1 = strict A B C A B C "
+                             "(default 5)")
     parser.add_argument("--ort-spinning", choices=("on", "off"), default="on",
                         help="onnxruntime worker threads busy-wait between operators (on: onnxruntime's default, what "
                              "a serving process gets; off: they sleep, which frees the cores for other work but adds "
@@ -142,7 +146,7 @@ def _ort_fn(sess):
 
 
 def measure(variants: dict[str, tuple[Any, str, int]], size: int, batch: int, repeats: int, batch_repeats: int,
-            warmup: int) -> dict[str, dict[str, float]]:
+            warmup: int, block: int = 1) -> dict[str, dict[str, float]]:
     """Batch-1 latency p50/p90 (ms) and batch throughput (images/s) per variant, interleaved."""
     from utils.timing import interleaved_timings, median, percentile
 
@@ -152,8 +156,8 @@ def measure(variants: dict[str, tuple[Any, str, int]], size: int, batch: int, re
         return {name: (lambda f=f, i=inputs[layout]: f(i)) for name, (f, layout, _) in variants.items()}
 
     with torch.inference_mode():
-        one = interleaved_timings(calls(1), repeats=repeats, warmup=warmup)
-        many = interleaved_timings(calls(batch), repeats=batch_repeats, warmup=1)
+        one = interleaved_timings(calls(1), repeats=repeats, warmup=warmup, block=block, settle=0.05)
+        many = interleaved_timings(calls(batch), repeats=batch_repeats, warmup=1, block=min(block, 2), settle=0.05)
     return {name: {"b1_p50_ms": 1000 * median(one[name]), "b1_p90_ms": 1000 * percentile(one[name], 90),
                    "throughput": batch / median(many[name])} for name in variants}
 
@@ -178,7 +182,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         print(f"timing {len(variants)} variants interleaved: {args.repeats} x batch 1, "
               f"{args.batch_repeats} x batch {args.batch_size} (torch threads {torch.get_num_threads()}, "
               f"onnxruntime threads {args.threads or 'default'}, spinning {args.ort_spinning})")
-        res = measure(variants, size, args.batch_size, args.repeats, args.batch_repeats, args.warmup)
+        res = measure(variants, size, args.batch_size, args.repeats, args.batch_repeats, args.warmup, args.block)
     load = f"{load_before} -> {_load()}"
     rows = [{"model": label, "img_size": size, "variant": name, "params": params, "macs": macs,
              "file_mb": round(variants[name][2] / 1e6, 2), "b1_p50_ms": round(r["b1_p50_ms"], 2),

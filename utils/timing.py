@@ -6,21 +6,29 @@ import time
 from typing import Callable
 
 
-def interleaved_timings(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3) -> dict[str, list[float]]:
+def interleaved_timings(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3,
+                        block: int = 1, settle: float = 0.0) -> dict[str, list[float]]:
     """Time each callable ``repeats`` times, round-robin (A B C A B C ...), after ``warmup`` calls each.
 
     Interleaving spreads machine noise evenly over the variants, so their ratios are fair.
-    Returns seconds per call, per name.
+    ``block > 1`` runs blocks instead (A A A B B B ...): ``settle`` seconds of sleep, then one untimed call,
+    then ``block`` timed ones. Runtimes whose idle threads keep spinning after a call (OpenMP in PyTorch spins
+    for milliseconds, onnxruntime too) would otherwise steal the cores from the next variant's first calls.
+    Returns seconds per call, per name (``repeats`` each).
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    while any(len(t) < repeats for t in times.values()):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            if block > 1:
+                time.sleep(settle)  # the previous variant's idle threads stop spinning
+                fn()  # and caches are warm again for this one
+            for _ in range(min(block, repeats - len(times[name]))):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
     return times
 
 
