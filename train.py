@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train a MobileNet classifier on a folder of class sub-folders (DATA/train/<class>/*, DATA/val/<class>/*).
 
-    python train.py                                   # default recipe: Fashion-MNIST from scratch on a CPU (92.6% val top-1)
+    python train.py                                   # default recipe: Fashion-MNIST from scratch on a CPU (93.0% val top-1, 7 min)
     python train.py --config configs/finetune.yaml --data my_photos_split --out runs/flowers
     python train.py --resume runs/flowers/last.pt     # continue exactly where it stopped
     torchrun --nproc_per_node=2 train.py --config configs/cifar10.yaml --data ...   # DistributedDataParallel

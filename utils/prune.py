@@ -183,7 +183,8 @@ def latencies(models: dict[str, nn.Module], img_size: int, repeats: int) -> dict
             fns[f"{name}/eager"] = lambda m=m: m(x)
             fns[f"{name}/onnxruntime"] = lambda s=sess: s.run(None, {INPUT_NAME: xn})
         with torch.inference_mode():
-            t = interleaved_timings(fns, repeats=repeats, warmup=3)
+            # blocks after a pause: one runtime's still-spinning threads must not slow the next (see utils.timing)
+            t = interleaved_timings(fns, repeats=repeats, warmup=3, block=5, settle=0.05)
     out: dict[str, dict[str, float]] = {name: {} for name in models}
     for key, v in t.items():
         name, kind = key.split("/")
