@@ -31,7 +31,7 @@ from utils.errors import UserError, run_main
 from utils.log import CSVLogger, summary_line
 from utils.schedule import WarmupCosine, build_optimizer
 from utils.train_loop import (EMA, EpochProgress, NonFiniteLoss, StepContext, Trainable, build_mixup,
-                              cache_pooled_features, evaluate, pick_amp, pick_device, train_one_epoch)
+                              cache_pooled_features, epoch_seed, evaluate, pick_amp, pick_device, train_one_epoch)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -121,11 +121,6 @@ def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, step, 
             "batches_done": partial.batches_done, "loss_sum": partial.loss_sum, "correct": partial.correct,
             "seen": partial.seen, "seconds": partial.seconds},
     }
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """Seed of the global RNG (dropout, mixup) for one epoch: resuming at an epoch start replays it exactly."""
-    return (seed * 1_000_003 + epoch * 7919 + rank) % (2**63)
 
 
 def main(argv: list[str] | None = None) -> dict:

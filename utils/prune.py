@@ -132,7 +132,7 @@ def fine_tune(model: nn.Module, data_dir: str, cfg: "TrainConfig", preprocess: d
     from utils.config import augment_settings
     from utils.data import load_data
     from utils.schedule import WarmupCosine, build_optimizer
-    from utils.train_loop import EpochProgress, StepContext, Trainable, train_one_epoch
+    from utils.train_loop import EpochProgress, StepContext, Trainable, epoch_seed, train_one_epoch
 
     data = load_data(data_dir, img_size=int(preprocess["img_size"]), resize_size=int(preprocess["resize_size"]),
                      mean=preprocess["mean"], std=preprocess["std"], batch_size=batch_size, workers=workers, augment=augment_settings(cfg), cache=cfg.cache,
@@ -145,6 +145,7 @@ def fine_tune(model: nn.Module, data_dir: str, cfg: "TrainConfig", preprocess: d
     schedule, step, epoch, t0, last = WarmupCosine(lr, steps), 0, 0, time.time(), {}
     while step < steps:
         data.set_epoch(epoch)
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout: the same fine-tune every run
         progress = EpochProgress(step=step)
         last = train_one_epoch(ctx, data.train_loader, schedule, epoch + 1, progress, max_steps=steps - step,
                                bar=True)

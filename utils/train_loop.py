@@ -181,6 +181,11 @@ def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) ->
     return loss.detach(), logits.detach()
 
 
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """Seed of the global RNG (dropout, mixup) for one epoch: resuming at an epoch start replays it exactly."""
+    return (seed * 1_000_003 + epoch * 7919 + rank) % (2**63)
+
+
 class NonFiniteLoss(Exception):
     """The loss became NaN or inf; carries where it happened."""
 
