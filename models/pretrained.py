@@ -81,7 +81,8 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Like :func:`read_state_dict`, plus the ``arch`` a train.py checkpoint records (None for plain files)."""
+    """Like :func:`read_state_dict`, plus what a checkpoint records of its network (None for plain files):
+    its ``arch`` dict, with ``"pruned": True`` added for a utils.prune checkpoint."""
     if not os.path.isfile(path):
         raise UserError(f"weights file {path} not found; pass an existing .pth/.pt file or 'imagenet'")
     try:
@@ -93,7 +94,9 @@ def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | N
         ) from None
     arch = None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        arch = obj.get("arch") if isinstance(obj.get("arch"), dict) else None
+        arch = dict(obj["arch"]) if isinstance(obj.get("arch"), dict) else None
+        if arch is not None and obj.get("pruned"):
+            arch["pruned"] = True
         obj = obj["model"]  # a train.py checkpoint
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"weights file {path} does not hold a state dict (name -> tensor)")
@@ -144,8 +147,14 @@ def load_pretrained(model: nn.Module, source: str) -> LoadReport:
         if bad_shapes:
             problems.append(f"different shapes {_short(bad_shapes)}")
         desc = f"{arch} width {model.arch['width_mult']}" if arch else type(model).__name__
-        saved = (f" (it was saved from {saved_arch.get('name')} width {saved_arch.get('width_mult')}: train with "
-                 f"--model {saved_arch.get('name')} --width-mult {saved_arch.get('width_mult')})") if saved_arch else ""
+        saved = ""
+        if saved_arch and saved_arch.get("pruned"):
+            saved = (" (it is a pruned checkpoint: its layers are narrower than any --width-mult; fine-tune it with "
+                     "python -m utils.prune, or pass the unpruned checkpoint)")
+        elif saved_arch and ((saved_arch.get("name"), saved_arch.get("width_mult"))
+                             != (arch, getattr(model, "arch", {}).get("width_mult"))):
+            saved = (f" (it was saved from {saved_arch.get('name')} width {saved_arch.get('width_mult')}: train with "
+                     f"--model {saved_arch.get('name')} --width-mult {saved_arch.get('width_mult')})")
         raise UserError(
             f"weights file {path} does not fit {desc}{saved}: {'; '.join(problems)}; "
             "pass weights saved from the same model name and width (--model/--width-mult)"

@@ -135,6 +135,11 @@ def test_pretrained_errors_are_clear(tmp_path, imagenet_file):
     with pytest.raises(UserError, match=r"does not fit mobilenet_v2 width 0.5 \(it was saved from mobilenet_v3_small "
                                         r"width 0.25: train with --model mobilenet_v3_small --width-mult 0.25\)"):
         load_pretrained(half, ckpt)
+    # a pruned checkpoint of the same name and width: the hint says why, not "use the same flags"
+    torch.save({"model": {k: v[:1] if v.ndim else v for k, v in half.state_dict().items()}, "arch": dict(half.arch),
+                "pruned": {"ratio": 0.3}}, ckpt)
+    with pytest.raises(UserError, match=r"it is a pruned checkpoint: its layers are narrower"):
+        load_pretrained(half, ckpt)
     with pytest.raises(UserError, match="weights file .*nope.pth not found"):
         load_pretrained(half, str(tmp_path / "nope.pth"))
     junk = tmp_path / "junk.pth"

@@ -109,9 +109,13 @@ def test_checkpoint_format_log_and_config(data, tmp_path):
         assert key in ck, key
     assert ck["classes"] == sorted(os.listdir(SAMPLE))
     recipe = C.read_yaml(os.path.join(ROOT, "configs", "default.yaml"))  # no --config: the default recipe
-    # the recipe's crop_pct 1.0 makes the val resize follow --img-size (no border cut at any size)
-    assert recipe["crop_pct"] == 1.0 and "resize_size" not in recipe
     assert ck["preprocess"] == {"img_size": 32, "resize_size": 32, "mean": recipe["mean"], "std": recipe["std"]}
+    # no resize_size anywhere: the recipe's crop_pct 1.0 makes the val resize follow --img-size (no border cut)
+    assert recipe["crop_pct"] == 1.0 and "resize_size" not in recipe
+    args = [a for a in TINY if a != "resize_size=32"]
+    args.remove("--set")  # the "--set" that went with resize_size=32
+    cfg, _ = train.resolve_config(train.parse_args(args + ["--img-size", "40"]))
+    assert (cfg.img_size, cfg.resize_size) == (40, 40)
     assert ck["arch"] == {"name": "mobilenet_v2", "num_classes": 10, "width_mult": 0.25, "dropout": 0.2,
                           "small_input": False}
     assert ck["config"]["epochs"] == 2 and ck["scaler"] is None
@@ -224,9 +228,11 @@ def test_corrupt_training_image_is_skipped_and_reported(tmp_path, capsys):
         head = f.read()[:60]  # a real PNG cut short: decodes as truncated
     with open(bad, "wb") as f:
         f.write(head)
-    with pytest.warns(UserWarning, match="broken.png"):
-        train.main(TINY + ["--epochs", "1", "--data", root, "--out", str(tmp_path / "run"), "--set", "cache=none"])
+    with open(os.path.join(root, "val", "Coat", "broken_val.png"), "wb") as f:
+        f.write(head)  # a bad val image is met again every epoch: still one file
+    with pytest.warns(UserWarning, match="broken"):
+        train.main(TINY + ["--epochs", "2", "--data", root, "--out", str(tmp_path / "run"), "--set", "cache=none"])
     out = capsys.readouterr().out
-    assert "skipped 1 unreadable image(s) so far" in out and (tmp_path / "run" / "best.pt").is_file()
+    assert "skipped 2 unreadable image(s) so far" in out and (tmp_path / "run" / "best.pt").is_file()
     with open(tmp_path / "run" / "log.csv", newline="") as f:
-        assert [r["skipped_images"] for r in csv.DictReader(f)] == ["1"]
+        assert [r["skipped_images"] for r in csv.DictReader(f)] == ["2", "2"]  # distinct files, not events

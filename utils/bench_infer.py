@@ -45,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="real images to calibrate the int8 model on (default: tests/assets/photos)")
     parser.add_argument("--calib-images", type=int, default=100, help="calibration images used (default 100)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of the throughput test (default 32)")
-    parser.add_argument("--repeats", type=int, default=30, help="timed batch-1 calls per variant (default 30)")
-    parser.add_argument("--batch-repeats", type=int, default=5,
+    parser.add_argument("--repeats", type=_at_least_one, default=30, help="timed batch-1 calls per variant (default 30)")
+    parser.add_argument("--batch-repeats", type=_at_least_one, default=5,
                         help="timed batch calls per variant for throughput (default 5)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per variant first (default 3)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
@@ -55,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="intra-op threads for PyTorch and onnxruntime alike (default 0: each library's default). "
                              "On a busy shared machine use 1: multi-threaded PyTorch stalls at every barrier when "
                              "another process holds a core (measured 2100 ms vs 22 ms per image at load 4 on 2 cores)")
-    parser.add_argument("--block", type=int, default=5,
+    parser.add_argument("--block", type=_at_least_one, default=5,
                         help="timed calls in a row per variant before switching (after a 50 ms pause and one untimed "
                              "call, so the previous runtime's spinning threads are gone); 1 = strict A B C A B C "
                              "(default 5)")
@@ -131,6 +131,13 @@ def build_variants(model: torch.nn.Module, pre: dict[str, Any], args: argparse.N
             sess = ex.onnx_session(int8_path, threads=args.threads, spinning=args.ort_spinning == "on")
             out["onnxruntime_int8"] = (_ort_fn(sess), "numpy", os.path.getsize(int8_path))
     return out
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def _clone(model: torch.nn.Module) -> torch.nn.Module:

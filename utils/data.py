@@ -362,7 +362,7 @@ class SkippingLoader:
 
     @property
     def skipped(self) -> int:
-        return len(self.skipped_files)
+        return len(set(self.skipped_files))  # distinct files: a bad val image is met again every epoch
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -619,9 +619,11 @@ class DataBundle:
 
     @property
     def skipped(self) -> int:
-        """Corrupt images skipped so far (while caching and during iteration)."""
-        return (len(self.skipped_at_load) + getattr(self.train_loader, "skipped", 0)
-                + getattr(self.val_loader, "skipped", 0))
+        """Distinct corrupt images skipped so far by this process (while caching and during iteration)."""
+        files = set(self.skipped_at_load)
+        for loader in (self.train_loader, self.val_loader):
+            files.update(getattr(loader, "skipped_files", []))
+        return len(files)
 
 
 def _dist_info(distributed: bool) -> tuple[int, int]:

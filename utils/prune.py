@@ -127,7 +127,7 @@ def recalibrate_batchnorm(model: nn.Module, items: list[tuple[str, int]], prepro
 def fine_tune(model: nn.Module, data_dir: str, cfg: "TrainConfig", preprocess: dict[str, Any], steps: int, lr: float,
               batch_size: int, device: torch.device, workers: int = 2) -> dict[str, Any]:
     """Recover the accuracy pruning removed: ``steps`` optimizer steps with train.py's own data pipeline and
-    step, the checkpoint's preprocessing and augmentation, SGD Nesterov with a cosine decay from ``lr`` to 0.
+    step, the checkpoint's preprocessing, augmentation and optimizer, with a cosine decay from ``lr`` to 0.
     """
     from utils.config import augment_settings
     from utils.data import load_data
@@ -138,8 +138,8 @@ def fine_tune(model: nn.Module, data_dir: str, cfg: "TrainConfig", preprocess: d
                      mean=preprocess["mean"], std=preprocess["std"], batch_size=batch_size, workers=workers, augment=augment_settings(cfg), cache=cfg.cache,
                      seed=cfg.seed)
     model.to(device).to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, "sgd", lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay,
-                                no_wd_norm_bias=True)
+    optimizer = build_optimizer(model, cfg.optimizer, lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay, no_wd_norm_bias=True)
     ctx = StepContext(Trainable(model), optimizer, nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing), device,
                       channels_last=True, params=list(model.parameters()))
     schedule, step, epoch, t0, last = WarmupCosine(lr, steps), 0, 0, time.time(), {}
@@ -149,6 +149,9 @@ def fine_tune(model: nn.Module, data_dir: str, cfg: "TrainConfig", preprocess: d
         progress = EpochProgress(step=step)
         last = train_one_epoch(ctx, data.train_loader, schedule, epoch + 1, progress, max_steps=steps - step,
                                bar=True)
+        if progress.step == step:
+            raise UserError(f"{data_dir}/train gave no training batch (every image unreadable?); check it with "
+                            "split_dataset.py's report.csv")
         step, epoch = progress.step, epoch + 1
     model.to(memory_format=torch.contiguous_format).eval()
     return {"steps": steps, "lr": lr, "batch_size": batch_size, "images_seen": steps * batch_size,

@@ -16,6 +16,8 @@ def interleaved_timings(fns: dict[str, Callable[[], object]], repeats: int = 20,
     for milliseconds, onnxruntime too) would otherwise steal the cores from the next variant's first calls.
     Returns seconds per call, per name (``repeats`` each).
     """
+    if block < 1 or repeats < 1:
+        raise ValueError(f"block and repeats must be at least 1 (got block={block}, repeats={repeats})")
     for fn in fns.values():
         for _ in range(warmup):
             fn()
