@@ -169,20 +169,17 @@ def measure(variants: dict[str, tuple[Any, str, int]], size: int, batch: int, re
                    "throughput": batch / median(many[name])} for name in variants}
 
 
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Build every variant, time them interleaved, print the Markdown table, save CSV + Markdown."""
     from models import count_macs, count_params
+    from utils.timing import load_average
 
     if args.threads:
         torch.set_num_threads(args.threads)
     model, pre, label = _model_and_meta(args)
     size = int(pre["img_size"])
     params, macs = count_params(model), count_macs(model, size)
-    load_before = _load()
+    load_before = load_average()
     with tempfile.TemporaryDirectory() as tmp:
         print(f"exporting {', '.join(args.variants)} ...")
         variants = build_variants(model, pre, args, tmp)
@@ -190,7 +187,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
               f"{args.batch_repeats} x batch {args.batch_size} (torch threads {torch.get_num_threads()}, "
               f"onnxruntime threads {args.threads or 'default'}, spinning {args.ort_spinning})")
         res = measure(variants, size, args.batch_size, args.repeats, args.batch_repeats, args.warmup, args.block)
-    load = f"{load_before} -> {_load()}"
+    load = f"{load_before} -> {load_average()}"
     rows = [{"model": label, "img_size": size, "variant": name, "params": params, "macs": macs,
              "file_mb": round(variants[name][2] / 1e6, 2), "b1_p50_ms": round(r["b1_p50_ms"], 2),
              "b1_p90_ms": round(r["b1_p90_ms"], 2), f"b{args.batch_size}_img_s": round(r["throughput"], 1),

@@ -61,14 +61,11 @@ def run(args: argparse.Namespace) -> None:
                                "img_size": args.img_size, "batch_size": args.batch_size}.items() if v is not None}
     path = args.config or cfglib.DEFAULT_RECIPE
     cfg = cfglib.build_config(cfglib.read_yaml(path), path, flags, [])
-    if args.img_size is not None and "resize_size" in cfglib.read_yaml(path):
-        cfg.resize_size = max(cfg.img_size, cfg.resize_size)
     device = pick_device(args.device)
     data_dir = resolve_data_dir(cfg, True)
-    augment = {"scale": (cfg.scale_min, 1.0), "hflip": cfg.hflip}
-    data = load_data(data_dir, img_size=cfg.img_size, resize_size=max(cfg.resize_size, cfg.img_size), mean=cfg.mean,
-                     std=cfg.std, batch_size=cfg.batch_size, workers=cfg.workers, augment=augment, cache=cfg.cache,
-                     seed=0, pin_memory=device.type == "cuda", progress=False)
+    data = load_data(data_dir, img_size=cfg.img_size, resize_size=cfg.resize_size, mean=cfg.mean, std=cfg.std,
+                     batch_size=cfg.batch_size, workers=cfg.workers, augment=cfglib.augment_settings(cfg),
+                     cache=cfg.cache, seed=0, pin_memory=device.type == "cuda", progress=False)
     data.set_epoch(0)
     torch.manual_seed(0)
     base = build_model(cfg.model, num_classes=len(data.classes), width_mult=cfg.width_mult, dropout=cfg.dropout,

@@ -220,10 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from models import build_model
     from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
     from utils.config import from_checkpoint
     from utils.export import atomic_write, evenly_spaced, list_labelled_images, load_images
+    from utils.timing import load_average
 
     args = build_parser().parse_args(argv)
     ckpt = load_checkpoint(args.checkpoint)
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                         if k != "torch"}}
     report = {"checkpoint": os.path.abspath(args.checkpoint), "ratio": args.ratio, "val_images": len(val),
               "before": before, "after_prune": after_prune, "after_fine_tune": after, "fine_tune": tune,
-              "uptime": _load()}
+              "uptime": "load average " + load_average()}
     os.makedirs(out, exist_ok=True)
     save_checkpoint(os.path.join(out, "pruned.pt"), state)
     atomic_write(os.path.join(out, "prune.json"),
@@ -290,13 +290,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(format_report(report))
     print(f"wrote {out}/pruned.pt and {out}/prune.json; export it with: python export.py {out}/pruned.pt")
     return report
-
-
-def _load() -> str:
-    try:
-        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return ""
 
 
 def format_report(r: dict[str, Any]) -> str:

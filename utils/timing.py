@@ -1,6 +1,7 @@
 """Timing helpers for benchmarks: interleaved repeats and medians, because this machine is noisy."""
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Callable
@@ -43,3 +44,11 @@ def percentile(xs: list[float], q: float) -> float:
     """The q-th percentile (0-100) by nearest rank."""
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages as text (benchmarks print it: a busy machine skews absolute numbers)."""
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # not available on this platform
+        return "n/a"
