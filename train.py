@@ -25,13 +25,15 @@ from torch import nn
 
 from models import build_model, count_params, load_pretrained
 from utils import config as cfglib
+from utils import machine
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.distributed import barrier, cleanup, convert_sync_batchnorm, init_distributed
+from utils.distributed import barrier, broadcast_object, cleanup, convert_sync_batchnorm, init_distributed
 from utils.errors import UserError, run_main
 from utils.log import CSVLogger, summary_line
 from utils.schedule import WarmupCosine, build_optimizer
 from utils.train_loop import (EMA, EpochProgress, NonFiniteLoss, StepContext, Trainable, build_mixup,
-                              cache_pooled_features, epoch_seed, evaluate, pick_amp, pick_device, train_one_epoch)
+                              cache_pooled_features, epoch_seed, evaluate, make_probe_step, pick_device,
+                              train_one_epoch)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -99,8 +101,36 @@ def make_model(cfg: cfglib.TrainConfig, num_classes: int, resuming: bool, is_mai
     return model
 
 
+def speed_plan(cfg: cfglib.TrainConfig, model: nn.Module, device: torch.device, cache: str, threads: machine.Choice,
+               workers: machine.Choice, num_classes: int, resumed: dict | None) -> machine.SpeedPlan:
+    """The run's automatic speed choices (utils/machine.py). On a CPU, precision and memory format come from a
+    short probe of this very model's training step; a resumed run on the same machine reuses the probe it
+    recorded, so it continues with the same choices (and bit for bit)."""
+    frozen = cfg.freeze == "features"
+    amp, layout = cfg.amp, cfg.channels_last
+    if cfg.cache_features:  # only the linear head trains, on cached features: nothing for bf16 or NHWC to speed up
+        amp, layout = "off", "off"
+    recorded = (resumed or {}).get("speed") or {}
+    batch = machine.probe_batch(cfg.batch_size, cfg.img_size)
+
+    def probe(variants):
+        old = recorded.get("probe_s_per_step") or {}
+        if recorded.get("machine") == machine.cpu_info().describe() and all(machine.variant_name(v) in old
+                                                                            for v in variants):
+            return old, True
+        factory = make_probe_step(model, frozen=frozen, device=device, batch=batch, img_size=cfg.img_size,
+                                  num_classes=num_classes)
+        what = {"model": dict(model.arch), "img_size": cfg.img_size, "batch": batch, "frozen": frozen,
+                "small_input": cfg.small_input}
+        times, cached = machine.probe_variants(factory, variants, machine.cpu_info(), what)
+        return broadcast_object(times), cached  # every torchrun process trains with rank 0's choice
+
+    return machine.plan_training(device=device, amp=amp, channels_last=layout, cache=cache, workers=workers,
+                                 threads=threads, probe=probe)
+
+
 def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, step, best_acc, classes,
-                     partial: EpochProgress | None = None) -> dict:
+                     plan: machine.SpeedPlan, partial: EpochProgress | None = None) -> dict:
     """The checkpoint dict (format in the README): everything needed to continue bit for bit."""
     import torchvision
 
@@ -114,7 +144,7 @@ def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, step, 
         "epoch": epoch, "step": step, "best_acc": best_acc, "config": cfglib.to_dict(cfg), "classes": list(classes),
         "preprocess": {"img_size": cfg.img_size, "resize_size": cfg.resize_size, "mean": list(cfg.mean),
                        "std": list(cfg.std)},
-        "arch": dict(model.arch), "rng": rng,
+        "arch": dict(model.arch), "rng": rng, "speed": plan.record(),
         "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
         # Set only when Ctrl-C stopped an epoch half-way: where to pick it up again.
         "partial_epoch": None if partial is None else {
@@ -130,7 +160,14 @@ def main(argv: list[str] | None = None) -> dict:
     dist = init_distributed(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
+    elif device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     main_proc = dist.is_main
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if dist.enabled else 1
+    cpu = machine.cpu_info()
+    threads = machine.decide_threads(cpu, local_world)
+    machine.apply_threads(threads)
+    workers = machine.decide_workers(cfg.workers, device, cpu, local_world)
     torch.manual_seed(cfg.seed)
 
     # ---- data (frozen backbone + cache_features: the images are read once, after the model exists)
@@ -144,9 +181,9 @@ def main(argv: list[str] | None = None) -> dict:
         classes = list(load_image_folder(os.path.join(data_dir, "train")).classes)
     else:
         data = load_data(data_dir, img_size=cfg.img_size, resize_size=cfg.resize_size, mean=cfg.mean, std=cfg.std,
-                         batch_size=cfg.batch_size, workers=cfg.workers, augment=cfglib.augment_settings(cfg),
+                         batch_size=cfg.batch_size, workers=workers.value, augment=cfglib.augment_settings(cfg),
                          cache=cfg.cache, distributed=dist.enabled, seed=cfg.seed,
-                         pin_memory=device.type == "cuda", progress=cfg.progress)
+                         pin_memory=device.type == "cuda", progress=cfg.progress, augment_device=device)
         classes = list(data.classes)
     if ckpt is not None and list(ckpt.get("classes", classes)) != classes:
         raise UserError(f"{cfg.resume} was trained on classes {ckpt['classes']}, but {data_dir} has {classes}; "
@@ -157,7 +194,11 @@ def main(argv: list[str] | None = None) -> dict:
     if dist.enabled and cfg.sync_bn:
         model = convert_sync_batchnorm(model, device.type)  # same top module, BN children swapped
     model.to(device)
-    if cfg.channels_last:
+    plan = speed_plan(cfg, model, device, "features" if cfg.cache_features else data.cache, threads, workers,
+                      len(classes), ckpt)
+    machine.apply_plan(plan, device)
+    amp_dtype, channels_last = plan.amp_dtype, bool(plan.channels_last.value)
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -166,10 +207,9 @@ def main(argv: list[str] | None = None) -> dict:
         ema.load_state_dict(ckpt["ema"])
 
     frozen = cfg.freeze == "features"
-    amp_dtype = pick_amp(cfg.amp, device, cfg.img_size, cfg.amp_min_img_size)
     if cfg.cache_features:
-        data = cache_pooled_features(model, data_dir, preprocess, cfg.batch_size, cfg.workers, device, cfg.seed,
-                                     dist.rank, dist.world_size, bar=main_proc and cfg.progress, amp_dtype=amp_dtype)
+        data = cache_pooled_features(model, data_dir, preprocess, cfg.batch_size, workers.value, device, cfg.seed,
+                                     dist.rank, dist.world_size, bar=main_proc and cfg.progress)
     train_loader, val_loader = data.train_loader, data.val_loader
     steps_per_epoch = len(train_loader)
     if cfg.max_steps_per_epoch:
@@ -181,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 backbone_lr_mult=cfg.backbone_lr_mult)
     schedule = WarmupCosine(cfg.lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
                             cfg.min_lr)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    scaler = torch.amp.GradScaler("cuda") if plan.grad_scaler else None
     start_epoch, step, best_acc, partial = 0, 0, 0.0, None
     if ckpt is not None:
         try:
@@ -212,27 +252,28 @@ def main(argv: list[str] | None = None) -> dict:
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     ctx = StepContext(trainable, optimizer, criterion, device, amp_dtype, scaler, ema,
                       build_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, len(classes)), cfg.clip_grad_norm,
-                      cfg.channels_last and not cfg.cache_features, [p for p in model.parameters() if p.requires_grad])
+                      channels_last, [p for p in model.parameters() if p.requires_grad])
 
     # ---- run folder
     out = cfg.out
     logger = None
     if main_proc:
         os.makedirs(out, exist_ok=True)
-        cfglib.save_config(cfg, os.path.join(out, "config.yaml"))
+        cfglib.save_config(cfg, os.path.join(out, "config.yaml"), record={"speed": plan.record()})
         logger = CSVLogger(os.path.join(out, "log.csv"), keep_epochs_upto=start_epoch)
-        amp_name = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}
+        amp_text = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}
         print(f"{cfg.model} x{cfg.width_mult} ({count_params(model) / 1e6:.2f} M params) | {len(classes)} classes | "
               f"train {data.num_train} / val {data.num_val} images | {device}"
-              f"{f' x{dist.world_size} processes' if dist.enabled else ''} | {amp_name[amp_dtype]}"
-              f"{' channels_last' if cfg.channels_last else ''} | {cfg.epochs} epochs x {steps_per_epoch} steps"
+              f"{f' x{dist.world_size} processes' if dist.enabled else ''} | {amp_text[amp_dtype]}"
+              f"{' channels_last' if channels_last else ''} | {cfg.epochs} epochs x {steps_per_epoch} steps"
               f" | run folder {out}")
+        print(f"speed choices on {plan.machine} (also in config.yaml):\n" + "\n".join(plan.lines()))
         if start_epoch:
             print(f"resuming after epoch {start_epoch} (global step {step}) from {cfg.resume}")
 
     def save(name: str, epoch_done: int, part: EpochProgress | None = None) -> None:
         state = checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch_done, progress.step,
-                                 best_acc, classes, part)
+                                 best_acc, classes, plan, part)
         save_checkpoint(os.path.join(out, name), state)
 
     # ---- loop

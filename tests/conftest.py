@@ -5,3 +5,11 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+def pytest_configure(config):
+    # Speed probes (utils/machine.py) are cached per test session, not in the user's ~/.cache: runs inside one
+    # session reuse one measurement, so two runs that must match bit for bit make the same automatic choices.
+    import tempfile
+
+    os.environ.setdefault("MOBILENET_CACHE_DIR", tempfile.mkdtemp(prefix="mobilenet-cache-"))

@@ -1,14 +1,16 @@
-"""Training step speed: train.py's real step (its data loader included) vs a plain fp32 NCHW loop.
+"""Training step speed: train.py's real step with its automatic choices vs every manual variant.
 
 Variants, all on the same real images and loader, timed interleaved (A B C A B C ...) and reported as medians:
   plain fp32 NCHW      - model(x); loss.backward(); optimizer.step() with default memory format and precision
-  fp32 channels_last   - the same with NHWC tensors
-  bf16 + channels_last - CPU bf16 autocast (fp16 + GradScaler on CUDA)
-  train.py step        - utils.train_loop.train_step with the settings train.py picks (amp=auto, channels_last)
-Each timed call = fetch the next batch from the loader + one optimizer step.
+  fp32 channels_last   - utils.train_loop.train_step with NHWC tensors
+  bf16 + channels_last - the same under bf16 autocast (on CUDA: bf16 on sm_80+, else fp16 + GradScaler)
+  compile              - torch.compile of the fp32 channels_last model (--no-compile to skip: it compiles ~1 min)
+  train.py auto        - train_step with what utils.machine decides for this machine (probe included)
+Each timed call = fetch the next batch from the loader + one optimizer step. The machine (CPU model and
+features, or GPU and compute capability) is printed above the table and saved in the CSV.
 
-    python benchmark.py train                                   # default recipe: Fashion-MNIST, 32 px, batch 128
-    python benchmark.py train --img-size 224 --batch-size 32    # where bf16 autocast pays off on a CPU
+    python benchmark.py train                                   # default recipe: Fashion-MNIST, 48 px, batch 256
+    python benchmark.py train --img-size 224 --batch-size 32    # photo-sized inputs
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda (default: auto)")
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per variant (default: 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default: 2)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--out", default="runs/bench/train.csv", help="CSV output (default: %(default)s)")
 
 
@@ -50,46 +53,56 @@ def run(args: argparse.Namespace) -> None:
 
         os.execv(sys.executable, [sys.executable] + sys.argv)
     from models import build_model
-    from train import resolve_data_dir
+    from train import resolve_data_dir, speed_plan
     from utils import config as cfglib
+    from utils import machine
     from utils.data import load_data
     from utils.schedule import build_optimizer
     from utils.timing import interleaved_timings, median
-    from utils.train_loop import StepContext, Trainable, pick_amp, pick_device, train_step
+    from utils.train_loop import StepContext, Trainable, pick_device, train_step
 
     flags = {k: v for k, v in {"data": args.data, "model": args.model, "width_mult": args.width_mult,
                                "img_size": args.img_size, "batch_size": args.batch_size}.items() if v is not None}
     path = args.config or cfglib.DEFAULT_RECIPE
     cfg = cfglib.build_config(cfglib.read_yaml(path), path, flags, [])
     device = pick_device(args.device)
+    cpu = machine.cpu_info()
+    threads = machine.decide_threads(cpu, 1)
+    machine.apply_threads(threads)
+    workers = machine.decide_workers(cfg.workers, device, cpu)
     data_dir = resolve_data_dir(cfg, True)
     data = load_data(data_dir, img_size=cfg.img_size, resize_size=cfg.resize_size, mean=cfg.mean, std=cfg.std,
-                     batch_size=cfg.batch_size, workers=cfg.workers, augment=cfglib.augment_settings(cfg),
+                     batch_size=cfg.batch_size, workers=workers.value, augment=cfglib.augment_settings(cfg),
                      cache=cfg.cache, seed=0, pin_memory=device.type == "cuda", progress=False)
     data.set_epoch(0)
     torch.manual_seed(0)
     base = build_model(cfg.model, num_classes=len(data.classes), width_mult=cfg.width_mult, dropout=cfg.dropout,
                        small_input=cfg.small_input).to(device)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    low = torch.float16 if device.type == "cuda" else torch.bfloat16
-    auto = pick_amp(cfg.amp, device, cfg.img_size, cfg.amp_min_img_size)
-    variants = {  # name -> (channels_last, autocast dtype)
-        "plain fp32 NCHW": (False, None),
-        "fp32 channels_last": (True, None),
-        f"{'fp16' if device.type == 'cuda' else 'bf16'} + channels_last": (True, low),
-        f"train.py step ({'fp32' if auto is None else str(auto).replace('torch.', '')}"
-        f"{' channels_last' if cfg.channels_last else ''})": (cfg.channels_last, auto),
+    gpu = machine.gpu_info(device)
+    low = machine.cuda_amp("auto", gpu).value if gpu else torch.bfloat16
+    plan = speed_plan(cfg, base, device, data.cache, threads, workers, len(data.classes), None)
+    auto = (bool(plan.channels_last.value), plan.amp_dtype)
+    auto_name = f"train.py auto ({machine.variant_name(auto)})"
+    variants = {  # name -> (channels_last, autocast dtype, compile)
+        "plain fp32 NCHW": (False, None, False),
+        "fp32 channels_last": (True, None, False),
+        f"{machine.amp_name(low)} + channels_last": (True, low, False),
+        auto_name: (auto[0], auto[1], False),
     }
+    if not args.no_compile:
+        variants["compile (fp32 channels_last)"] = (True, None, True)
 
     def batches():
         while True:
             yield from data.train_loader
 
     fns = {}
-    for name, (cl, dtype) in variants.items():
+    for name, (cl, dtype, compiled) in variants.items():
         model = copy.deepcopy(base)
         if cl:
             model = model.to(memory_format=torch.channels_last)
+        net = torch.compile(model) if compiled else model
         opt = build_optimizer(model, cfg.optimizer, cfg.lr * 0.01, momentum=cfg.momentum, nesterov=cfg.nesterov,
                               weight_decay=cfg.weight_decay, no_wd_norm_bias=cfg.no_wd_norm_bias)
         scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
@@ -105,7 +118,7 @@ def run(args: argparse.Namespace) -> None:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
         else:
-            ctx = StepContext(Trainable(model), opt, criterion, device, dtype, scaler, channels_last=cl)
+            ctx = StepContext(Trainable(model, net), opt, criterion, device, dtype, scaler, channels_last=cl)
 
             def step(ctx=ctx, it=it):
                 train_step(ctx, *next(it))
@@ -114,7 +127,9 @@ def run(args: argparse.Namespace) -> None:
         fns[name] = step
 
     print(f"benchmark.py train: {cfg.model} x{cfg.width_mult} at {cfg.img_size} px, batch {cfg.batch_size}, {device}, "
-          f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats, data: {data_dir} ({data.cache})")
+          f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats, data: {data_dir} ({data.cache})\n"
+          f"machine: {plan.machine}\ntrain.py's automatic choice: {machine.variant_name(auto)} "
+          f"(amp: {plan.amp.reason}; channels_last: {plan.channels_last.reason})")
     times = interleaved_timings(fns, repeats=args.repeats, warmup=args.warmup)
     base_med = median(times["plain fp32 NCHW"])
     rows = []
@@ -122,10 +137,13 @@ def run(args: argparse.Namespace) -> None:
         med = median(ts)
         rows.append({"variant": name, "median_s_per_step": round(med, 4), "images_per_s": round(cfg.batch_size / med, 1),
                      "speedup_vs_plain": round(base_med / med, 2), "img_size": cfg.img_size,
-                     "batch_size": cfg.batch_size, "device": str(device)})
-    print("\n| variant | median s/step | img/s | vs plain fp32 NCHW |\n|---|---:|---:|---:|")
+                     "batch_size": cfg.batch_size, "device": str(device), "machine": plan.machine})
+    best = min(median(ts) for ts in times.values())
+    print(f"\nmachine: {plan.machine}\n| variant | median s/step | img/s | vs plain fp32 NCHW | vs fastest |"
+          "\n|---|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['variant']} | {r['median_s_per_step']:.3f} | {r['images_per_s']:.0f} | {r['speedup_vs_plain']:.2f}x |")
+        print(f"| {r['variant']} | {r['median_s_per_step']:.3f} | {r['images_per_s']:.0f} | {r['speedup_vs_plain']:.2f}x "
+              f"| {best / r['median_s_per_step']:.2f} |")
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
     w.writeheader()

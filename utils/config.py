@@ -26,6 +26,7 @@ CHOICES = {
     "optimizer": ("sgd", "adamw", "rmsprop"),
     "freeze": ("none", "features"),
     "amp": ("auto", "on", "off"),
+    "channels_last": ("auto", "on", "off"),
     "cache": ("auto", "memory", "none"),
     "auto_augment": ("none", "trivial"),
 }
@@ -42,7 +43,7 @@ class TrainConfig:
     crop_pct: float = 0.875  # with resize_size 0: center crop / resized side (0.875 = 224/256; 1.0 = no border cut)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # normalisation mean (RGB)
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # normalisation std (RGB)
-    workers: int = 2  # data loader worker processes per training process
+    workers: int = -1  # data loader worker processes per training process (-1 = auto, see the run header)
     cache: str = "auto"  # keep decoded images in memory: auto (small datasets) | memory | none
     # augmentation
     scale_min: float = 0.08  # RandomResizedCrop scale lower bound (upper bound 1.0)
@@ -78,9 +79,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # EMA of weights, e.g. 0.999 (0 = off); validation then uses the EMA weights
     clip_grad_norm: float = 0.0  # clip the gradient norm to this value (0 = off)
     # speed
-    channels_last: bool = True  # NHWC memory format (measured faster on CPU and CUDA)
-    amp: str = "auto"  # mixed precision: auto (per device and image size) | on | off
-    amp_min_img_size: int = 128  # amp=auto on CPU uses bf16 only from this image size (measured)
+    channels_last: str = "auto"  # NHWC memory format: auto (measured on a CPU, by GPU kind on CUDA) | on | off
+    amp: str = "auto"  # mixed precision: auto (CPU: bf16 only where a probe measures it faster; CUDA: bf16 on sm_80+, else fp16) | on | off
     compile: bool = False  # torch.compile the model (slow first epoch, faster steps)
     # run
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -102,7 +102,7 @@ FLAGS = {
     "--lr": ("lr", "peak learning rate"),
     "--pretrained": ("pretrained", "imagenet | none | PATH to weights"),
     "--freeze": ("freeze", "features (train the classifier only) | none"),
-    "--workers": ("workers", "data loader workers per process"),
+    "--workers": ("workers", "data loader workers per process (-1 = auto: from cores, device and cache)"),
     "--device": ("device", "auto | cpu | cuda | cuda:N"),
     "--seed": ("seed", "random seed"),
     "--out": ("out", "run folder (config.yaml, log.csv, curves.png, last.pt, best.pt)"),
@@ -186,7 +186,7 @@ def read_yaml(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"config file {path} must be a mapping of key: value lines, got {type(data).__name__}")
-    return data
+    return {k: v for k, v in data.items() if k not in RECORD_KEYS}
 
 
 class _Raw(str):
@@ -219,7 +219,7 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.batch_size >= 1, "batch_size must be at least 1"),
         (cfg.img_size >= 16, "img_size must be at least 16"),
         (cfg.lr > 0, "lr must be positive"),
-        (cfg.workers >= 0, "workers must be 0 or more"),
+        (cfg.workers >= -1, "workers must be 0 or more (or -1 = auto)"),
         (0 <= cfg.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
         (0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)"),
         (0 < cfg.scale_min <= 1, "scale_min must be in (0, 1]"),
@@ -269,9 +269,16 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: TrainConfig, path: str) -> None:
-    """Write the resolved config as YAML, atomically."""
+# Keys of a run's config.yaml that record what happened (e.g. the automatic speed choices), not settings:
+# a run's config.yaml given back as --config ignores them.
+RECORD_KEYS = ("speed",)
+
+
+def save_config(cfg: TrainConfig, path: str, record: Optional[dict[str, Any]] = None) -> None:
+    """Write the resolved config as YAML, atomically, followed by ``record`` (keys in RECORD_KEYS)."""
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if record:
+        text += yaml.safe_dump(record, sort_keys=False)
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:

@@ -505,9 +505,10 @@ def _augment_batch(x: torch.Tensor, seeds: np.ndarray, img_size: int, cfg: Augme
     cy = 2 * (top + ch / 2) / h - 1
     theta = np.stack([np.stack([cos * flip * cw / w, -sin * ch / w, cx], 1),
                       np.stack([sin * flip * cw / h, cos * ch / h, cy], 1)], 1)
-    theta_t = torch.from_numpy(theta).float()
+    dev = x.device  # a CUDA batch is augmented on the GPU; the parameters above are drawn on the CPU either way
+    theta_t = torch.from_numpy(theta).float().to(dev)
     # Same grid as F.affine_grid(align_corners=False), built by broadcasting (affine_grid is slower on CPU).
-    lin = (torch.arange(img_size, dtype=torch.float32) * 2 + 1) / img_size - 1
+    lin = (torch.arange(img_size, dtype=torch.float32, device=dev) * 2 + 1) / img_size - 1
     xs, ys = lin.view(1, 1, img_size), lin.view(1, img_size, 1)
     th = theta_t[:, :, :, None, None]
     grid = torch.stack([th[:, 0, 0] * xs + th[:, 0, 1] * ys + th[:, 0, 2],
@@ -517,7 +518,7 @@ def _augment_batch(x: torch.Tensor, seeds: np.ndarray, img_size: int, cfg: Augme
     out = out * (1 / 255)
     if cfg.color_jitter > 0:
         j = cfg.color_jitter
-        f = torch.from_numpy(max(0.0, 1 - j) + (1 + j - max(0.0, 1 - j)) * _uniforms(seeds, 3, stream=1)).float()
+        f = torch.from_numpy(max(0.0, 1 - j) + (1 + j - max(0.0, 1 - j)) * _uniforms(seeds, 3, stream=1)).float().to(dev)
         out = (out * f[:, 0, None, None, None]).clamp_(0, 1)
         grey = (0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2]).unsqueeze(1)
         m = grey.mean((1, 2, 3), keepdim=True)
@@ -549,22 +550,32 @@ def _augment_batch(x: torch.Tensor, seeds: np.ndarray, img_size: int, cfg: Augme
         eh, ew = eh[rows, efirst], ew[rows, efirst]
         ei = np.floor(e[rows, 20 + efirst] * (s - eh + 1))
         ej = np.floor(e[rows, 30 + efirst] * (s - ew + 1))
-        ar = torch.arange(s)
-        t = lambda a: torch.from_numpy(a).float()[:, None]  # noqa: E731
+        ar = torch.arange(s, device=dev)
+        t = lambda a: torch.from_numpy(a).float().to(dev)[:, None]  # noqa: E731
         rmask = (ar[None] >= t(ei)) & (ar[None] < t(ei + eh))
         cmask = (ar[None] >= t(ej)) & (ar[None] < t(ej + ew))
-        mask = (rmask[:, :, None] & cmask[:, None, :]) & torch.from_numpy(do)[:, None, None]
+        mask = (rmask[:, :, None] & cmask[:, None, :]) & torch.from_numpy(do).to(dev)[:, None, None]
         out = out.masked_fill(mask[:, None], 0.0)
     return out
 
 
+def _to_augment_device(x: torch.Tensor, y: torch.Tensor, device: torch.device | None):
+    """A uint8 batch and its labels on the device that augments it: pinned, then one asynchronous copy (uint8 is
+    a quarter of the float32 bytes)."""
+    if device is None or device.type == "cpu":
+        return x, y
+    return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+
+
 class MemoryTrainLoader:
-    """Train batches from an in-RAM uint8 tensor, augmented batched in the main process."""
+    """Train batches from an in-RAM uint8 tensor, augmented batched in the main process: on the CPU, or on the
+    GPU when ``device`` is one (the gathered uint8 batch crosses over, augmentation runs there)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, sampler: EpochBatchSampler, img_size: int,
-                 cfg: AugmentConfig, mean, std, pin_memory: bool):
+                 cfg: AugmentConfig, mean, std, pin_memory: bool, device: torch.device | None = None):
         self.images, self.labels, self.batch_sampler = images, labels, sampler
         self.img_size, self.cfg, self.mean, self.std, self.pin_memory = img_size, cfg, mean, std, pin_memory
+        self.device = device
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -575,18 +586,19 @@ class MemoryTrainLoader:
             idx = torch.tensor([i for i, _ in batch])
             seeds = np.array([s for _, s in batch], dtype=np.uint64)
             with single_thread():  # gathering 128 small images is slower with two threads on a busy machine
-                x = _augment_batch(self.images[idx], seeds, self.img_size, self.cfg, self.mean, self.std)
-                y = self.labels[idx]
-            yield (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
+                x, y = _to_augment_device(self.images[idx], self.labels[idx], self.device)
+                x = _augment_batch(x, seeds, self.img_size, self.cfg, self.mean, self.std)
+            yield (x.pin_memory(), y.pin_memory()) if self.pin_memory and x.device.type == "cpu" else (x, y)
 
 
 class MemoryValLoader:
     """Val batches from precomputed uint8 crops (resize + center crop done once, exactly as build_eval_transform)."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, sampler: EpochBatchSampler, mean, std,
-                 pin_memory: bool):
+                 pin_memory: bool, device: torch.device | None = None):
         self.images, self.labels, self.batch_sampler = images, labels, sampler
         self.mean, self.std, self.pin_memory = mean, std, pin_memory
+        self.device = device
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -595,10 +607,10 @@ class MemoryValLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for idx in self.batch_sampler:
             with single_thread():
-                x = to_rgb(self.images[idx]).float().mul_(1 / 255)
+                x, y = _to_augment_device(self.images[idx], self.labels[idx], self.device)
+                x = to_rgb(x).float().mul_(1 / 255)
                 x = T.functional.normalize(x, list(self.mean), list(self.std))
-                y = self.labels[idx]
-            yield (x.pin_memory(), y.pin_memory()) if self.pin_memory else (x, y)
+            yield (x.pin_memory(), y.pin_memory()) if self.pin_memory and x.device.type == "cpu" else (x, y)
 
 
 # --------------------------------------------------------------------------------------------- bundle
@@ -653,14 +665,15 @@ def _estimate_bytes(samples: list[tuple[str, int]], resize_size: int) -> int | N
 
 def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batch_size: int, workers: int,
               augment: dict, cache: str = "auto", distributed: bool = False, seed: int = 0,
-              pin_memory: bool = False, progress: bool = True) -> DataBundle:
+              pin_memory: bool = False, progress: bool = True, augment_device: torch.device | None = None) -> DataBundle:
     """Train/val loaders for ``data_dir/{train,val}`` (ImageFolder layout), see the module docstring.
 
     ``batch_size`` is per process. ``cache``: "memory" (decode once into RAM), "none" (decode every step in
     ``workers`` DataLoader processes) or "auto" (memory when all images share one size, at most twice
     ``resize_size``, and the decoded train+val set is under 2 GB; else none). With an explicit "memory", images of
     different sizes are stored resized (shorter side ``max(resize_size, img_size)``) and center-cropped square.
-    ``progress`` shows a bar while caching (rank 0 only).
+    ``progress`` shows a bar while caching (rank 0 only). ``augment_device``: a CUDA device makes the memory
+    path send uint8 batches there and augment them on the GPU (utils.machine.decide_augment_device).
     """
     if not 8 <= img_size <= 1024:
         raise UserError(f"img_size={img_size}: use a size between 28 and 224 (8..1024 accepted)")
@@ -691,7 +704,8 @@ def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batc
         use_memory = None not in est and sum(est) < MEMORY_BUDGET
     if use_memory:
         bundle = _memory_bundle(train_ds, val_ds, train_sampler, val_sampler, img_size, resize_size, cfg, mean,
-                                std, pin, require_uniform=(cache == "auto"), progress=progress and rank == 0)
+                                std, pin, require_uniform=(cache == "auto"), progress=progress and rank == 0,
+                                device=augment_device)
         if bundle is not None:
             return bundle
     train_tf = build_train_transform(img_size, mean=mean, std=std, **cfg.__dict__)
@@ -705,7 +719,7 @@ def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batc
 
 
 def _memory_bundle(train_ds, val_ds, train_sampler, val_sampler, img_size, resize_size, cfg, mean, std, pin,
-                   require_uniform: bool, progress: bool) -> DataBundle | None:
+                   require_uniform: bool, progress: bool, device: torch.device | None = None) -> DataBundle | None:
     """Decode both splits into RAM; None (caller falls back to disk) if ``require_uniform`` and sizes differ."""
     parts = {}
     skipped: list[str] = []
@@ -731,6 +745,6 @@ def _memory_bundle(train_ds, val_ds, train_sampler, val_sampler, img_size, resiz
     # Val: exactly build_eval_transform's uint8 ops (resize shorter side, center crop), done once.
     val_x = T.functional.center_crop(T.functional.resize(val_x, resize_size, antialias=True), [img_size, img_size])
     train_sampler.n, val_sampler.n = len(train_y), len(val_y)
-    return DataBundle(MemoryTrainLoader(train_x, train_y, train_sampler, img_size, cfg, mean, std, pin),
-                      MemoryValLoader(val_x.contiguous(), val_y, val_sampler, mean, std, pin),
+    return DataBundle(MemoryTrainLoader(train_x, train_y, train_sampler, img_size, cfg, mean, std, pin, device),
+                      MemoryValLoader(val_x.contiguous(), val_y, val_sampler, mean, std, pin, device),
                       list(train_ds.classes), len(train_y), len(val_y), cache="memory", skipped_at_load=skipped)

@@ -52,6 +52,15 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every process (``obj`` itself when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     """Wait for all processes (no-op when not distributed)."""
     if dist.is_available() and dist.is_initialized():

@@ -32,22 +32,6 @@ def pick_device(name: str) -> torch.device:
     return dev
 
 
-def pick_amp(mode: str, device: torch.device, img_size: int, min_cpu_img_size: int) -> Optional[torch.dtype]:
-    """Autocast dtype or None (fp32).
-
-    ``auto``: fp16 on CUDA (with a GradScaler); bf16 on CPU only from ``min_cpu_img_size`` px, because on
-    a 2-core CPU bf16 autocast made 224 px steps ~2x faster but 32 px steps slower (cast overhead
-    dominates tiny convolutions; see the README's benchmark table).
-    """
-    if mode == "off":
-        return None
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu" and (mode == "on" or img_size >= min_cpu_img_size):
-        return torch.bfloat16
-    return None
-
-
 class EMA:
     """Exponential moving average of a model's weights: ``ema = decay * ema + (1 - decay) * w`` after each
     step; buffers (BatchNorm statistics) are copied. ``state_dict()`` loads straight into the model.
@@ -179,6 +163,36 @@ def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) ->
     if ctx.ema is not None:
         ctx.ema.update(ctx.trainable.model)
     return loss.detach(), logits.detach()
+
+
+def make_probe_step(model: nn.Module, *, frozen: bool, device: torch.device, batch: int, img_size: int,
+                    num_classes: int) -> Callable:
+    """``factory((channels_last, amp_dtype)) -> step``: one real training step of a copy of ``model`` on random
+    images, for utils.machine's speed probe (the model itself, its optimizer and the RNG stay untouched)."""
+    criterion = nn.CrossEntropyLoss()
+    x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(batch) % num_classes
+
+    def factory(variant: tuple[bool, Optional[torch.dtype]]) -> Callable[[], None]:
+        channels_last, dtype = variant
+        net = copy.deepcopy(model).to(device)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        params = [p for p in net.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=1e-6, momentum=0.9)
+        ctx = StepContext(Trainable(net, frozen=frozen), opt, criterion, device, dtype,
+                          torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
+                          channels_last=channels_last, params=params)
+
+        def step() -> None:
+            with torch.random.fork_rng(devices=[]):  # dropout draws must not shift the run's random stream
+                train_step(ctx, x, y)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+        return step
+
+    return factory
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
