@@ -202,7 +202,7 @@ class SpeedPlan:
 def decide_threads(cpu: CpuInfo, local_world: int) -> Choice:
     """Intra-op threads: the cores this process may use, shared evenly between torchrun's local processes."""
     if "OMP_NUM_THREADS" in os.environ:
-        return Choice(torch.get_num_threads(), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} (set by the user)")
+        return Choice(torch.get_num_threads(), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} (set in the environment)")
     n = max(1, cpu.cores // max(1, local_world))
     why = f"{cpu.cores} cores" + (f" / {local_world} local processes" if local_world > 1 else "")
     return Choice(n, why)
