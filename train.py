@@ -27,7 +27,8 @@ from models import build_model, count_params, load_pretrained
 from utils import config as cfglib
 from utils import machine
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.distributed import barrier, broadcast_object, cleanup, convert_sync_batchnorm, init_distributed
+from utils.distributed import (barrier, broadcast_object, cleanup, convert_sync_batchnorm, init_distributed,
+                               is_main_process)
 from utils.errors import UserError, run_main
 from utils.log import CSVLogger, summary_line
 from utils.schedule import WarmupCosine, build_optimizer
@@ -113,7 +114,7 @@ def speed_plan(cfg: cfglib.TrainConfig, model: nn.Module, device: torch.device, 
     recorded = (resumed or {}).get("speed") or {}
     batch = machine.probe_batch(cfg.batch_size, cfg.img_size)
 
-    def probe(variants):
+    def measure(variants):
         old = recorded.get("probe_s_per_step") or {}
         if recorded.get("machine") == machine.cpu_info().describe() and all(machine.variant_name(v) in old
                                                                             for v in variants):
@@ -122,8 +123,10 @@ def speed_plan(cfg: cfglib.TrainConfig, model: nn.Module, device: torch.device, 
                                   num_classes=num_classes)
         what = {"model": dict(model.arch), "img_size": cfg.img_size, "batch": batch, "frozen": frozen,
                 "small_input": cfg.small_input}
-        times, cached = machine.probe_variants(factory, variants, machine.cpu_info(), what)
-        return broadcast_object(times), cached  # every torchrun process trains with rank 0's choice
+        return machine.probe_variants(factory, variants, machine.cpu_info(), what)
+
+    def probe(variants):  # rank 0 measures, every torchrun process trains with its choice
+        return broadcast_object(measure(variants) if is_main_process() else None)
 
     return machine.plan_training(device=device, amp=amp, channels_last=layout, cache=cache, workers=workers,
                                  threads=threads, probe=probe)

@@ -82,9 +82,10 @@ class CPUSyncBatchNorm(torch.nn.BatchNorm2d):
     """
 
     group = None  # set by convert_sync_batchnorm
+    synced = True  # False: plain per-process statistics (a speed probe running on one process only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized()):
+        if not (self.synced and self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 

@@ -218,9 +218,11 @@ def decide_openmp() -> Choice:
     return Choice("libgomp default", "not set before torch started")
 
 
-# Measured data-path rates that size the worker pool (benchmark.py data; docs/speed.md).
-DISK_IMAGES_PER_WORKER = 180  # decode + augment of a ~500 px JPEG to 224 px, one worker, per second
-GPU_TRAIN_IMAGES_PER_S = 2500  # a modern GPU trains MobileNetV2 at 224 px at roughly this rate
+# Data-path rates that size the worker pool. Per worker: `benchmark.py data` measured 354 img/s decoding +
+# augmenting 512 px JPEGs to 224 px on one AMD EPYC (Zen 5) core; half of it is assumed, for slower server cores
+# and larger photos. GPU: a modern GPU trains MobileNetV2 at 224 px at roughly 2,000-3,000 img/s (estimate).
+DISK_IMAGES_PER_WORKER = 180
+GPU_TRAIN_IMAGES_PER_S = 2500
 
 
 def decide_workers(requested: int, device: torch.device, cpu: CpuInfo, local_world: int = 1) -> Choice:

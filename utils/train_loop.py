@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
-from utils.distributed import all_reduce_sum
+from utils.distributed import CPUSyncBatchNorm, all_reduce_sum
 from utils.errors import UserError
 from utils.metrics import topk_correct
 from utils.schedule import WarmupCosine
@@ -176,6 +176,9 @@ def make_probe_step(model: nn.Module, *, frozen: bool, device: torch.device, bat
     def factory(variant: tuple[bool, Optional[torch.dtype]]) -> Callable[[], None]:
         channels_last, dtype = variant
         net = copy.deepcopy(model).to(device)
+        for m in net.modules():  # the probe runs on one process: no collectives with the others
+            if isinstance(m, CPUSyncBatchNorm):
+                m.synced = False
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
         params = [p for p in net.parameters() if p.requires_grad]
