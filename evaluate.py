@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint, TorchScript or ONNX file on a labelled image folder.
+"""Evaluate a checkpoint, TorchScript, ONNX or TensorRT engine file on a labelled image folder.
 
     python evaluate.py runs/fmnist/best.pt val                 # split name of the run -> runs/fmnist/eval/
     python evaluate.py runs/fmnist/export/model.onnx DATA/test --out eval_onnx
@@ -150,6 +150,7 @@ def evaluate(model: LoadedModel, data_dir: str, batch_size: int = 64, workers: i
 
     metrics = {
         "model": model.path, "kind": model.kind, "data": data_dir, "device": model.device.type,
+        "runs_on": model.runs_on,
         "images": n, "skipped": len(res.failed),
         "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss,
         "label_smoothing": smoothing, "loss_label_smoothed": loss_smoothed,
@@ -223,7 +224,7 @@ def summary_line(m: dict[str, Any]) -> str:
     return (f"{m['kind']} {m['model']} on {m['data']}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  "
             f"loss {m['loss']:.4f}{smoothed}  macro-F1 {m['macro_f1']:.4f}  | {m['images']} images{skipped} in "
             f"{m['seconds']:.1f} s, {m['images_per_s']:.0f} images/s (model alone {m['model_images_per_s']:.0f} images/s, "
-            f"{m['device']})")
+            f"{m['runs_on']})")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -231,8 +232,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Evaluate a model file on a labelled ImageFolder split: top-1/top-5, loss, per-class "
                     "precision/recall/F1, confusion matrix and the most confident mistakes.")
     p.add_argument("model", metavar="MODEL",
-                   help="train.py checkpoint (RUN/best.pt), TorchScript file or ONNX file (export.py output); "
-                        "class names and preprocessing are read from it")
+                   help="train.py checkpoint (RUN/best.pt), TorchScript, ONNX or TensorRT .engine file (export.py "
+                        "output); class names and preprocessing are read from it")
     p.add_argument("data", metavar="DATA",
                    help="split folder with one sub-folder per class (e.g. DATA/val), or a split name "
                         "(train, val, test) of the run's training data folder (from the checkpoint's config, "
@@ -248,7 +249,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="intra-op threads of the model runtime (default: the runtime's own choice, about one per "
                         "core; on a machine busy with other jobs 1 can be faster)")
     p.add_argument("--device", default=None,
-                   help="cpu or cuda (default: cuda when available, else cpu)")
+                   help="cpu, cuda or cuda:N (default: cuda when torch has it, else cpu; a TensorRT engine always "
+                        "runs on a GPU, cuda:0 by default)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 

@@ -1,4 +1,4 @@
-"""Classify images with a checkpoint, TorchScript or ONNX file and print the top-k classes per image.
+"""Classify images with a checkpoint, TorchScript, ONNX or TensorRT engine file; print the top-k classes per image.
 
     python predict.py runs/fmnist/best.pt photo.jpg
     python predict.py runs/fmnist/export/model.onnx photos/ 'more/**/*.png' --topk 3 --json preds.json
@@ -88,9 +88,10 @@ def write_csv(path: str, result: dict[str, Any]) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Print the top-k classes of each image for a checkpoint, TorchScript or ONNX model file.")
+        description="Print the top-k classes of each image for a checkpoint, TorchScript, ONNX or TensorRT engine file.")
     p.add_argument("model", metavar="MODEL",
-                   help="train.py checkpoint, TorchScript or ONNX file; class names and preprocessing are read from it")
+                   help="train.py checkpoint, TorchScript, ONNX or TensorRT .engine file; class names and preprocessing "
+                        "are read from it")
     p.add_argument("images", metavar="IMAGE", nargs="+",
                    help="image files, folders (searched recursively) or quoted glob patterns such as 'photos/**/*.jpg'")
     p.add_argument("--topk", type=int, default=5, help="classes shown per image (default: 5, capped at the class count)")
@@ -103,7 +104,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads of the model runtime (default: the runtime's own choice, about one per "
                         "core; on a machine busy with other jobs 1 can be faster)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when torch has it, else cpu; a TensorRT engine always "
+                        "runs on a GPU, cuda:0 by default)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"{model.kind} {os.path.basename(model.path)}: {n} images predicted"
           f"{f', {skipped} skipped' if skipped else ''} in {result['seconds']:.2f} s, "
           f"{result['images_per_s']:.0f} images/s (model alone {result['model_images_per_s']:.0f} images/s, "
-          f"{model.device.type}){written}")
+          f"{model.runs_on}){written}")
     if n == 0:
         raise UserError(f"none of the {len(paths)} files could be read as images; see the messages above")
     return result

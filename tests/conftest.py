@@ -8,8 +8,11 @@ if ROOT not in sys.path:
 
 
 def pytest_configure(config):
-    # Speed probes (utils/machine.py) are cached per test session, not in the user's ~/.cache: runs inside one
-    # session reuse one measurement, so two runs that must match bit for bit make the same automatic choices.
+    """Register the markers used in this suite (``-m "not cuda"`` deselects the GPU-only tests) and keep speed
+    probes in a per-session cache."""
     import tempfile
 
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
+    # Speed probes (utils/machine.py) are cached per test session, not in the user's ~/.cache: runs inside one
+    # session reuse one measurement, so two runs that must match bit for bit make the same automatic choices.
     os.environ.setdefault("MOBILENET_CACHE_DIR", tempfile.mkdtemp(prefix="mobilenet-cache-"))

@@ -112,4 +112,5 @@ def test_cli_missing_model_exits_2(tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip() == (f"error: model file {tmp_path / 'nope.onnx'} not found; pass a train.py checkpoint "
-                                "(.pt), a TorchScript file or an ONNX file (.onnx) written by export.py")
+                                "(.pt), a TorchScript file, an ONNX file (.onnx) or a TensorRT engine (.engine) "
+                                "written by export.py")

@@ -116,3 +116,83 @@ def test_checkpoint_without_classes(tmp_path):
     assert zipfile.is_zipfile(tmp_path / "noclasses.pt")
     with pytest.raises(UserError, match="noclasses.pt carries no class names"):
         open_model(str(tmp_path / "noclasses.pt"))
+
+
+# ----------------------------------------------------------------------- ONNX execution providers on a GPU box
+GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+@pytest.fixture
+def fake_ort(monkeypatch, tmp_path):
+    """install(available, runs) -> seen: onnxruntime claims ``available`` providers and sessions that report
+    ``runs`` (what a GPU machine would say) while really running on the CPU; ``seen`` gets what was asked for."""
+    import onnxruntime as ort
+
+    real = ort.InferenceSession
+    seen: dict = {}
+
+    class Session(real):
+        def __init__(self, path, sess_options=None, providers=None, **kw):
+            seen["providers"] = [p if isinstance(p, tuple) else (p, {}) for p in providers]
+            super().__init__(path, sess_options=sess_options, providers=["CPUExecutionProvider"])
+
+        def get_providers(self):
+            return list(seen["runs"])
+
+    def install(available, runs):
+        seen["runs"] = runs
+        monkeypatch.setattr(ort, "get_available_providers", lambda: list(available))
+        monkeypatch.setattr(ort, "InferenceSession", Session)
+        monkeypatch.setenv("MOBILENET_CACHE_DIR", str(tmp_path / "cache"))
+        return seen
+    return install
+
+
+def test_onnx_on_cuda_1_asks_tensorrt_then_cuda_on_that_gpu(model_files, fake_ort, capsys, tmp_path):
+    seen = fake_ort(GPU_PROVIDERS, GPU_PROVIDERS)
+    m = open_model(model_files["onnx"], device="cuda:1")
+    names = [name for name, _ in seen["providers"]]
+    assert names == GPU_PROVIDERS  # TensorRT first, CPU last
+    trt_opts, cuda_opts, _ = (opts for _, opts in seen["providers"])
+    assert cuda_opts == {"device_id": 1}
+    assert trt_opts["device_id"] == 1 and trt_opts["trt_fp16_enable"] is False and trt_opts["trt_engine_cache_enable"]
+    assert trt_opts["trt_engine_cache_path"].startswith(str(tmp_path / "cache")) and os.path.isdir(
+        trt_opts["trt_engine_cache_path"])
+    assert str(m.device) == "cuda:1" and m.providers == GPU_PROVIDERS
+    assert m.runs_on == "cuda:1 (TensorrtExecutionProvider)"
+    assert m.describe().endswith("cuda:1 (TensorrtExecutionProvider)")
+    assert capsys.readouterr().err == ""  # nothing fell back
+
+
+def test_onnx_without_tensorrt_provider_asks_cuda_device_0(model_files, fake_ort, capsys):
+    seen = fake_ort(GPU_PROVIDERS[1:], GPU_PROVIDERS[1:])
+    m = open_model(model_files["onnx"], device="cuda")
+    assert seen["providers"] == [("CUDAExecutionProvider", {"device_id": 0}), ("CPUExecutionProvider", {})]
+    assert str(m.device) == "cuda:0" and capsys.readouterr().err == ""
+
+
+def test_onnx_provider_fallback_is_reported_in_one_line(model_files, fake_ort, capsys):
+    fake_ort(GPU_PROVIDERS, ["CPUExecutionProvider"])  # e.g. CUDA libraries missing: onnxruntime drops to CPU
+    m = open_model(model_files["onnx"], device="cuda:0")
+    err = capsys.readouterr().err
+    assert err == (f"warning: onnxruntime did not start TensorrtExecutionProvider, CUDAExecutionProvider for "
+                   f"{model_files['onnx']}; running on CPUExecutionProvider\n")
+    assert m.device.type == "cpu" and m.providers == ["CPUExecutionProvider"]
+    assert m.runs_on == "cpu (CPUExecutionProvider)"
+
+
+def test_onnx_cuda_asked_but_onnxruntime_is_cpu_only(model_files, fake_ort, capsys):
+    seen = fake_ort(["CPUExecutionProvider"], ["CPUExecutionProvider"])
+    m = open_model(model_files["onnx"], device="cuda")
+    assert [name for name, _ in seen["providers"]] == ["CPUExecutionProvider"]
+    err = capsys.readouterr().err
+    assert err.startswith("warning: --device cuda asked, but this onnxruntime has no CUDA or TensorRT provider "
+                          "(available: CPUExecutionProvider); running ") and err.count("\n") == 1
+    assert "onnxruntime-gpu" in err and m.device.type == "cpu"
+
+
+def test_onnx_on_cpu_asks_only_the_cpu_provider(model_files, fake_ort, capsys):
+    seen = fake_ort(GPU_PROVIDERS, ["CPUExecutionProvider"])
+    m = open_model(model_files["onnx"], device="cpu")
+    assert seen["providers"] == [("CPUExecutionProvider", {})]
+    assert m.device.type == "cpu" and capsys.readouterr().err == ""

@@ -157,7 +157,8 @@ def run_on_files(model: LoadedModel, paths: Sequence[str], batch_size: int = 64,
     workers = 0 if n_batches <= 1 else min(workers, n_batches)
     loader = DataLoader(ImageFiles(paths, build_eval_transform(model.preprocess)), batch_size=batch_size,
                         shuffle=False, num_workers=workers, collate_fn=collate_readable,
-                        pin_memory=model.device.type == "cuda")
+                        # a TensorRT engine runs on cuda even with a CPU-only torch, which cannot pin memory
+                        pin_memory=model.device.type == "cuda" and torch.cuda.is_available())
     logits: list[torch.Tensor] = []
     indices: list[torch.Tensor] = []
     failed: list[tuple[str, str]] = []

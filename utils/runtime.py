@@ -1,7 +1,8 @@
-"""Open any model file (train.py checkpoint, TorchScript, ONNX) behind one ``predict_batch`` interface.
+"""Open any model file (train.py checkpoint, TorchScript, ONNX, TensorRT engine) behind one ``predict_batch``.
 
 Every format carries its own class names and preprocessing (checkpoint entries, TorchScript
-``_extra_files``, ONNX ``metadata_props``), so evaluation and prediction never guess them::
+``_extra_files``, ONNX ``metadata_props``, the ``.engine.json`` sidecar of a TensorRT engine), so evaluation
+and prediction never guess them::
 
     m = open_model("runs/fmnist/best.pt")            # or model.torchscript.pt / model.onnx
     tf = build_eval_transform(m.preprocess)
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 import zipfile
 from typing import Any, Callable
@@ -20,7 +22,8 @@ import torch
 
 from utils.errors import UserError
 
-ACCEPTED = ("a train.py checkpoint (.pt), a TorchScript file or an ONNX file (.onnx) written by export.py")
+ACCEPTED = ("a train.py checkpoint (.pt), a TorchScript file, an ONNX file (.onnx) or a TensorRT engine (.engine) "
+            "written by export.py")
 PREPROCESS_KEYS = ("img_size", "resize_size", "mean", "std")
 
 
@@ -34,16 +37,19 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
 class LoadedModel:
     """A model ready for inference, whatever file it came from.
 
-    Attributes: ``path``, ``kind`` ("checkpoint" | "torchscript" | "onnx"), ``classes`` (list of names,
-    index = logit position), ``preprocess`` (dict img_size/resize_size/mean/std), ``device``,
-    ``arch`` (build args, checkpoints only, else None), ``config`` (training config, checkpoints only)
-    and ``threads`` (intra-op threads asked for in :func:`open_model`, else None).
+    Attributes: ``path``, ``kind`` ("checkpoint" | "torchscript" | "onnx" | "engine"), ``classes`` (list of
+    names, index = logit position), ``preprocess`` (dict img_size/resize_size/mean/std), ``device``,
+    ``arch`` (build args, checkpoints only, else None), ``config`` (training config, checkpoints only),
+    ``threads`` (intra-op threads asked for in :func:`open_model`, else None) and ``providers`` (ONNX only:
+    the onnxruntime execution providers the session really uses, best first, else None).
     """
 
     def __init__(self, path: str, kind: str, classes: list[str], preprocess: dict[str, Any],
                  run: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-                 arch: dict | None = None, config: dict | None = None, threads: int | None = None) -> None:
+                 arch: dict | None = None, config: dict | None = None, threads: int | None = None,
+                 providers: list[str] | None = None) -> None:
         self.path = path
+        self.providers = providers
         self.threads = threads  # intra-op threads the caller asked for (None: runtime default)
         self.kind = kind
         self.classes = classes
@@ -63,11 +69,16 @@ class LoadedModel:
             raise ValueError(f"predict_batch expects an NCHW batch, got shape {tuple(x.shape)}")
         return self._run(x).float().cpu()
 
+    @property
+    def runs_on(self) -> str:
+        """Where inference runs, e.g. ``cpu`` or ``cuda:1 (TensorrtExecutionProvider)`` for an ONNX session."""
+        return f"{self.device} ({self.providers[0]})" if self.providers else str(self.device)
+
     def describe(self) -> str:
         """One line for summaries, e.g. ``mobilenet_v2 checkpoint, 10 classes, 224 px, cpu``."""
         name = f"{self.arch['name']} " if self.arch else ""
         return (f"{name}{self.kind}, {self.num_classes} classes, {self.preprocess['img_size']} px "
-                f"(resize {self.preprocess['resize_size']}), {self.device.type}")
+                f"(resize {self.preprocess['resize_size']}), {self.runs_on}")
 
     def __repr__(self) -> str:
         return f"LoadedModel({self.path!r}, {self.describe()})"
@@ -95,11 +106,18 @@ def _parse_json(path: str, key: str, text: str | bytes | None) -> Any:
 
 
 def detect_kind(path: str) -> str:
-    """Tell the format from the file's content (not its name): checkpoint, torchscript or onnx."""
+    """Tell the format: checkpoint, torchscript or onnx from the content; engine from the name (.engine/.plan).
+
+    A TensorRT plan has no signature of its own (its layout changes between TensorRT versions), hence the name.
+    """
+    from utils.tensorrt_engine import ENGINE_EXTENSIONS
+
     if not os.path.exists(path):
         raise UserError(f"model file {path} not found; pass {ACCEPTED}")
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder; pass a model file inside it, e.g. {os.path.join(path, 'best.pt')}")
+    if path.lower().endswith(ENGINE_EXTENSIONS):
+        return "engine"
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as z:
@@ -167,7 +185,8 @@ def _open_torchscript(path: str, device: torch.device) -> LoadedModel:
     return LoadedModel(path, "torchscript", classes, pre, run, device)
 
 
-def onnx_session(path: str, threads: int = 0, spinning: bool = True, providers: list[str] | None = None):
+def onnx_session(path: str, threads: int = 0, spinning: bool = True,
+                 providers: list[str | tuple[str, dict[str, Any]]] | None = None):
     """An onnxruntime session with every graph optimisation (``threads=0``: onnxruntime's default count).
 
     ``spinning=False`` stops idle worker threads from busy-waiting after each run: image decoding in
@@ -186,12 +205,52 @@ def onnx_session(path: str, threads: int = 0, spinning: bool = True, providers: 
     return ort.InferenceSession(path, sess_options=opts, providers=providers or ["CPUExecutionProvider"])
 
 
+def _ort_tensorrt_cache() -> str:
+    """Folder for onnxruntime's TensorRT engine cache (building an engine takes minutes on a Jetson):
+    ``MOBILENET_CACHE_DIR``, else ``~/.cache/mobilenet``, then ``ort-tensorrt``."""
+    root = os.environ.get("MOBILENET_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mobilenet")
+    path = os.path.join(root, "ort-tensorrt")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def onnx_providers(device: torch.device, available: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """Execution providers to ask for, best first: TensorRT, then CUDA (both on ``device``'s GPU), then CPU.
+
+    The TensorRT provider stays fp32 like the ONNX file (the fp16 path is export.py's verified ``.engine``)
+    and caches its engines, so only the first session pays the build.
+    """
+    if device.type != "cuda":
+        return [("CPUExecutionProvider", {})]
+    gpu = {"device_id": device.index or 0}
+    chosen: list[tuple[str, dict[str, Any]]] = []
+    if "TensorrtExecutionProvider" in available:
+        chosen.append(("TensorrtExecutionProvider", {**gpu, "trt_fp16_enable": False, "trt_engine_cache_enable": True,
+                                                     "trt_engine_cache_path": _ort_tensorrt_cache()}))
+    if "CUDAExecutionProvider" in available:
+        chosen.append(("CUDAExecutionProvider", dict(gpu)))
+    return chosen + [("CPUExecutionProvider", {})]
+
+
+def _report_provider_fallback(path: str, device: torch.device, asked: list[str], got: list[str],
+                              available: list[str]) -> None:
+    """One warning line on stderr when the session does not run on the best provider asked for."""
+    if device.type == "cuda" and asked == ["CPUExecutionProvider"]:
+        print(f"warning: --device {device} asked, but this onnxruntime has no CUDA or TensorRT provider "
+              f"(available: {', '.join(available)}); running {path} on the CPU (install onnxruntime-gpu, or "
+              "NVIDIA's onnxruntime wheel for JetPack)", file=sys.stderr)
+    elif got[:1] != asked[:1]:
+        missing = [p for p in asked if p not in got]
+        print(f"warning: onnxruntime did not start {', '.join(missing)} for {path}; running on "
+              f"{got[0] if got else 'nothing'}", file=sys.stderr)
+
+
 def _open_onnx(path: str, device: torch.device, threads: int | None = None) -> LoadedModel:
     import onnxruntime as ort
 
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, "CUDAExecutionProvider")
+    available = list(ort.get_available_providers())
+    providers = onnx_providers(device, available)
     try:
         sess = onnx_session(path, threads or 0, spinning=False, providers=providers)
     except Exception as e:
@@ -206,18 +265,31 @@ def _open_onnx(path: str, device: torch.device, threads: int | None = None) -> L
     inputs = sess.get_inputs()
     in_name = "input" if any(i.name == "input" for i in inputs) else inputs[0].name
     out_name = sess.get_outputs()[0].name
-    # The session runs on CPU arrays; when it uses CUDA, onnxruntime copies in and out itself.
-    used = torch.device("cuda") if sess.get_providers()[0] == "CUDAExecutionProvider" else torch.device("cpu")
+    got = list(sess.get_providers())
+    _report_provider_fallback(path, device, [name for name, _ in providers], got, available)
+    # The session runs on CPU arrays; when it uses a GPU, onnxruntime copies in and out itself.
+    gpu = got[:1] in (["TensorrtExecutionProvider"], ["CUDAExecutionProvider"])
+    used = torch.device("cuda", device.index or 0) if gpu else torch.device("cpu")
 
     def run(x: torch.Tensor) -> torch.Tensor:
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(sess.run([out_name], {in_name: arr})[0])
 
-    return LoadedModel(path, "onnx", classes, pre, run, used)
+    return LoadedModel(path, "onnx", classes, pre, run, used, providers=got)
+
+
+def _open_engine(path: str, device: str | torch.device | None) -> LoadedModel:
+    """A TensorRT engine with its sidecar (classes, preprocessing); runs on a CUDA GPU only."""
+    from utils import tensorrt_engine as te
+
+    plan, meta = te.read_engine(path)
+    classes, pre = _validate_meta(te.sidecar_path(path), meta.get("classes"), meta.get("preprocess"))
+    runner, used = te.open_engine(path, meta, plan, device)
+    return LoadedModel(path, "engine", classes, pre, runner, used)
 
 
 def open_model(path: str, device: str | torch.device | None = None, threads: int | None = None) -> LoadedModel:
-    """Load a checkpoint, TorchScript or ONNX file as a :class:`LoadedModel` (format told from content).
+    """Load a checkpoint, TorchScript, ONNX or TensorRT engine file as a :class:`LoadedModel`.
 
     ``threads`` sets the intra-op threads (onnxruntime session; for PyTorch formats this is process-wide
     ``torch.set_num_threads``); None keeps each runtime's default. Unknown or corrupt files raise
@@ -227,7 +299,9 @@ def open_model(path: str, device: str | torch.device | None = None, threads: int
         raise UserError(f"--threads must be at least 1, got {threads}")
     dev = pick_device(device)
     kind = detect_kind(path)
-    if kind == "onnx":
+    if kind == "engine":  # GPU only: its default is cuda:0 even when torch itself has no CUDA (Jetson)
+        model = _open_engine(path, device)
+    elif kind == "onnx":
         model = _open_onnx(path, dev, threads)
     else:
         if threads:
