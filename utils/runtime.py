@@ -207,10 +207,10 @@ def onnx_session(path: str, threads: int = 0, spinning: bool = True,
 
 def _ort_tensorrt_cache() -> str:
     """Folder for onnxruntime's TensorRT engine cache (building an engine takes minutes on a Jetson):
-    ``MOBILENET_CACHE_DIR``, else ``~/.cache/mobilenet``, then ``ort-tensorrt``."""
-    root = os.environ.get("MOBILENET_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "mobilenet")
-    path = os.path.join(root, "ort-tensorrt")
+    ``ort-tensorrt`` in :func:`utils.machine.cache_dir`."""
+    from utils.machine import cache_dir
+
+    path = os.path.join(cache_dir(), "ort-tensorrt")
     os.makedirs(path, exist_ok=True)
     return path
 
