@@ -6,7 +6,8 @@
 - TorchScript: traced, then frozen (weights inlined as constants, BatchNorm folded by the freezer).
 - int8: onnxruntime static post-training quantization, QDQ format, per-channel s8 weights and u8
   activations (u8 activations hit the fast u8s8 kernels on x86; s8 activations gave no speed-up here and
-  dynamic quantization was 17x slower, see README), calibrated on real training images.
+  dynamic quantization was 17x slower, see README), calibrated on real training images. Weights are 7-bit
+  by default (``reduce_range``): exact on x86 CPUs without VNNI too (see utils/int8.py).
 - TensorRT: an fp16 engine built from the ONNX file when CUDA and the ``tensorrt`` package exist.
 
 Class names and preprocessing travel inside every file (ONNX ``metadata_props``, TorchScript
@@ -211,9 +212,12 @@ def stem_convs(onnx_path: str) -> list[str]:
 
 
 def quantize_int8(fp32_path: str, out_path: str, calib: torch.Tensor, per_channel: bool = True,
-                  reduce_range: bool = False, method: str = "minmax", batch_size: int = 16,
+                  reduce_range: bool = True, method: str = "minmax", batch_size: int = 16,
                   fp32_stem: bool = True) -> dict[str, Any]:
     """Static post-training int8 quantization (QDQ, s8 weights, u8 activations) calibrated on ``calib``.
+
+    ``reduce_range`` (default) keeps weights within [-64, 64]: no int16 saturation on x86 CPUs without VNNI;
+    False gives full 8-bit weights for VNNI/AMX and ARM targets (utils.int8.TARGETS).
 
     ``quant_pre_process`` first runs shape inference and graph optimisation, so every Conv/Gemm gets
     quantization parameters (BatchNorm is already folded into the convolutions by the exporter).
@@ -239,7 +243,7 @@ def quantize_int8(fp32_path: str, out_path: str, calib: torch.Tensor, per_channe
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
         atomic_write(out_path, lambda t: _copy_with_metadata(fp32_path, quantized, t))
     return {"format": "QDQ", "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
-            "activations": "uint8", "reduce_range": reduce_range, "calibration_method": method,
+            "activations": "uint8", "reduce_range": reduce_range, "weight_bits": 7 if reduce_range else 8, "calibration_method": method,
             "calibration_images": len(arr), "fp32_layers": keep}
 
 
