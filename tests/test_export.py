@@ -283,3 +283,12 @@ def test_demo_predicts_with_fp32_when_int8_was_refused(tmp_path):
     (tmp_path / "model.int8.onnx").write_bytes(b"x")
     assert subprocess.run(["bash", "-c", script], capture_output=True, text=True).stdout.strip() == \
         str(tmp_path / "model.int8.onnx")
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy"])
+def test_histogram_calibration_with_a_short_last_batch(run, tmp_path, method):
+    ckpt, out, _ = run
+    x, _ = _val_batch(ckpt)  # 80 images: batches of 16, then 16 again; 21 leaves a last batch of 5
+    facts = ex.quantize_int8(os.path.join(out, "model.onnx"), str(tmp_path / "q.onnx"), x[:21], method=method)
+    assert facts["calibration_method"] == method and facts["calibration_images"] == 21
+    assert np.abs(_quantized_weights(str(tmp_path / "q.onnx"))).max() == 64

@@ -231,7 +231,10 @@ def quantize_int8(fp32_path: str, out_path: str, calib: torch.Tensor, per_channe
     if method not in methods:
         raise UserError(f"unknown calibration method '{method}'; choose one of: {', '.join(methods)}")
     arr = calib.numpy().astype(np.float32)
-    batches = [arr[i:i + batch_size] for i in range(0, len(arr), batch_size)]
+    # Equal batches: onnxruntime's histogram calibrators (percentile, entropy) stack per-batch outputs and fail
+    # on a shorter last batch; it is filled with the first images again (no effect on minmax ranges).
+    padded = np.resize(arr, (-(-len(arr) // batch_size) * batch_size, *arr.shape[1:]))
+    batches = [padded[i:i + batch_size] for i in range(0, len(padded), batch_size)]
     with tempfile.TemporaryDirectory() as tmp:
         prepped = os.path.join(tmp, "prepped.onnx")
         quant_pre_process(fp32_path, prepped)
