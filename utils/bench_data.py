@@ -9,7 +9,8 @@ transforms v2 on the tensor. (4) io-v2-tensor: torchvision.io decode_jpeg/decode
 (5) memory: images decoded once into a uint8 tensor, batched augmentation (utils.data.augment_batch); the
 default of load_data(cache="auto") for small same-sized sets such as Fashion-MNIST.
 Per-image variants run in this process (workers=0) and in --workers DataLoader processes. All variants are
-timed interleaved (round-robin) and reported as medians. Prints Markdown; writes OUT/data_bench.csv and .md.
+timed interleaved (round-robin) and reported as medians. Prints Markdown under the machine line; writes
+OUT/data_bench.csv and .md (both name the machine).
 """
 from __future__ import annotations
 
@@ -96,6 +97,7 @@ def _memory_fn(files: list[str], size: int, batch: int):
 
 def run(args: argparse.Namespace) -> None:
     """Time every variant on both image sets; print Markdown, write CSV + Markdown into ``args.out``."""
+    from utils.machine import describe_machine
     from utils.timing import interleaved_timings, median
 
     fmnist = args.fmnist or next((p for p in (os.path.join(ROOT, "datasets", "fashion_mnist", "split", "train"),
@@ -135,8 +137,11 @@ def run(args: argparse.Namespace) -> None:
                     x["images_per_s"] for x in rows if x["images"] == set_name and x["variant"] == "v1-pil"
                     and x["workers"] == r["workers"]), 2)
         best["fastest_per_image_1proc"] = "yes"
+    machine = describe_machine("cpu")  # the input pipeline runs on the CPU whatever trains
+    for r in rows:
+        r["machine"] = machine
     header = ["images", "size", "variant", "workers", "images_per_s", "ms_per_image", "vs_v1_same_workers"]
-    md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md = [f"machine: {machine}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(str(r.get(h, "")) for h in header) + " |" for r in rows]
     text = "\n".join(md)
     print(text)
@@ -147,10 +152,10 @@ def run(args: argparse.Namespace) -> None:
 
     def write_csv(path: str) -> None:
         with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=header)
+            w = csv.DictWriter(f, fieldnames=header + ["machine"])
             w.writeheader()
             for r in rows:
-                w.writerow({h: r.get(h, "") for h in header})
+                w.writerow({h: r.get(h, "") for h in header + ["machine"]})
     atomic_write(os.path.join(args.out, "data_bench.csv"), write_csv)
     def write_md(path: str) -> None:
         with open(path, "w") as f:

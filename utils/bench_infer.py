@@ -3,7 +3,8 @@
 Variants: PyTorch eager fp32, eager channels_last, TorchScript (trace + freeze), onnxruntime fp32 and
 onnxruntime int8 (static QDQ, u8 activations + s8 per-channel weights) - the files export.py writes,
 produced here with the same code. For each: file size, batch-1 latency p50/p90 (ms) and batch-32
-throughput (images/s); plus params and MACs. Prints a Markdown table, saves CSV + Markdown.
+throughput (images/s); plus params and MACs. Prints a Markdown table under the machine it was measured on
+(CPU model and features: int8 pays only with VNNI/AMX/ARM dot-product), saves CSV + Markdown.
 
     python benchmark.py infer RUN/best.pt
     python benchmark.py infer --model mobilenet_v2 --width-mult 0.5 --img-size 224
@@ -172,6 +173,7 @@ def measure(variants: dict[str, tuple[Any, str, int]], size: int, batch: int, re
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Build every variant, time them interleaved, print the Markdown table, save CSV + Markdown."""
     from models import count_macs, count_params
+    from utils.machine import describe_machine
     from utils.timing import load_average
 
     if args.threads:
@@ -191,7 +193,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = [{"model": label, "img_size": size, "variant": name, "params": params, "macs": macs,
              "file_mb": round(variants[name][2] / 1e6, 2), "b1_p50_ms": round(r["b1_p50_ms"], 2),
              "b1_p90_ms": round(r["b1_p90_ms"], 2), f"b{args.batch_size}_img_s": round(r["throughput"], 1),
-             "load_avg": load} for name, r in res.items()]
+             "load_avg": load, "machine": describe_machine("cpu")} for name, r in res.items()]
     table = format_table(rows, args.batch_size)
     print(table)
     out = args.out or (os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "benchmark_infer.csv")
@@ -203,10 +205,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def format_table(rows: list[dict[str, Any]], batch: int) -> str:
-    """Markdown table with speed-ups relative to eager fp32 (when measured)."""
+    """Markdown table with speed-ups relative to eager fp32 (when measured), under the machine it ran on."""
     r0 = rows[0]
     base = next((r for r in rows if r["variant"] == "eager"), None)
-    lines = [f"{r0['model']}, {r0['img_size']} px: {r0['params'] / 1e6:.2f} M params, {r0['macs'] / 1e6:.1f} M MACs; "
+    lines = [f"machine: {r0['machine']}", f"{r0['model']}, {r0['img_size']} px: {r0['params'] / 1e6:.2f} M params, {r0['macs'] / 1e6:.1f} M MACs; "
              f"load average {r0['load_avg']}", "",
              f"| variant | file MB | batch-1 p50 ms | batch-1 p90 ms | batch-{batch} img/s | b1 vs eager |",
              "|---|---|---|---|---|---|"]

@@ -6,7 +6,8 @@
 - TorchScript: traced, then frozen (weights inlined as constants, BatchNorm folded by the freezer).
 - int8: onnxruntime static post-training quantization, QDQ format, per-channel s8 weights and u8
   activations (u8 activations hit the fast u8s8 kernels on x86; s8 activations gave no speed-up here and
-  dynamic quantization was 17x slower, see README), calibrated on real training images.
+  dynamic quantization was 17x slower, see README), calibrated on real training images. Weights are 7-bit
+  by default (``reduce_range``): exact on x86 CPUs without VNNI too (see utils/int8.py).
 - TensorRT: an engine built from the verified ONNX file (fp16 where GPU and TensorRT version allow it) when
   TensorRT can use a GPU here; see utils.tensorrt_engine for the TensorRT 8/10/11 differences.
 
@@ -213,9 +214,12 @@ def stem_convs(onnx_path: str) -> list[str]:
 
 
 def quantize_int8(fp32_path: str, out_path: str, calib: torch.Tensor, per_channel: bool = True,
-                  reduce_range: bool = False, method: str = "minmax", batch_size: int = 16,
+                  reduce_range: bool = True, method: str = "minmax", batch_size: int = 16,
                   fp32_stem: bool = True) -> dict[str, Any]:
     """Static post-training int8 quantization (QDQ, s8 weights, u8 activations) calibrated on ``calib``.
+
+    ``reduce_range`` (default) keeps weights within [-64, 64]: no int16 saturation on x86 CPUs without VNNI;
+    False gives full 8-bit weights for VNNI/AMX and ARM targets (utils.int8.TARGETS).
 
     ``quant_pre_process`` first runs shape inference and graph optimisation, so every Conv/Gemm gets
     quantization parameters (BatchNorm is already folded into the convolutions by the exporter).
@@ -229,7 +233,10 @@ def quantize_int8(fp32_path: str, out_path: str, calib: torch.Tensor, per_channe
     if method not in methods:
         raise UserError(f"unknown calibration method '{method}'; choose one of: {', '.join(methods)}")
     arr = calib.numpy().astype(np.float32)
-    batches = [arr[i:i + batch_size] for i in range(0, len(arr), batch_size)]
+    # Equal batches: onnxruntime's histogram calibrators (percentile, entropy) stack per-batch outputs and fail
+    # on a shorter last batch; it is filled with the first images again (no effect on minmax ranges).
+    padded = np.resize(arr, (-(-len(arr) // batch_size) * batch_size, *arr.shape[1:]))
+    batches = [padded[i:i + batch_size] for i in range(0, len(padded), batch_size)]
     with tempfile.TemporaryDirectory() as tmp:
         prepped = os.path.join(tmp, "prepped.onnx")
         quant_pre_process(fp32_path, prepped)
@@ -241,7 +248,7 @@ def quantize_int8(fp32_path: str, out_path: str, calib: torch.Tensor, per_channe
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
         atomic_write(out_path, lambda t: _copy_with_metadata(fp32_path, quantized, t))
     return {"format": "QDQ", "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
-            "activations": "uint8", "reduce_range": reduce_range, "calibration_method": method,
+            "activations": "uint8", "reduce_range": reduce_range, "weight_bits": 7 if reduce_range else 8, "calibration_method": method,
             "calibration_images": len(arr), "fp32_layers": keep}
 
 
