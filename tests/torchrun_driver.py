@@ -1,0 +1,67 @@
+"""train.py's main with test hooks, for tests that launch it under torchrun (not a test module itself).
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/torchrun_driver.py <train.py args>
+
+Hooks, from environment variables:
+- ``SIGINT_RANK`` and ``SIGINT_AT_STEP``: that rank sends itself a real SIGINT (what torchrun forwards on
+  Ctrl-C) just before its ``SIGINT_AT_STEP``-th call of train_step (0-based, counted over the whole run);
+  the other ranks get no signal.
+- ``DUMP_FEATURES=DIR``: with ``--set cache_features=true``, each rank writes the cached feature tensors and
+  how many images it encoded itself to ``DIR/rank<R>.pt``.
+- ``DETERMINISTIC=1``: ``torch.use_deterministic_algorithms(True)`` and cuDNN autotuning off, for bit-exact
+  GPU comparisons (needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment).
+"""
+import os
+import signal
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import train  # noqa: E402  (first: it sets the OpenMP environment before torch loads)
+import torch  # noqa: E402
+import utils.train_loop as tl  # noqa: E402
+from utils.errors import run_main  # noqa: E402
+
+RANK = int(os.environ.get("RANK", 0))
+
+
+def hook_sigint(rank: int, at_step: int) -> None:
+    real_step, calls = tl.train_step, {"n": 0}
+
+    def step(*a, **k):
+        if RANK == rank and calls["n"] == at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+        calls["n"] += 1
+        return real_step(*a, **k)
+
+    tl.train_step = step
+
+
+def hook_feature_dump(folder: str) -> None:
+    real_cache, real_getitem, encoded = train.cache_pooled_features, tl._EvalImages.__getitem__, {"n": 0}
+
+    def getitem(self, i):
+        encoded["n"] += 1
+        return real_getitem(self, i)
+
+    def cache(*a, **k):
+        bundle = real_cache(*a, **k)
+        os.makedirs(folder, exist_ok=True)
+        torch.save({"train_x": bundle.train_loader.feats, "train_y": bundle.train_loader.labels,
+                    "val_x": bundle.val_loader.feats, "val_y": bundle.val_loader.labels, "encoded": encoded["n"]},
+                   os.path.join(folder, f"rank{RANK}.pt"))
+        return bundle
+
+    tl._EvalImages.__getitem__ = getitem
+    train.cache_pooled_features = cache
+
+
+if __name__ == "__main__":
+    if "SIGINT_AT_STEP" in os.environ:
+        hook_sigint(int(os.environ["SIGINT_RANK"]), int(os.environ["SIGINT_AT_STEP"]))
+    if "DUMP_FEATURES" in os.environ:
+        hook_feature_dump(os.environ["DUMP_FEATURES"])
+    if os.environ.get("DETERMINISTIC") == "1":
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    run_main(lambda: train.main(sys.argv[1:]))
