@@ -293,6 +293,11 @@ def main(argv: list[str] | None = None) -> dict:
             _plot(out)
         else:
             best_acc = max(best_acc, val["val_top1"])
+        if stop is not None and stop.requested_anywhere():  # Ctrl-C after the epoch's last check: stop here
+            if main_proc:
+                print(f"interrupted after epoch {epoch + 1}; saved {os.path.join(out, 'last.pt')} (continue with "
+                      f"--resume {os.path.join(out, 'last.pt')})", file=sys.stderr)
+            raise StopRequested
     if stop is not None:
         stop.uninstall()
     if main_proc:

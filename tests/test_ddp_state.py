@@ -22,7 +22,7 @@ DRIVER = os.path.join(ROOT, "tests", "torchrun_driver.py")
 TINY = ["--model", "mobilenet_v2", "--width-mult", "0.25", "--img-size", "32", "--batch-size", "8", "--workers", "0",
         "--device", "cpu", "--set", "resize_size=32", "--set", "progress=false", "--set", "amp=off"]
 # dropout 0.2 (the default) and mixup: both draw from each process's own global RNG every step
-RECIPE = ["--epochs", "2", "--lr", "0.02", "--set", "warmup_epochs=1", "--set", "ema_decay=0.9",
+RECIPE = ["--epochs", "3", "--lr", "0.02", "--set", "warmup_epochs=1", "--set", "ema_decay=0.9",
           "--set", "mixup_alpha=0.2", "--set", "label_smoothing=0.1"]
 
 
@@ -55,31 +55,40 @@ def data(tmp_path_factory):
     return link_sample_split(str(tmp_path_factory.mktemp("fmnist")), 8, 4)
 
 
-def test_ctrl_c_mid_epoch_under_torchrun_then_resume_is_exact(data, tmp_path):
+def test_ctrl_c_under_torchrun_then_resume_is_exact(data, tmp_path):
     full, cut = tmp_path / "full", tmp_path / "cut"
     _run(TINY + RECIPE + ["--data", data, "--out", str(full)], 2)
 
-    # Only rank 1 gets SIGINT, before its 8th step (3rd of epoch 2); rank 0 must stop after the same step.
-    r = _run(TINY + RECIPE + ["--data", data, "--out", str(cut)], 2, {"SIGINT_RANK": "1", "SIGINT_AT_STEP": "7"},
-             ok=False)
-    assert r.returncode != 0 and "interrupted in epoch 2 after 3 steps" in r.stderr, r.stderr[-3000:]
+    # Only rank 1 gets SIGINT, before its 8th step (3rd of epoch 2). With Ctrl-C checked every 2 steps (as on a
+    # GPU, where it is checked when the sums are read), both processes stop after the 4th step of epoch 2.
+    r = _run(TINY + RECIPE + ["--data", data, "--out", str(cut)], 2,
+             {"SIGINT_RANK": "1", "SIGINT_AT_STEP": "7", "SYNC_EVERY": "2"}, ok=False)
+    assert r.returncode != 0 and "interrupted in epoch 2 after 4 steps" in r.stderr, r.stderr[-3000:]
     ck = load_checkpoint(str(cut / "last.pt"))
     part = ck["partial_epoch"]
-    assert ck["epoch"] == 1 and ck["step"] == 8 and part["batches_done"] == 3 and part["world_size"] == 2
+    assert ck["epoch"] == 1 and ck["step"] == 9 and part["batches_done"] == 4 and part["world_size"] == 2
     r0, r1 = part["ranks"]
     # each process's own state: different RNG streams (seeded per rank) and different shares of the sums
     assert not torch.equal(r0["rng"]["torch"], r1["rng"]["torch"])
     assert torch.equal(r0["rng"]["torch"], ck["rng"]["torch"])  # the top-level state is rank 0's
-    assert r0["seen"] == r1["seen"] == 3 * 8 and r0["loss_sum"] != r1["loss_sum"]
+    assert r0["seen"] == r1["seen"] == 4 * 8 and r0["loss_sum"] != r1["loss_sum"]
     assert (part["loss_sum"], part["seen"]) == (r0["loss_sum"], r0["seen"])
 
     # a 2-process mid-epoch checkpoint cannot continue in 1 process (each one's share of the epoch differs)
     with pytest.raises(UserError, match=r"by 2 process\(es\).*torchrun --nproc_per_node=2 train.py --resume"):
         train.main(["--resume", str(cut / "last.pt")])
 
+    # Resumed, rank 1 gets SIGINT again during the last step of epoch 2, after the last in-epoch check (every 4
+    # steps): both stop after that epoch's checkpoint.
+    r = _run(["--resume", str(cut / "last.pt")], 2, {"SIGINT_RANK": "1", "SIGINT_AT_STEP": "0", "SYNC_EVERY": "4"},
+             ok=False)
+    assert r.returncode != 0 and "interrupted after epoch 2" in r.stderr, r.stderr[-3000:]
+    ck = load_checkpoint(str(cut / "last.pt"))
+    assert ck["epoch"] == 2 and ck["step"] == 10 and ck["partial_epoch"] is None
+
     _run(["--resume", str(cut / "last.pt")], 2)
     a, b = load_checkpoint(str(full / "last.pt")), load_checkpoint(str(cut / "last.pt"))
-    assert a["step"] == b["step"] == 10 and b["partial_epoch"] is None
+    assert a["step"] == b["step"] == 15 and b["partial_epoch"] is None
     assert _max_diff(a["model"], b["model"]) == 0 and _max_diff(a["ema"], b["ema"]) == 0
     assert _rows(str(full / "log.csv")) == _rows(str(cut / "log.csv"))
 

@@ -8,8 +8,10 @@ Hooks, from environment variables:
   the other ranks get no signal.
 - ``DUMP_FEATURES=DIR``: with ``--set cache_features=true``, each rank writes the cached feature tensors and
   how many images it encoded itself to ``DIR/rank<R>.pt``.
-- ``DETERMINISTIC=1``: ``torch.use_deterministic_algorithms(True)`` and cuDNN autotuning off, for bit-exact
-  GPU comparisons (needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment).
+- ``SYNC_EVERY=K``: train_one_epoch reads loss/accuracy (and checks for Ctrl-C under torchrun) every K steps,
+  as on a GPU, whatever the device.
+- ``DETERMINISTIC=1``: deterministic GPU kernels and no cuDNN autotuning, for bit-exact comparisons between
+  GPU runs (needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment), see :func:`deterministic`.
 """
 import os
 import signal
@@ -56,12 +58,29 @@ def hook_feature_dump(folder: str) -> None:
     train.cache_pooled_features = cache
 
 
+def deterministic() -> None:
+    """Same GPU results in every process: deterministic cuDNN/cuBLAS algorithms, and cuDNN autotuning kept off
+    even if train.py turns it on (it times the candidate algorithms in each process and may pick a different
+    one, with different rounding, in each). ``warn_only``: an op PyTorch flags as nondeterministic that has
+    no alternative warns instead of stopping; in these models that is adaptive_avg_pool2d's backward, whose
+    1x1 output adds each input gradient exactly once, so it is exact anyway."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    type(torch.backends.cudnn).benchmark = property(lambda self: False, lambda self, value: None)
+
+
+def set_sync_every(k: int) -> None:
+    real = train.train_one_epoch
+    train.train_one_epoch = lambda *a, **kw: real(*a, sync_every=k, **kw)
+
+
 if __name__ == "__main__":
+    if "SYNC_EVERY" in os.environ:
+        set_sync_every(int(os.environ["SYNC_EVERY"]))
     if "SIGINT_AT_STEP" in os.environ:
         hook_sigint(int(os.environ["SIGINT_RANK"]), int(os.environ["SIGINT_AT_STEP"]))
     if "DUMP_FEATURES" in os.environ:
         hook_feature_dump(os.environ["DUMP_FEATURES"])
     if os.environ.get("DETERMINISTIC") == "1":
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
+        deterministic()
     run_main(lambda: train.main(sys.argv[1:]))

@@ -67,9 +67,13 @@ class StopRequest:
     def _on_signal(self, signum, frame) -> None:
         self.requested = True
 
+    def requested_anywhere(self) -> bool:
+        """Collective: True on every process when any of them got SIGINT."""
+        return all_reduce_sum([1.0 if self.requested else 0.0], self.device)[0] > 0
+
     def __call__(self) -> None:
         """Collective: raise :class:`StopRequested` on every process when any of them got SIGINT."""
-        if all_reduce_sum([1.0 if self.requested else 0.0], self.device)[0] > 0:
+        if self.requested_anywhere():
             raise StopRequested
 
 
