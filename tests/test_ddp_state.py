@@ -5,38 +5,21 @@ are encoded once per image across the processes, then gathered identically to a 
 The processes run tests/torchrun_driver.py (train.py's main plus test hooks) with one OpenMP thread each.
 """
 import csv
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import train
 from eval_helpers import link_sample_split
+from torchrun_driver import launch as _run
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DRIVER = os.path.join(ROOT, "tests", "torchrun_driver.py")
 TINY = ["--model", "mobilenet_v2", "--width-mult", "0.25", "--img-size", "32", "--batch-size", "8", "--workers", "0",
         "--device", "cpu", "--set", "resize_size=32", "--set", "progress=false", "--set", "amp=off"]
 # dropout 0.2 (the default) and mixup: both draw from each process's own global RNG every step
 RECIPE = ["--epochs", "3", "--lr", "0.02", "--set", "warmup_epochs=1", "--set", "ema_decay=0.9",
           "--set", "mixup_alpha=0.2", "--set", "label_smoothing=0.1"]
-
-
-def _run(args, nproc, env=None, ok=True):
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    if nproc == 1:
-        cmd = [sys.executable, DRIVER] + args
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               DRIVER] + args
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
-    if ok:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
 
 
 def _rows(path):

@@ -143,8 +143,9 @@ def _batches(nan_at=None, signal_at=None, interrupt_at=None):
 def _epoch(sync_every, stop=None, **batches):
     torch.manual_seed(0)
     model = Tiny()
-    ctx = StepContext(Trainable(model), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), nn.CrossEntropyLoss(),
-                      CPU, channels_last=False, params=list(model.parameters()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ctx = StepContext(Trainable(model), opt, nn.CrossEntropyLoss(), CPU, channels_last=False,
+                      params=list(model.parameters()))
     progress = EpochProgress(step=20)
     result = None
     try:

@@ -2,6 +2,8 @@
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/torchrun_driver.py <train.py args>
 
+:func:`launch` runs it so from a test (``nproc=1``: plain python, no torchrun).
+
 Hooks, from environment variables:
 - ``SIGINT_RANK`` and ``SIGINT_AT_STEP``: that rank sends itself a real SIGINT (what torchrun forwards on
   Ctrl-C) just before its ``SIGINT_AT_STEP``-th call of train_step (0-based, counted over the whole run);
@@ -15,9 +17,11 @@ Hooks, from environment variables:
 """
 import os
 import signal
+import subprocess
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if os.path.dirname(os.path.dirname(os.path.abspath(__file__))) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train  # noqa: E402  (first: it sets the OpenMP environment before torch loads)
 import torch  # noqa: E402
@@ -25,6 +29,19 @@ import utils.train_loop as tl  # noqa: E402
 from utils.errors import run_main  # noqa: E402
 
 RANK = int(os.environ.get("RANK", 0))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch(args: list, nproc: int, env: dict | None = None, ok: bool = True) -> subprocess.CompletedProcess:
+    """Run this driver with ``args`` in ``nproc`` processes (one OpenMP thread each); ``ok``: assert it succeeded."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    cmd = [sys.executable, os.path.abspath(__file__)] + list(args)
+    if nproc > 1:
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    if ok:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 def hook_sigint(rank: int, at_step: int) -> None:
