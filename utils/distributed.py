@@ -53,6 +53,18 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def barrier() -> None:
+    """Wait for all processes (no-op when not distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    """Leave the process group."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def shard_indices(n: int, rank: int, world: int) -> range:
     """The rows of ``n`` that process ``rank`` of ``world`` computes: ``rank, rank + world, ...``."""
     return range(rank, n, world)
@@ -94,18 +106,6 @@ def gather_rows(local: torch.Tensor, n_total: int) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     return interleave_shards([p[:c].cpu() for p, c in zip(parts, counts)], n_total)
-
-
-def barrier() -> None:
-    """Wait for all processes (no-op when not distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def cleanup() -> None:
-    """Leave the process group."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 class CPUSyncBatchNorm(torch.nn.BatchNorm2d):
