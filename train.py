@@ -31,6 +31,8 @@ from utils.distributed import (barrier, broadcast_object, cleanup, convert_sync_
                                is_main_process)
 from utils.errors import UserError, run_main
 from utils.log import CSVLogger, summary_line
+from utils.rank_state import (StopRequest, StopRequested, check_resume_world, gather_rank_states, partial_epoch_entry,
+                              restore_partial)
 from utils.schedule import WarmupCosine, build_optimizer
 from utils.train_loop import (EMA, EpochProgress, NonFiniteLoss, StepContext, Trainable, build_mixup,
                               cache_pooled_features, epoch_seed, evaluate, make_probe_step, pick_device,
@@ -149,10 +151,8 @@ def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, step, 
                        "std": list(cfg.std)},
         "arch": dict(model.arch), "rng": rng, "speed": plan.record(),
         "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
-        # Set only when Ctrl-C stopped an epoch half-way: where to pick it up again.
-        "partial_epoch": None if partial is None else {
-            "batches_done": partial.batches_done, "loss_sum": partial.loss_sum, "correct": partial.correct,
-            "seen": partial.seen, "seconds": partial.seconds},
+        # Set only when Ctrl-C stopped an epoch half-way: where to pick it up again (every process's state).
+        "partial_epoch": None if partial is None else partial_epoch_entry(partial),
     }
 
 
@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
     machine.apply_threads(threads)
     workers = machine.decide_workers(cfg.workers, device, cpu, local_world)
     torch.manual_seed(cfg.seed)
+    if ckpt is not None:
+        check_resume_world(ckpt, dist.world_size, cfg.resume)
 
     # ---- data (frozen backbone + cache_features: the images are read once, after the model exists)
     from utils.data import load_data, load_image_folder
@@ -283,31 +285,36 @@ def main(argv: list[str] | None = None) -> dict:
     eval_model = (ema.module if ema is not None else model)
     eval_fn = eval_model.classifier if cfg.cache_features else eval_model
     row = None
+    stop = StopRequest(device).install() if dist.enabled else None  # Ctrl-C: all processes stop after one step
     for epoch in range(start_epoch, cfg.epochs):
         data.set_epoch(epoch)
         t_epoch = time.perf_counter()
         progress = EpochProgress(step=step)
         if partial is not None:  # Ctrl-C stopped this epoch half-way: continue from the same batch and RNG
-            progress = EpochProgress(partial["batches_done"], step, partial["loss_sum"], int(partial["correct"]),
-                                     int(partial["seen"]), partial["seconds"])
-            torch.set_rng_state(ckpt["rng"]["torch"])
+            progress = restore_partial(ckpt, dist.rank, device, step)
             partial = None
         else:
             torch.manual_seed(epoch_seed(cfg.seed, epoch, dist.rank))
         try:
             stats = train_one_epoch(ctx, train_loader, schedule, epoch + 1, progress,
-                                    max_steps=cfg.max_steps_per_epoch, bar=main_proc and cfg.progress)
+                                    max_steps=cfg.max_steps_per_epoch, bar=main_proc and cfg.progress, stop=stop)
         except NonFiniteLoss as e:
             kept = os.path.join(out, "last.pt")
             kept = f"the last good checkpoint {kept} is kept" if os.path.isfile(kept) else "no checkpoint was written"
             raise UserError(f"training diverged: {e}; {kept}. Lower the learning rate (--lr), add warmup "
                             "(--set warmup_epochs=1) or clip gradients (--set clip_grad_norm=1.0)") from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            if dist.enabled and not isinstance(e, StopRequested):  # not at a step boundary shared by all processes
+                print(f"\ninterrupted mid-step on rank {dist.rank}: no mid-epoch checkpoint (the processes are not "
+                      "at one same step); last.pt, if any, is from an epoch end", file=sys.stderr)
+                raise
+            progress.ranks = gather_rank_states(progress, device)  # every process's RNG state and sums
             if main_proc:
                 save("last.pt", epoch, progress)
                 print(f"\ninterrupted in epoch {epoch + 1} after {progress.batches_done} steps; saved "
                       f"{os.path.join(out, 'last.pt')} (continue with --resume {os.path.join(out, 'last.pt')})",
                       file=sys.stderr)
+            barrier()  # no process exits before the file is written (torchrun would stop the others)
             raise
         step = progress.step
         val = evaluate(eval_fn, val_loader, criterion, device, amp_dtype=amp_dtype,
@@ -330,6 +337,13 @@ def main(argv: list[str] | None = None) -> dict:
             _plot(out)
         else:
             best_acc = max(best_acc, val["val_top1"])
+        if stop is not None and stop.requested_anywhere():  # Ctrl-C after the epoch's last check: stop here
+            if main_proc:
+                print(f"interrupted after epoch {epoch + 1}; saved {os.path.join(out, 'last.pt')} (continue with "
+                      f"--resume {os.path.join(out, 'last.pt')})", file=sys.stderr)
+            raise StopRequested
+    if stop is not None:
+        stop.uninstall()
     if main_proc:
         print(f"done: best val top-1 {best_acc:.2f}% -> {os.path.join(out, 'best.pt')}")
     barrier()

@@ -1,4 +1,5 @@
-"""torchrun helpers: initialise from the environment, ask who is rank 0, all-reduce metric sums."""
+"""torchrun helpers: initialise from the environment, ask who is rank 0, all-reduce metric sums, split rows
+between processes and gather them back."""
 from __future__ import annotations
 
 import os
@@ -71,6 +72,49 @@ def cleanup() -> None:
     """Leave the process group."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shard_indices(n: int, rank: int, world: int) -> range:
+    """The rows of ``n`` that process ``rank`` of ``world`` computes: ``rank, rank + world, ...``."""
+    return range(rank, n, world)
+
+
+def interleave_shards(shards: list[torch.Tensor], n: int) -> torch.Tensor:
+    """Inverse of :func:`shard_indices`: shard ``r`` fills rows ``r, r + world, ...`` of an ``(n, ...)`` tensor."""
+    world = len(shards)
+    ref = max(shards, key=len)
+    out = ref.new_empty((n, *ref.shape[1:]))
+    for r, shard in enumerate(shards):
+        out[r::world] = shard
+    return out
+
+
+def gather_rows(local: torch.Tensor, n_total: int) -> torch.Tensor:
+    """Collective: the full ``(n_total, ...)`` tensor, in row order, on every process, from each process's
+    :func:`shard_indices` rows (``local``; ``torch.empty(0)`` for a process with no rows). Returned on the CPU.
+
+    Shards are padded to one length and exchanged with ``all_gather`` (on the GPU under nccl).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        if len(local) != n_total:
+            raise ValueError(f"{len(local)} rows but {n_total} expected (not distributed: nothing to gather)")
+        return local
+    rank, world = dist.get_rank(), dist.get_world_size()
+    counts = [len(shard_indices(n_total, r, world)) for r in range(world)]
+    if len(local) != counts[rank]:
+        raise ValueError(f"rank {rank} holds {len(local)} rows, shard_indices gives it {counts[rank]}")
+    shape, dtype = local.shape[1:], local.dtype
+    if min(counts) == 0:  # fewer rows than processes: an empty shard cannot tell the row shape
+        metas = [None] * world
+        dist.all_gather_object(metas, (tuple(shape), dtype) if len(local) else None)
+        shape, dtype = next(m for m in metas if m is not None)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    padded = torch.zeros((max(counts), *shape), dtype=dtype, device=device)
+    if len(local):
+        padded[:len(local)] = local.to(device)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return interleave_shards([p[:c].cpu() for p, c in zip(parts, counts)], n_total)
 
 
 class CPUSyncBatchNorm(torch.nn.BatchNorm2d):

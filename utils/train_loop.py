@@ -50,8 +50,9 @@ class EMA:
         floats = [(e, c) for e, c in zip(ema_p, cur_p) if e.dtype.is_floating_point]
         if floats:
             torch._foreach_lerp_([e for e, _ in floats], [c for _, c in floats], 1.0 - self.decay)
-        for e, c in zip(self.module.buffers(), model.buffers()):
-            e.copy_(c)
+        ema_b = list(self.module.buffers())
+        if ema_b:  # one fused copy, not one kernel launch per BatchNorm buffer
+            torch._foreach_copy_(ema_b, [b.detach() for b in model.buffers()])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.module.state_dict()
@@ -211,9 +212,17 @@ class NonFiniteLoss(Exception):
         self.epoch, self.batch, self.step, self.value = epoch, batch, step, value
 
 
+# Steps between host reads of the running loss/accuracy on a GPU (each read waits for the GPU to finish, and
+# under torchrun is also where a Ctrl-C is noticed: 20 steps of 1 s stay within torchrun's 30 s shutdown grace).
+DEVICE_SYNC_EVERY = 20
+
+
 @dataclass
 class EpochProgress:
-    """Mutable position inside an epoch, readable after a Ctrl-C: batches done, global step, sums."""
+    """Mutable position inside an epoch, readable after a Ctrl-C: batches done, global step, sums.
+
+    ``ranks`` is set only for a mid-epoch checkpoint: every process's RNG state and sums (utils.rank_state).
+    """
 
     batches_done: int = 0
     step: int = 0
@@ -221,47 +230,105 @@ class EpochProgress:
     correct: int = 0
     seen: int = 0
     seconds: float = 0.0
+    ranks: Optional[list] = None
+
+
+class PendingSums:
+    """Per-step loss and correct-count tensors the host has not read yet.
+
+    On a GPU, reading a value waits for every queued kernel, so the loop only queues these tiny tensors and
+    reads them every few steps. :meth:`flush_into` then adds them in step order, exactly as a per-step read
+    would (float32 loss -> Python float, times the batch size), so the logged numbers do not depend on when.
+    """
+
+    def __init__(self) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.correct: list[torch.Tensor] = []
+        self.where: list[tuple[int, int, int]] = []  # (batch index in the epoch, global step, batch size)
+
+    def __len__(self) -> int:
+        return len(self.losses)
+
+    def add(self, batch: int, step: int, loss: torch.Tensor, correct: torch.Tensor, size: int) -> None:
+        self.losses.append(loss.reshape(()))
+        self.correct.append(correct.reshape(()))
+        self.where.append((batch, step, size))
+
+    def flush_into(self, progress: EpochProgress, epoch: int) -> None:
+        """Read the pending values (one device-to-host copy) into ``progress``.
+
+        Raises :class:`NonFiniteLoss` at the first NaN/inf loss, naming that step; the sums before it are kept.
+        """
+        if not self.losses:
+            return
+        values = torch.stack([torch.stack(self.losses).double(), torch.stack(self.correct).double()]).tolist()
+        where = self.where
+        self.losses, self.correct, self.where = [], [], []
+        for loss_v, correct, (batch, step, size) in zip(values[0], values[1], where):
+            if not math.isfinite(loss_v):
+                raise NonFiniteLoss(epoch, batch, step, loss_v)
+            progress.loss_sum += loss_v * size
+            progress.correct += int(correct)
+            progress.seen += size
 
 
 def train_one_epoch(ctx: StepContext, loader: Iterable, schedule: WarmupCosine, epoch: int,
                     progress: EpochProgress, *, max_steps: int = 0, bar: bool = False,
-                    total: Optional[int] = None) -> dict[str, float]:
+                    total: Optional[int] = None, sync_every: int = 0,
+                    stop: Optional[Callable[[], None]] = None) -> dict[str, float]:
     """Train one epoch from ``progress.batches_done`` (non-zero when resuming mid-epoch).
 
-    The lr is set per iteration from the global step. Raises :class:`NonFiniteLoss` before the bad
-    step's update would be kept. Returns this process's sums plus the all-reduced means.
+    The lr is set per iteration from the global step. Loss and accuracy stay on the device and are read
+    every ``sync_every`` steps (0: every step on a CPU, where reading costs nothing, and every
+    :data:`DEVICE_SYNC_EVERY` steps elsewhere), on progress-bar refreshes (at most once a second), at the end
+    and on an interrupt. :class:`NonFiniteLoss` is raised when a NaN/inf loss is read: on a CPU right after the
+    bad step, on a GPU up to ``sync_every - 1`` steps later (the message names the bad step either way; no
+    checkpoint is written after it). ``stop`` (torchrun: :class:`utils.rank_state.StopRequest`) is called
+    every ``sync_every`` steps, on every process at the same steps; it raises a KeyboardInterrupt to end the
+    epoch there. Returns this process's sums plus the all-reduced means.
     """
     from tqdm import tqdm
 
     ctx.trainable.train()
     skip = progress.batches_done
+    every = sync_every or (1 if ctx.device.type == "cpu" else DEVICE_SYNC_EVERY)
     n = total if total is not None else (len(loader) if hasattr(loader, "__len__") else None)
     if max_steps:
         n = min(n, max_steps) if n is not None else max_steps
     pbar = tqdm(total=n, initial=skip, desc=f"epoch {epoch}", disable=not bar, leave=False, dynamic_ncols=True)
-    t0 = time.perf_counter()
+    t0 = last_read = time.perf_counter()
     lr = schedule.lr_at(progress.step)
-    for i, (images, targets) in enumerate(loader):
-        if max_steps and i >= max_steps:
-            break
-        if i < skip:  # already trained on before the interruption
-            continue
-        lr = schedule.apply(ctx.optimizer, progress.step)
-        loss, logits = train_step(ctx, images, targets)
-        loss_v = float(loss)
-        if not math.isfinite(loss_v):
-            raise NonFiniteLoss(epoch, i, progress.step, loss_v)
-        bs = targets.shape[0]
-        progress.loss_sum += loss_v * bs
-        progress.correct += int((logits.argmax(1).cpu() == targets).sum())
-        progress.seen += bs
-        progress.batches_done = i + 1
-        progress.step += 1
-        if bar:
+    pending = PendingSums()
+    try:
+        for i, (images, targets) in enumerate(loader):
+            if max_steps and i >= max_steps:
+                break
+            if i < skip:  # already trained on before the interruption
+                continue
+            lr = schedule.apply(ctx.optimizer, progress.step)
+            targets = targets.to(ctx.device, non_blocking=True)  # once here; train_step's .to is then a no-op
+            loss, logits = train_step(ctx, images, targets)
+            pending.add(i, progress.step, loss, (logits.argmax(1) == targets).sum(), targets.shape[0])
+            progress.batches_done = i + 1
+            progress.step += 1
+            done = i + 1 - skip
+            if len(pending) >= every or (bar and time.perf_counter() - last_read >= 1.0):
+                pending.flush_into(progress, epoch)
+                last_read = time.perf_counter()
+                if bar:
+                    pbar.set_postfix(loss=f"{progress.loss_sum / max(progress.seen, 1):.4f}",
+                                     acc=f"{100 * progress.correct / max(progress.seen, 1):.2f}", lr=f"{lr:.4g}",
+                                     refresh=False)
             pbar.update(1)
-            pbar.set_postfix(loss=f"{progress.loss_sum / progress.seen:.4f}",
-                             acc=f"{100 * progress.correct / progress.seen:.2f}", lr=f"{lr:.4g}", refresh=False)
-    pbar.close()
+            if stop is not None and done % every == 0:
+                stop()
+        pending.flush_into(progress, epoch)
+    except KeyboardInterrupt:
+        pending.flush_into(progress, epoch)  # a mid-epoch checkpoint must hold the sums of every batch done
+        progress.seconds += time.perf_counter() - t0
+        raise
+    finally:
+        pbar.close()
     progress.seconds += time.perf_counter() - t0
     loss_sum, correct, seen = all_reduce_sum([progress.loss_sum, progress.correct, progress.seen], ctx.device)
     return {"train_loss": loss_sum / max(seen, 1), "train_acc": 100.0 * correct / max(seen, 1),
@@ -353,16 +420,36 @@ class _EvalImages(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
+def encode_pooled(model: nn.Module, samples: list, transform: Callable, batch_size: int, workers: int,
+                  device: torch.device, *, desc: str = "", bar: bool = False,
+                  amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Pooled backbone features (float32, CPU) of the image files ``samples`` ([(path, label)]), in order;
+    ``torch.empty(0)`` when there are none."""
+    from tqdm import tqdm
+
+    loader = torch.utils.data.DataLoader(_EvalImages(samples, transform), batch_size=batch_size, num_workers=workers)
+    feats = []
+    for x, _ in tqdm(loader, desc=desc, disable=not bar, leave=False):
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            feats.append(model.forward_features(x).float().cpu())
+    return torch.cat(feats) if feats else torch.empty(0)
+
+
+@torch.no_grad()
 def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, batch_size: int, workers: int,
                           device: torch.device, seed: int, rank: int = 0, world_size: int = 1,
                           bar: bool = False, amp_dtype: Optional[torch.dtype] = None) -> FeatureBundle:
     """Run the frozen backbone once over train/ and val/ (eval transform, no augmentation) and keep the
-    pooled features, so a frozen-backbone run trains only the classifier, on tensors, in seconds."""
+    pooled features, so a frozen-backbone run trains only the classifier, on tensors, in seconds.
+
+    Under torchrun each process encodes only its :func:`utils.distributed.shard_indices` rows and
+    :func:`utils.distributed.gather_rows` gives every process the full tensors, in file order.
+    """
     import os
 
-    from tqdm import tqdm
-
     from utils.data import build_eval_transform, load_image_folder
+    from utils.distributed import gather_rows, shard_indices
 
     transform = build_eval_transform(preprocess)
     model.eval()
@@ -373,15 +460,12 @@ def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, bat
         if classes is not None and list(ds.classes) != classes:
             raise UserError(f"{data_dir}/val has classes {list(ds.classes)} but train/ has {classes}")
         classes = list(ds.classes)
-        loader = torch.utils.data.DataLoader(_EvalImages(list(ds.samples), transform), batch_size=batch_size,
-                                             num_workers=workers)
-        feats, labels = [], []
-        for x, y in tqdm(loader, desc=f"caching {split} features", disable=not bar, leave=False):
-            x = x.to(device).contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp_dtype):
-                feats.append(model.forward_features(x).float().cpu())
-            labels.append(y)
-        out[split] = (torch.cat(feats), torch.cat(labels))
+        samples = list(ds.samples)
+        mine = [samples[i] for i in shard_indices(len(samples), rank, world_size)]
+        feats = encode_pooled(model, mine, transform, batch_size, workers, device, desc=f"caching {split} features",
+                              bar=bar, amp_dtype=amp_dtype)
+        labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
+        out[split] = (gather_rows(feats, len(samples)), labels)
     return FeatureBundle(
         FeatureBatches(*out["train"], batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size),
         FeatureBatches(*out["val"], batch_size, shuffle=False, rank=rank, world_size=world_size),

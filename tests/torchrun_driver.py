@@ -1,0 +1,103 @@
+"""train.py's main with test hooks, for tests that launch it under torchrun (not a test module itself).
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/torchrun_driver.py <train.py args>
+
+:func:`launch` runs it so from a test (``nproc=1``: plain python, no torchrun).
+
+Hooks, from environment variables:
+- ``SIGINT_RANK`` and ``SIGINT_AT_STEP``: that rank sends itself a real SIGINT (what torchrun forwards on
+  Ctrl-C) just before its ``SIGINT_AT_STEP``-th call of train_step (0-based, counted over the whole run);
+  the other ranks get no signal.
+- ``DUMP_FEATURES=DIR``: with ``--set cache_features=true``, each rank writes the cached feature tensors and
+  how many images it encoded itself to ``DIR/rank<R>.pt``.
+- ``SYNC_EVERY=K``: train_one_epoch reads loss/accuracy (and checks for Ctrl-C under torchrun) every K steps,
+  as on a GPU, whatever the device.
+- ``DETERMINISTIC=1``: deterministic GPU kernels and no cuDNN autotuning, for bit-exact comparisons between
+  GPU runs (needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment), see :func:`deterministic`.
+"""
+import os
+import signal
+import subprocess
+import sys
+
+if os.path.dirname(os.path.dirname(os.path.abspath(__file__))) not in sys.path:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import train  # noqa: E402  (first: it sets the OpenMP environment before torch loads)
+import torch  # noqa: E402
+import utils.train_loop as tl  # noqa: E402
+from utils.errors import run_main  # noqa: E402
+
+RANK = int(os.environ.get("RANK", 0))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch(args: list, nproc: int, env: dict | None = None, ok: bool = True) -> subprocess.CompletedProcess:
+    """Run this driver with ``args`` in ``nproc`` processes (one OpenMP thread each); ``ok``: assert it succeeded."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    cmd = [sys.executable, os.path.abspath(__file__)] + list(args)
+    if nproc > 1:
+        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=900)
+    if ok:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def hook_sigint(rank: int, at_step: int) -> None:
+    real_step, calls = tl.train_step, {"n": 0}
+
+    def step(*a, **k):
+        if RANK == rank and calls["n"] == at_step:
+            os.kill(os.getpid(), signal.SIGINT)
+        calls["n"] += 1
+        return real_step(*a, **k)
+
+    tl.train_step = step
+
+
+def hook_feature_dump(folder: str) -> None:
+    real_cache, real_getitem, encoded = train.cache_pooled_features, tl._EvalImages.__getitem__, {"n": 0}
+
+    def getitem(self, i):
+        encoded["n"] += 1
+        return real_getitem(self, i)
+
+    def cache(*a, **k):
+        bundle = real_cache(*a, **k)
+        os.makedirs(folder, exist_ok=True)
+        torch.save({"train_x": bundle.train_loader.feats, "train_y": bundle.train_loader.labels,
+                    "val_x": bundle.val_loader.feats, "val_y": bundle.val_loader.labels, "encoded": encoded["n"]},
+                   os.path.join(folder, f"rank{RANK}.pt"))
+        return bundle
+
+    tl._EvalImages.__getitem__ = getitem
+    train.cache_pooled_features = cache
+
+
+def deterministic() -> None:
+    """Same GPU results in every process: deterministic cuDNN/cuBLAS algorithms, and cuDNN autotuning kept off
+    even if train.py turns it on (it times the candidate algorithms in each process and may pick a different
+    one, with different rounding, in each). ``warn_only``: an op PyTorch flags as nondeterministic that has
+    no alternative warns instead of stopping; in these models that is adaptive_avg_pool2d's backward, whose
+    1x1 output adds each input gradient exactly once, so it is exact anyway."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    type(torch.backends.cudnn).benchmark = property(lambda self: False, lambda self, value: None)
+
+
+def set_sync_every(k: int) -> None:
+    real = train.train_one_epoch
+    train.train_one_epoch = lambda *a, **kw: real(*a, sync_every=k, **kw)
+
+
+if __name__ == "__main__":
+    if "SYNC_EVERY" in os.environ:
+        set_sync_every(int(os.environ["SYNC_EVERY"]))
+    if "SIGINT_AT_STEP" in os.environ:
+        hook_sigint(int(os.environ["SIGINT_RANK"]), int(os.environ["SIGINT_AT_STEP"]))
+    if "DUMP_FEATURES" in os.environ:
+        hook_feature_dump(os.environ["DUMP_FEATURES"])
+    if os.environ.get("DETERMINISTIC") == "1":
+        deterministic()
+    run_main(lambda: train.main(sys.argv[1:]))
