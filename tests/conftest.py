@@ -8,11 +8,9 @@ if ROOT not in sys.path:
 
 
 def pytest_configure(config):
-    """Register the markers used in this suite (``-m "not cuda"`` deselects the GPU-only tests) and keep speed
-    probes in a per-session cache."""
+    """Keep speed probes in a per-session cache (markers are registered in pytest.ini)."""
     import tempfile
 
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU")
     # Speed probes (utils/machine.py) are cached per test session, not in the user's ~/.cache: runs inside one
     # session reuse one measurement, so two runs that must match bit for bit make the same automatic choices.
     os.environ.setdefault("MOBILENET_CACHE_DIR", tempfile.mkdtemp(prefix="mobilenet-cache-"))

@@ -145,8 +145,9 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
             raise bad()
         return float(value)
     if tp is str:
-        if isinstance(value, bool) and key in CHOICES and "on" in CHOICES[key]:
-            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as a boolean
+        if key in CHOICES and "on" in CHOICES[key]:  # YAML 1.1 reads a bare on/off as a boolean; true/false too
+            value = {True: "on", False: "off", "true": "on", "false": "off"}.get(
+                value.lower() if isinstance(value, str) else value, value)
         if not isinstance(value, str):
             raise bad()
         if key in CHOICES and value not in CHOICES[key]:

@@ -421,6 +421,8 @@ def plan_training(*, device: torch.device, amp: str, channels_last: str, cache: 
         amp_c = cuda_amp(amp, gpu)
         cl_c = decide_cuda_layout(channels_last, amp_c.value, gpu)
         bench = Choice(True, "fixed input size: cuDNN picks the fastest convolution algorithm once")
+        if torch.are_deterministic_algorithms_enabled():  # autotuning may pick another algorithm in every process
+            bench = Choice(False, "deterministic algorithms requested (torch.use_deterministic_algorithms)")
         times: dict[str, float] = {}
         machine = f"{gpu.describe()}; host {cpu.describe()}"
     else:
