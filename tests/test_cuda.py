@@ -155,3 +155,27 @@ def test_ddp_nccl_cached_features_are_sharded_then_gathered_in_order(data, tmp_p
         a, b = r0[k].double(), one[k].double()
         assert torch.equal(torch.cdist(a, b).argmin(1), torch.arange(len(a))), k
         assert (a - b).abs().max() <= 1e-2 * b.abs().max(), k
+
+
+def test_memory_cache_augments_on_the_gpu_like_on_the_cpu(data):
+    """The GPU path of the memory loader (uint8 batches cross over, augmentation runs there) draws the same
+    crops, flips, jitter and erasing as the CPU path: same pixels up to float rounding of grid_sample."""
+    from utils.data import load_data
+    from utils.machine import cpu_info, plan_training, decide_threads, decide_workers
+
+    common = dict(img_size=32, resize_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=16, workers=0,
+                  augment={"scale": (0.3, 1.0), "hflip": 0.5, "color_jitter": 0.4, "rotation": 10,
+                           "random_erasing": 0.5}, cache="memory", seed=3, progress=False)
+    cpu_b = load_data(data, **common)
+    gpu_b = load_data(data, **common, pin_memory=True, augment_device=torch.device("cuda"))
+    cpu_b.set_epoch(1)
+    gpu_b.set_epoch(1)
+    for (xc, yc), (xg, yg) in zip(cpu_b.train_loader, gpu_b.train_loader):
+        assert xg.is_cuda and yg.is_cuda and torch.equal(yc, yg.cpu())
+        assert (xc - xg.cpu()).abs().max() < 1e-3
+    for (xc, _), (xg, _) in zip(cpu_b.val_loader, gpu_b.val_loader):
+        assert xg.is_cuda and torch.allclose(xc, xg.cpu(), atol=1e-6)
+    device = torch.device("cuda", 0)
+    plan = plan_training(device=device, amp="auto", channels_last="auto", cache="memory",
+                         workers=decide_workers(-1, device, cpu_info()), threads=decide_threads(cpu_info(), 1))
+    assert plan.augment_device.value == "cuda" and plan.cudnn_benchmark.value is True
