@@ -17,6 +17,7 @@ MODES = {
     "data": ("utils.bench_data", "input pipeline throughput (images/s)"),
     "train": ("utils.bench_train", "training step time: train.py's path vs plain fp32 NCHW"),
     "infer": ("utils.bench_infer", "inference latency/throughput of deployment variants"),
+    "features": ("utils.bench_features", "frozen fine-tune feature pass (decode + backbone) per engine"),
 }
 
 

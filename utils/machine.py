@@ -172,6 +172,7 @@ class SpeedPlan:
     cudnn_benchmark: Choice
     openmp: Choice
     probe: dict[str, float] = field(default_factory=dict)  # variant -> measured s/step (empty: no probe)
+    feature_engine: Optional[Choice] = None  # what ran the frozen backbone's cached feature pass (utils/engine.py)
 
     @property
     def amp_dtype(self) -> Optional[torch.dtype]:
@@ -189,6 +190,8 @@ class SpeedPlan:
             c = getattr(self, name)
             value = amp_name(c.value) if name == "amp" else c.value
             out[name] = {"value": value, "reason": c.reason}
+        if self.feature_engine is not None:
+            out["feature_engine"] = {"value": self.feature_engine.value, "reason": self.feature_engine.reason}
         if self.probe:
             out["probe_s_per_step"] = {k: round(v, 5) for k, v in self.probe.items()}
         return out
@@ -444,3 +447,10 @@ def apply_plan(plan: SpeedPlan, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = bool(plan.cudnn_benchmark.value)
+
+
+def decide_forward_threads(workers: int, budget: Optional[int] = None) -> Choice:
+    """onnxruntime intra-op threads for a forward-only pass (utils/engine.py) beside ``workers`` DataLoader
+    decode processes, out of ``budget`` threads (default: PyTorch's, i.e. this process's share of the cores)."""
+    budget = budget or torch.get_num_threads()
+    return Choice(budget, f"{budget} threads beside {workers} decode workers")

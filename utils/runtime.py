@@ -7,6 +7,9 @@ Every format carries its own class names and preprocessing (checkpoint entries, 
     tf = build_eval_transform(m.preprocess)
     logits = m.predict_batch(torch.stack([tf(img) for img in images]))
     names = [m.classes[i] for i in logits.argmax(1)]
+
+A checkpoint on a CPU runs on onnxruntime when that computes the same logits faster (utils/engine.py, checked
+on its first batch); ``m.engine`` says which runtime ran and why.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 from utils.errors import UserError
+from utils.machine import Choice
 
 ACCEPTED = ("a train.py checkpoint (.pt), a TorchScript file or an ONNX file (.onnx) written by export.py")
 PREPROCESS_KEYS = ("img_size", "resize_size", "mean", "std")
@@ -36,13 +40,15 @@ class LoadedModel:
 
     Attributes: ``path``, ``kind`` ("checkpoint" | "torchscript" | "onnx"), ``classes`` (list of names,
     index = logit position), ``preprocess`` (dict img_size/resize_size/mean/std), ``device``,
-    ``arch`` (build args, checkpoints only, else None), ``config`` (training config, checkpoints only)
-    and ``threads`` (intra-op threads asked for in :func:`open_model`, else None).
+    ``arch`` (build args, checkpoints only, else None), ``config`` (training config, checkpoints only),
+    ``threads`` (intra-op threads asked for in :func:`open_model`, else None) and ``engine`` (which runtime
+    ran the model and why, a utils.machine.Choice; a checkpoint's is chosen on its first batch).
     """
 
     def __init__(self, path: str, kind: str, classes: list[str], preprocess: dict[str, Any],
                  run: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
-                 arch: dict | None = None, config: dict | None = None, threads: int | None = None) -> None:
+                 arch: dict | None = None, config: dict | None = None, threads: int | None = None,
+                 engine: Choice | None = None) -> None:
         self.path = path
         self.threads = threads  # intra-op threads the caller asked for (None: runtime default)
         self.kind = kind
@@ -52,10 +58,27 @@ class LoadedModel:
         self.arch = arch
         self.config = config
         self._run = run
+        self._engine = engine or Choice(kind, "")
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def engine(self) -> Choice:
+        """The runtime that ran (or will run) this model and why, e.g. ``onnxruntime`` for a checkpoint on a CPU."""
+        return self._run.choice if isinstance(self._run, _FastCheckpoint) else self._engine
+
+    def engine_line(self) -> str:
+        """``engine: <runtime> - <why>`` for summaries (a checkpoint's engine is chosen on its first batch)."""
+        reason = f" - {self.engine.reason}" if self.engine.reason else ""
+        return f"engine: {self.engine.value}{reason}"
+
+    def expect_images(self, n: int) -> None:
+        """Say how many images the coming pass has: a checkpoint on a CPU exports itself to onnxruntime only when
+        the pass is long enough to repay it (utils/engine.py). Other formats ignore it."""
+        if isinstance(self._run, _FastCheckpoint):
+            self._run.images = n
 
     def predict_batch(self, x: torch.Tensor) -> torch.Tensor:
         """Float NCHW batch (already preprocessed) -> float32 logits (N, num_classes) on the CPU."""
@@ -115,7 +138,34 @@ def detect_kind(path: str) -> str:
     return "onnx"
 
 
-def _open_checkpoint(path: str, device: torch.device) -> LoadedModel:
+class _FastCheckpoint:
+    """A checkpoint's network on the fastest engine of this machine (utils/engine.py: onnxruntime on a CPU when it
+    matches PyTorch's logits, else PyTorch eager), chosen on the first batch it is given."""
+
+    def __init__(self, model: torch.nn.Module, threads: int = 0) -> None:
+        self.model, self.threads = model, threads
+        self.images: int | None = None  # images in the coming pass (LoadedModel.expect_images); None: the first batch
+        self._engine = None
+
+    @property
+    def choice(self) -> Choice:
+        if self._engine is None:
+            return Choice("pending", "chosen on the first batch")
+        return self._engine.choice
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from utils.engine import fast_forward
+
+        if self._engine is None:
+            # Same onnxruntime settings as an ONNX file gets in open_model: idle threads sleep (decode workers).
+            # Without a hint the first batch is all that is known of the pass: a few images stay on PyTorch.
+            images = self.images if self.images is not None else len(x)
+            self._engine = fast_forward(self.model, x, images=images, threads=self.threads, same_top1=True)
+            return self._engine.first
+        return self._engine.run(x)
+
+
+def _open_checkpoint(path: str, device: torch.device, threads: int | None = None) -> LoadedModel:
     from utils.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(path)
@@ -124,13 +174,9 @@ def _open_checkpoint(path: str, device: torch.device) -> LoadedModel:
     if len(classes) != model.arch["num_classes"]:
         raise UserError(f"{path}: {len(classes)} class names but the model has {model.arch['num_classes']} outputs; "
                         "the checkpoint is inconsistent, re-save it with train.py")
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return model(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
-
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
-    return LoadedModel(path, "checkpoint", classes, pre, run, device, arch=dict(model.arch), config=config)
+    return LoadedModel(path, "checkpoint", classes, pre, _FastCheckpoint(model.eval(), threads or 0), device,
+                       arch=dict(model.arch), config=config)
 
 
 def _optimize_torchscript(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
@@ -164,7 +210,8 @@ def _open_torchscript(path: str, device: torch.device) -> LoadedModel:
         with torch.inference_mode():
             return module(x.to(device, non_blocking=True))
 
-    return LoadedModel(path, "torchscript", classes, pre, run, device)
+    return LoadedModel(path, "torchscript", classes, pre, run, device,
+                       engine=Choice("torchscript", "a TorchScript file runs on PyTorch's TorchScript runtime"))
 
 
 def onnx_session(path: str, threads: int = 0, spinning: bool = True, providers: list[str] | None = None):
@@ -213,14 +260,15 @@ def _open_onnx(path: str, device: torch.device, threads: int | None = None) -> L
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(sess.run([out_name], {in_name: arr})[0])
 
-    return LoadedModel(path, "onnx", classes, pre, run, used)
+    return LoadedModel(path, "onnx", classes, pre, run, used,
+                       engine=Choice("onnxruntime", f"an ONNX file runs on onnxruntime ({sess.get_providers()[0]})"))
 
 
 def open_model(path: str, device: str | torch.device | None = None, threads: int | None = None) -> LoadedModel:
     """Load a checkpoint, TorchScript or ONNX file as a :class:`LoadedModel` (format told from content).
 
-    ``threads`` sets the intra-op threads (onnxruntime session; for PyTorch formats this is process-wide
-    ``torch.set_num_threads``); None keeps each runtime's default. Unknown or corrupt files raise
+    ``threads`` sets the intra-op threads (onnxruntime sessions, a checkpoint's included; for PyTorch this is
+    process-wide ``torch.set_num_threads``); None keeps each runtime's default. Unknown or corrupt files raise
     :class:`UserError` naming the file and the accepted formats.
     """
     if threads is not None and threads < 1:
@@ -232,6 +280,6 @@ def open_model(path: str, device: str | torch.device | None = None, threads: int
     else:
         if threads:
             torch.set_num_threads(threads)
-        model = _open_checkpoint(path, dev) if kind == "checkpoint" else _open_torchscript(path, dev)
+        model = _open_checkpoint(path, dev, threads) if kind == "checkpoint" else _open_torchscript(path, dev)
     model.threads = threads
     return model

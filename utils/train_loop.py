@@ -15,6 +15,7 @@ from torch import nn
 
 from utils.distributed import all_reduce_sum
 from utils.errors import UserError
+from utils.machine import Choice, decide_forward_threads
 from utils.metrics import topk_correct
 from utils.schedule import WarmupCosine
 
@@ -329,6 +330,7 @@ class FeatureBundle:
     classes: list
     num_train: int
     num_val: int
+    engine: Optional[Choice] = None  # what ran the backbone over the images, and why (utils/engine.py)
 
     def set_epoch(self, epoch: int) -> None:
         self.train_loader.set_epoch(epoch)
@@ -352,17 +354,24 @@ class _EvalImages(torch.utils.data.Dataset):
 @torch.no_grad()
 def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, batch_size: int, workers: int,
                           device: torch.device, seed: int, rank: int = 0, world_size: int = 1,
-                          bar: bool = False, amp_dtype: Optional[torch.dtype] = None) -> FeatureBundle:
+                          bar: bool = False, engine: str = "auto") -> FeatureBundle:
     """Run the frozen backbone once over train/ and val/ (eval transform, no augmentation) and keep the
-    pooled features, so a frozen-backbone run trains only the classifier, on tensors, in seconds."""
+    pooled features, so a frozen-backbone run trains only the classifier, on tensors, in seconds.
+
+    The backbone runs on the fastest engine this machine has (utils/engine.py: onnxruntime on a CPU when it
+    matches PyTorch on the first batch; ``engine`` forces ``pytorch`` or ``onnxruntime``); the bundle's
+    ``engine`` says which and why."""
     import os
 
     from tqdm import tqdm
 
     from utils.data import build_eval_transform, load_image_folder
+    from utils.engine import fast_forward
 
     transform = build_eval_transform(preprocess)
     model.eval()
+    threads = decide_forward_threads(workers)
+    fwd = None  # chosen on the first real batch
     out = {}
     classes = None
     for split in ("train", "val"):
@@ -374,12 +383,16 @@ def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, bat
                                              num_workers=workers)
         feats, labels = [], []
         for x, y in tqdm(loader, desc=f"caching {split} features", disable=not bar, leave=False):
-            x = x.to(device).contiguous(memory_format=torch.channels_last)
-            with autocast(device, amp_dtype):
-                feats.append(model.forward_features(x).float().cpu())
+            if fwd is None:
+                fwd = fast_forward(model, x, method="forward_features", images=len(ds.samples), engine=engine,
+                                   threads=threads.value)
+                feats.append(fwd.first.float().cpu())
+            else:
+                feats.append(fwd.run(x).float().cpu())
             labels.append(y)
         out[split] = (torch.cat(feats), torch.cat(labels))
     return FeatureBundle(
         FeatureBatches(*out["train"], batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size),
         FeatureBatches(*out["val"], batch_size, shuffle=False, rank=rank, world_size=world_size),
-        classes, len(out["train"][1]), len(out["val"][1]))
+        classes, len(out["train"][1]), len(out["val"][1]),
+        fwd.choice if fwd else None)
