@@ -3,6 +3,7 @@ fallback lands on PyTorch with its reason, and train.py / evaluate.py / predict.
 import csv
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from models import build_model, load_pretrained
 from utils import machine
 from utils.checkpoint import load_checkpoint
 from utils.data import build_eval_transform
-from utils.engine import fast_forward, parity
+from utils.engine import ThreadProbe, fast_forward, parity
 
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in photo_paths()]
 
@@ -107,6 +108,26 @@ def test_export_failure_falls_back_to_pytorch(backbone, photos, monkeypatch):
     assert eng.choice.value == "pytorch"
     assert eng.choice.reason.endswith("ONNX export failed (RuntimeError: Unsupported operator)")
     assert eng.first.shape == (4, 1000)
+
+
+def test_thread_probe_compares_sessions_on_the_pass_and_keeps_the_faster():
+    ran = []
+
+    def session(threads, seconds):
+        def run(x):
+            time.sleep(seconds)
+            ran.append(threads)
+            return torch.full((len(x), 1), float(threads))
+        return run
+
+    choice = machine.Choice("onnxruntime", "checked")
+    probe = ThreadProbe({2: session(2, 0.03), 1: session(1, 0.003)}, choice)
+    assert choice.reason == "checked; 2 threads vs 1 thread: the pass ended before the comparison (16 batches)"
+    outs = [probe(torch.zeros(4, 3)) for _ in range(20)]
+    assert ran == [2] * 4 + [1] * 4 + [2] * 4 + [1] * 4 + [1] * 4  # blocks of 4, two rounds, then the winner
+    assert [int(o[0, 0]) for o in outs] == ran  # each batch's output is the session's that ran it
+    assert choice.reason.startswith("checked; 1 thread: ")
+    assert choice.reason.endswith("with 2 threads over the pass's first 16 batches (decoding included)")
 
 
 def test_parity_rule_is_export_py_s():
@@ -204,7 +225,7 @@ def test_few_images_stay_on_pytorch_without_export(fitted, monkeypatch):
     def no_export(*args, **kwargs):
         raise AssertionError("a 12-photo pass must not export")
 
-    monkeypatch.setattr(engine_mod, "export_session", no_export)
+    monkeypatch.setattr(engine_mod, "export_sessions", no_export)
     r = predict.main([ckpt, *photo_paths(), "--no-progress", "--workers", "0"])
     assert len(r["predictions"]) == 12
     from utils.runtime import open_model

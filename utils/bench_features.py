@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> None:
     from models import build_model, load_pretrained
     from utils import machine
     from utils.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
-    from utils.engine import fast_forward
+    from utils.engine import ThreadProbe, fast_forward
+    from utils.machine import Choice
     from utils.timing import interleaved_timings, load_average, median
     from utils.train_loop import _EvalImages
 
@@ -115,11 +116,16 @@ def run(args: argparse.Namespace) -> None:
         setup[text] = time.perf_counter() - t0
         notes[text] = f"{fwd.choice.value}, {workers} workers, {threads} threads: {fwd.choice.reason}"
 
-        def call(fwd=fwd, workers=workers, threads=threads, engine=engine) -> None:
+        def call(fwd=fwd, workers=workers, threads=threads, engine=engine, name=text) -> None:
+            run = fwd.run
+            if isinstance(run, ThreadProbe):  # every pass compares the thread counts afresh, as a real one does
+                run = ThreadProbe(run.runners, Choice(fwd.choice.value, run.base))
             loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers)
             with _torch_threads(threads if engine == "pytorch" else 0), torch.no_grad():
                 for x, _ in loader:
-                    fwd.run(x).float().cpu()
+                    run(x).float().cpu()
+            if isinstance(run, ThreadProbe):
+                notes[name] = f"{fwd.choice.value}, {workers} workers: {run.choice.reason}"
 
         fns[text] = call
     print(f"{machine.describe_machine()} | load average {load_average()} | {args.model} x{args.width_mult} "

@@ -450,7 +450,17 @@ def apply_plan(plan: SpeedPlan, device: torch.device) -> None:
 
 
 def decide_forward_threads(workers: int, budget: Optional[int] = None) -> Choice:
-    """onnxruntime intra-op threads for a forward-only pass (utils/engine.py) beside ``workers`` DataLoader
-    decode processes, out of ``budget`` threads (default: PyTorch's, i.e. this process's share of the cores)."""
+    """onnxruntime intra-op thread counts for a forward-only pass (utils/engine.py) beside ``workers`` DataLoader
+    decode processes, out of ``budget`` threads (default: PyTorch's, i.e. this process's share of the cores).
+
+    With decode workers on the same cores, ``budget`` and ``budget - workers`` threads are both candidates and
+    the pass itself compares them (utils.engine.ThreadProbe): whether the model's thread or the decoder should
+    get the contested core depends on the machine (shared 2-core VM, 224 px: 1 thread beside 1 worker 82 img/s,
+    2 threads 59, measured with benchmark.py features).
+    """
     budget = budget or torch.get_num_threads()
-    return Choice(budget, f"{budget} threads beside {workers} decode workers")
+    beside = max(1, budget - workers)
+    if workers == 0 or beside == budget:
+        return Choice((budget,), f"{budget} thread(s): {'no decode workers' if workers == 0 else 'one core'}")
+    return Choice((budget, beside), f"{budget} or {beside} threads beside {workers} decode worker(s), "
+                                    "whichever runs the pass's first batches faster")
