@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     cpu = machine.cpu_info()
     threads = machine.decide_threads(cpu, local_world)
     machine.apply_threads(threads)
-    workers = machine.decide_workers(cfg.workers, device, cpu, local_world)
+    workers = machine.decide_workers(cfg.workers, device, cpu, local_world, feature_pass=cfg.cache_features)
     torch.manual_seed(cfg.seed)
 
     # ---- data (frozen backbone + cache_features: the images are read once, after the model exists)

@@ -2,6 +2,7 @@
 fallback lands on PyTorch with its reason, and train.py / evaluate.py / predict.py record which engine ran."""
 import csv
 import os
+import re
 import sys
 import time
 
@@ -99,6 +100,24 @@ def test_parity_mismatch_falls_back_to_pytorch(backbone, photos, monkeypatch):
     torch.testing.assert_close(eng.run(photos), reference(backbone, photos, "forward_features"), rtol=0, atol=1e-6)
 
 
+def test_slower_onnxruntime_stays_on_pytorch(backbone, photos, monkeypatch):
+    real_runner = engine_mod.onnx_runner
+
+    def slow(sess):
+        run = real_runner(sess)
+
+        def run_slowly(x):
+            time.sleep(1.0)  # PyTorch runs these 12 photos at 32 px in a few ms
+            return run(x)
+        return run_slowly
+
+    monkeypatch.setattr(engine_mod, "onnx_runner", slow)
+    eng = fast_forward(backbone, photos, method="forward_features", threads=1)
+    assert eng.choice.value == "pytorch"
+    assert re.fullmatch(r"PyTorch eager fp32 channels_last: onnxruntime ran the first batch at 0\.\d\dx PyTorch's "
+                        r"speed", eng.choice.reason), eng.choice.reason
+
+
 def test_export_failure_falls_back_to_pytorch(backbone, photos, monkeypatch):
     def broken_export(*args, **kwargs):
         raise RuntimeError("Unsupported operator\nmore detail")
@@ -130,6 +149,19 @@ def test_thread_probe_compares_sessions_on_the_pass_and_keeps_the_faster():
     assert choice.reason.endswith("with 2 threads over the pass's first 16 batches (decoding included)")
 
 
+def test_feature_pass_workers_and_threads():
+    two = machine.CpuInfo("test CPU", 2, ("avx2",), "AVX2", False)
+    eight = machine.CpuInfo("test CPU", 8, ("avx2",), "AVX2", False)
+    cpu = torch.device("cpu")
+    assert machine.decide_workers(-1, cpu, two, feature_pass=True).value == 0  # decode between batches
+    assert machine.decide_workers(-1, cpu, two).value == 1  # training steps keep their decode worker
+    assert machine.decide_workers(-1, cpu, eight, feature_pass=True).value == 1
+    assert machine.decide_workers(3, cpu, two, feature_pass=True).value == 3  # the user's number wins
+    assert machine.decide_forward_threads(0, budget=2).value == (2,)
+    assert machine.decide_forward_threads(1, budget=2).value == (2, 1)  # compared on the pass (ThreadProbe)
+    assert machine.decide_forward_threads(1, budget=1).value == (1,)
+
+
 def test_parity_rule_is_export_py_s():
     ref = torch.tensor([[0.5, 0.2], [30.0, -1.0]])
     assert parity(ref, ref + 2.9e-3)[0]  # allowed 1e-4 x 30 (largest |value|)
@@ -155,9 +187,15 @@ def _log(path):
         return list(csv.DictReader(f))
 
 
+def prefer_onnxruntime(monkeypatch):
+    """Tiny passes count as long enough to export, and onnxruntime wins any first-batch race (no timing luck)."""
+    monkeypatch.setattr(engine_mod, "MIN_PASS_SECONDS", 0.0)
+    monkeypatch.setattr(engine_mod, "MIN_SPEEDUP", 0.0)
+
+
 def test_frozen_finetune_run_records_the_engine(tmp_path, monkeypatch, capsys):
     data = link_sample_split(str(tmp_path / "data"), 12, 4)
-    monkeypatch.setattr(engine_mod, "MIN_PASS_SECONDS", 0.0)  # the tiny pass counts as long enough to export
+    prefer_onnxruntime(monkeypatch)
     _frozen_run(data, tmp_path / "ort")
     header = capsys.readouterr().out
     recorded = yaml.safe_load(open(tmp_path / "ort" / "config.yaml"))["speed"]["feature_engine"]
@@ -192,7 +230,7 @@ def fitted(tmp_path_factory):
 
 def test_evaluate_checkpoint_reports_engine_and_matches_onnx(fitted, tmp_path, monkeypatch, capsys):
     ckpt, onnx_path, data = fitted
-    monkeypatch.setattr(engine_mod, "MIN_PASS_SECONDS", 0.0)
+    prefer_onnxruntime(monkeypatch)
     m_ckpt = evaluate.main([ckpt, data, "--out", str(tmp_path / "a"), "--workers", "0", "--no-progress",
                             "--batch-size", "5"])
     out = capsys.readouterr().out
@@ -209,7 +247,7 @@ def test_evaluate_checkpoint_reports_engine_and_matches_onnx(fitted, tmp_path, m
 
 def test_predict_checkpoint_names_engine_and_matches_onnx(fitted, monkeypatch, capsys):
     ckpt, onnx_path, _ = fitted
-    monkeypatch.setattr(engine_mod, "MIN_PASS_SECONDS", 0.0)
+    prefer_onnxruntime(monkeypatch)
     a = predict.main([ckpt, *photo_paths(), "--no-progress", "--workers", "0", "--topk", "3"])
     out = capsys.readouterr().out
     b = predict.main([onnx_path, *photo_paths(), "--no-progress", "--workers", "0", "--topk", "3"])

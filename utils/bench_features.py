@@ -25,8 +25,8 @@ from utils.checkpoint import atomic_write
 from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_VARIANTS = ("pytorch/w1/t2", "onnxruntime/w1/t1", "onnxruntime/w1/t2", "onnxruntime/w2/t1",
-                    "onnxruntime/w2/t2", "onnxruntime/w0/t2", "auto")
+DEFAULT_VARIANTS = ("pytorch/w1/t2", "onnxruntime/w1/t1", "onnxruntime/w1/t2", "onnxruntime/w2/t2",
+                    "onnxruntime/w0/t1", "onnxruntime/w0/t2", "auto")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> None:
            "std": list(IMAGENET_STD)}
     dataset = _EvalImages(_images(args.data, args.images), build_eval_transform(pre))
     first = torch.stack([dataset[i][0] for i in range(min(args.batch_size, len(dataset)))])
-    auto_workers = machine.decide_workers(-1, torch.device("cpu"), cpu).value  # what train.py passes on a CPU
+    auto_workers = machine.decide_workers(-1, torch.device("cpu"), cpu, feature_pass=True).value  # as train.py
 
     fns, setup, notes = {}, {}, {}
     for text in args.variants:
@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> None:
             fwd = fast_forward(model, first, method="forward_features", engine=engine, threads=threads,
                                spinning=spinning, images=10 ** 6)
         setup[text] = time.perf_counter() - t0
-        notes[text] = f"{fwd.choice.value}, {workers} workers, {threads} threads: {fwd.choice.reason}"
+        shown = "/".join(map(str, threads)) if isinstance(threads, tuple) else threads
+        notes[text] = f"{fwd.choice.value}, {workers} workers, {shown} threads: {fwd.choice.reason}"
 
         def call(fwd=fwd, workers=workers, threads=threads, engine=engine, name=text) -> None:
             run = fwd.run

@@ -226,15 +226,23 @@ DISK_IMAGES_PER_WORKER = 180  # decode + augment of a ~500 px JPEG to 224 px, on
 GPU_TRAIN_IMAGES_PER_S = 2500  # a modern GPU trains MobileNetV2 at 224 px at roughly this rate
 
 
-def decide_workers(requested: int, device: torch.device, cpu: CpuInfo, local_world: int = 1) -> Choice:
+def decide_workers(requested: int, device: torch.device, cpu: CpuInfo, local_world: int = 1,
+                   feature_pass: bool = False) -> Choice:
     """DataLoader worker processes per training process, for images decoded from disk (a RAM cache needs none).
 
     On a CPU: 1 worker (it decodes ~180 img/s, more than a CPU training step takes; a second would take a core
-    from the step). On a GPU: enough workers for the GPU's rate at ~180 img/s each, capped by this process's
-    share of the cores less one for the training loop itself.
+    from the step); for the one cached feature pass of a frozen backbone (``feature_pass``) on up to 2 cores
+    none: decoding between batches keeps every core for the engine's threads (measured below). On a GPU: enough
+    workers for the GPU's rate at ~180 img/s each, capped by this process's share of the cores less one for
+    the training loop itself.
     """
     if requested >= 0:
         return Choice(requested, "set by the user or the recipe")
+    if device.type == "cpu" and feature_pass and cpu.cores // max(1, local_world) <= 2:
+        # benchmark.py features, 224 px, onnxruntime, 2 cores: quiet 181 img/s vs 155 (1 worker + 2 threads) and
+        # 134 (1 + 1); with other jobs running 74 vs 59 and 82. A worker preempts one of the engine's threads.
+        return Choice(0, "one feature pass on <= 2 cores: images decode in this process between batches, so "
+                         "the engine's threads never wait for a preempted sibling (measured fastest)")
     if device.type == "cpu":
         return Choice(1, f"one decode worker (~{DISK_IMAGES_PER_WORKER} img/s) outruns a CPU training step; "
                          "more would take cores from it")
@@ -453,10 +461,10 @@ def decide_forward_threads(workers: int, budget: Optional[int] = None) -> Choice
     """onnxruntime intra-op thread counts for a forward-only pass (utils/engine.py) beside ``workers`` DataLoader
     decode processes, out of ``budget`` threads (default: PyTorch's, i.e. this process's share of the cores).
 
-    With decode workers on the same cores, ``budget`` and ``budget - workers`` threads are both candidates and
-    the pass itself compares them (utils.engine.ThreadProbe): whether the model's thread or the decoder should
-    get the contested core depends on the machine (shared 2-core VM, 224 px: 1 thread beside 1 worker 82 img/s,
-    2 threads 59, measured with benchmark.py features).
+    Without workers (train.py's choice for the feature pass on <= 2 cores) the engine gets them all. With decode
+    workers on the same cores, ``budget`` and ``budget - workers`` threads are both candidates and the pass
+    itself compares them (utils.engine.ThreadProbe): which wins depends on the load (2-core VM, 224 px, 1 worker,
+    benchmark.py features: 2 threads 155 img/s vs 1 thread 134 when quiet, 59 vs 82 with other jobs running).
     """
     budget = budget or torch.get_num_threads()
     beside = max(1, budget - workers)
