@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Measure speed: `benchmark.py data|train|infer ...` (see `benchmark.py MODE --help`).
+"""Measure speed: `benchmark.py data|train|infer|features ...` (see `benchmark.py MODE --help`).
 
 - data:  decoded+augmented images/s of the input pipeline variants
 - train: train.py's real training step vs a plain fp32 NCHW loop
 - infer: params, MACs, size, latency and throughput of PyTorch / TorchScript / onnxruntime variants
+- features: the frozen fine-tune feature pass (decode + backbone) per engine and per workers/threads split
 All variants of one mode are measured interleaved in one run; results print as Markdown and save as CSV.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ MODES = {
     "data": ("utils.bench_data", "input pipeline throughput (images/s)"),
     "train": ("utils.bench_train", "training step time: train.py's path vs plain fp32 NCHW"),
     "infer": ("utils.bench_infer", "inference latency/throughput of deployment variants"),
+    "features": ("utils.bench_features", "frozen fine-tune feature pass (decode + backbone) per engine"),
 }
 
 

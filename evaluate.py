@@ -150,7 +150,7 @@ def evaluate(model: LoadedModel, data_dir: str, batch_size: int = 64, workers: i
 
     metrics = {
         "model": model.path, "kind": model.kind, "data": data_dir, "device": model.device.type,
-        "runs_on": model.runs_on,
+        "runs_on": model.runs_on, "engine": model.engine.value, "engine_reason": model.engine.reason,
         "images": n, "skipped": len(res.failed),
         "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss,
         "label_smoothing": smoothing, "loss_label_smoothed": loss_smoothed,
@@ -224,7 +224,7 @@ def summary_line(m: dict[str, Any]) -> str:
     return (f"{m['kind']} {m['model']} on {m['data']}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  "
             f"loss {m['loss']:.4f}{smoothed}  macro-F1 {m['macro_f1']:.4f}  | {m['images']} images{skipped} in "
             f"{m['seconds']:.1f} s, {m['images_per_s']:.0f} images/s (model alone {m['model_images_per_s']:.0f} images/s, "
-            f"{m['runs_on']})")
+            f"{m['engine']} on {m['runs_on']})")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -267,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(line)
     files = write_outputs(result, out_dir)
     print(format_report(result))
+    print(model.engine_line())
     print(f"wrote {out_dir}/: " + ", ".join(os.path.basename(f) for f in files.values()))
     print(f"confusion matrix: {files['confusion_matrix.png']}")
     print(summary_line(result["metrics"]))

@@ -69,7 +69,8 @@ def format_table(preds: list[dict[str, Any]]) -> str:
 
 
 def write_json(path: str, result: dict[str, Any], model: LoadedModel) -> None:
-    doc = {"model": model.path, "kind": model.kind, "predictions": result["predictions"],
+    doc = {"model": model.path, "kind": model.kind, "engine": model.engine.value,
+           "predictions": result["predictions"],
            "skipped": as_records(result["failed"])}
     atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(doc, indent=2) + "\n"))
 
@@ -131,13 +132,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_json(args.json, result, model)
     if args.csv:
         write_csv(args.csv, result)
+    print(model.engine_line())
     n = len(result["predictions"])
     written = "".join(f", wrote {f}" for f in (args.json, args.csv) if f)
     skipped = len(result["failed"]) + len(unmatched)
     print(f"{model.kind} {os.path.basename(model.path)}: {n} images predicted"
           f"{f', {skipped} skipped' if skipped else ''} in {result['seconds']:.2f} s, "
           f"{result['images_per_s']:.0f} images/s (model alone {result['model_images_per_s']:.0f} images/s, "
-          f"{model.runs_on}){written}")
+          f"{model.engine.value} on {model.runs_on}){written}")
     if n == 0:
         raise UserError(f"none of the {len(paths)} files could be read as images; see the messages above")
     return result

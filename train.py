@@ -134,6 +134,15 @@ def speed_plan(cfg: cfglib.TrainConfig, model: nn.Module, device: torch.device, 
                                  threads=threads, probe=probe)
 
 
+def resumed_feature_engine(resumed: dict | None) -> str:
+    """The engine for the cached feature pass: a run resumed on the same machine recomputes its features with the
+    engine it used before (so it continues bit for bit); anything else lets utils/engine.py decide."""
+    speed = (resumed or {}).get("speed") or {}
+    used = (speed.get("feature_engine") or {}).get("value")
+    same_machine = speed.get("machine") == machine.cpu_info().describe()
+    return used if same_machine and used in ("onnxruntime", "pytorch") else "auto"
+
+
 def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, step, best_acc, classes,
                      plan: machine.SpeedPlan, partial: EpochProgress | None = None) -> dict:
     """The checkpoint dict (format in the README): everything needed to continue bit for bit."""
@@ -170,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
     cpu = machine.cpu_info()
     threads = machine.decide_threads(cpu, local_world)
     machine.apply_threads(threads)
-    workers = machine.decide_workers(cfg.workers, device, cpu, local_world)
+    workers = machine.decide_workers(cfg.workers, device, cpu, local_world, feature_pass=cfg.cache_features)
     torch.manual_seed(cfg.seed)
     if ckpt is not None:
         check_resume_world(ckpt, dist.world_size, cfg.resume)
@@ -214,7 +223,9 @@ def main(argv: list[str] | None = None) -> dict:
     frozen = cfg.freeze == "features"
     if cfg.cache_features:
         data = cache_pooled_features(model, data_dir, preprocess, cfg.batch_size, workers.value, device, cfg.seed,
-                                     dist.rank, dist.world_size, bar=main_proc and cfg.progress)
+                                     dist.rank, dist.world_size, bar=main_proc and cfg.progress,
+                                     engine=resumed_feature_engine(ckpt))
+        plan.feature_engine = data.engine  # printed in the header, saved in config.yaml and the checkpoint
     train_loader, val_loader = data.train_loader, data.val_loader
     steps_per_epoch = len(train_loader)
     if cfg.max_steps_per_epoch:

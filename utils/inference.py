@@ -163,6 +163,7 @@ def run_on_files(model: LoadedModel, paths: Sequence[str], batch_size: int = 64,
     indices: list[torch.Tensor] = []
     failed: list[tuple[str, str]] = []
     model_seconds = 0.0
+    model.expect_images(len(paths))  # a checkpoint decides whether exporting to onnxruntime pays off
     threads_before = torch.get_num_threads()
     threads = torch_threads_beside_workers(model, workers)
     t0 = time.perf_counter()

@@ -172,6 +172,7 @@ class SpeedPlan:
     cudnn_benchmark: Choice
     openmp: Choice
     probe: dict[str, float] = field(default_factory=dict)  # variant -> measured s/step (empty: no probe)
+    feature_engine: Optional[Choice] = None  # what ran the frozen backbone's cached feature pass (utils/engine.py)
 
     @property
     def amp_dtype(self) -> Optional[torch.dtype]:
@@ -189,6 +190,8 @@ class SpeedPlan:
             c = getattr(self, name)
             value = amp_name(c.value) if name == "amp" else c.value
             out[name] = {"value": value, "reason": c.reason}
+        if self.feature_engine is not None:
+            out["feature_engine"] = {"value": self.feature_engine.value, "reason": self.feature_engine.reason}
         if self.probe:
             out["probe_s_per_step"] = {k: round(v, 5) for k, v in self.probe.items()}
         return out
@@ -225,15 +228,23 @@ DISK_IMAGES_PER_WORKER = 180
 GPU_TRAIN_IMAGES_PER_S = 2500
 
 
-def decide_workers(requested: int, device: torch.device, cpu: CpuInfo, local_world: int = 1) -> Choice:
+def decide_workers(requested: int, device: torch.device, cpu: CpuInfo, local_world: int = 1,
+                   feature_pass: bool = False) -> Choice:
     """DataLoader worker processes per training process, for images decoded from disk (a RAM cache needs none).
 
     On a CPU: 1 worker (it decodes ~180 img/s, more than a CPU training step takes; a second would take a core
-    from the step). On a GPU: enough workers for the GPU's rate at ~180 img/s each, capped by this process's
-    share of the cores less one for the training loop itself.
+    from the step); for the one cached feature pass of a frozen backbone (``feature_pass``) on up to 2 cores
+    none: decoding between batches keeps every core for the engine's threads (measured below). On a GPU: enough
+    workers for the GPU's rate at ~180 img/s each, capped by this process's share of the cores less one for
+    the training loop itself.
     """
     if requested >= 0:
         return Choice(requested, "set by the user or the recipe")
+    if device.type == "cpu" and feature_pass and cpu.cores // max(1, local_world) <= 2:
+        # benchmark.py features, 224 px, onnxruntime, 2 cores: quiet 181 img/s vs 155 (1 worker + 2 threads) and
+        # 134 (1 + 1); with other jobs running 74 vs 59 and 82. A worker preempts one of the engine's threads.
+        return Choice(0, "one feature pass on <= 2 cores: images decode in this process between batches, so "
+                         "the engine's threads never wait for a preempted sibling (measured fastest)")
     if device.type == "cpu":
         return Choice(1, f"one decode worker (~{DISK_IMAGES_PER_WORKER} img/s) outruns a CPU training step; "
                          "more would take cores from it")
@@ -448,3 +459,20 @@ def apply_plan(plan: SpeedPlan, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = bool(plan.cudnn_benchmark.value)
+
+
+def decide_forward_threads(workers: int, budget: Optional[int] = None) -> Choice:
+    """onnxruntime intra-op thread counts for a forward-only pass (utils/engine.py) beside ``workers`` DataLoader
+    decode processes, out of ``budget`` threads (default: PyTorch's, i.e. this process's share of the cores).
+
+    Without workers (train.py's choice for the feature pass on <= 2 cores) the engine gets them all. With decode
+    workers on the same cores, ``budget`` and ``budget - workers`` threads are both candidates and the pass
+    itself compares them (utils.engine.ThreadProbe): which wins depends on the load (2-core VM, 224 px, 1 worker,
+    benchmark.py features: 2 threads 155 img/s vs 1 thread 134 when quiet, 59 vs 82 with other jobs running).
+    """
+    budget = budget or torch.get_num_threads()
+    beside = max(1, budget - workers)
+    if workers == 0 or beside == budget:
+        return Choice((budget,), f"{budget} thread(s): {'no decode workers' if workers == 0 else 'one core'}")
+    return Choice((budget, beside), f"{budget} or {beside} threads beside {workers} decode worker(s), "
+                                    "whichever runs the pass's first batches faster")

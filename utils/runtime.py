@@ -8,6 +8,9 @@ and prediction never guess them::
     tf = build_eval_transform(m.preprocess)
     logits = m.predict_batch(torch.stack([tf(img) for img in images]))
     names = [m.classes[i] for i in logits.argmax(1)]
+
+A checkpoint on a CPU runs on onnxruntime when that computes the same logits faster (utils/engine.py, checked
+on its first batch); ``m.engine`` says which runtime ran and why.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from typing import Any, Callable
 import torch
 
 from utils.errors import UserError
+from utils.machine import Choice
 
 ACCEPTED = ("a train.py checkpoint (.pt), a TorchScript file, an ONNX file (.onnx) or a TensorRT engine (.engine) "
             "written by export.py")
@@ -40,14 +44,15 @@ class LoadedModel:
     Attributes: ``path``, ``kind`` ("checkpoint" | "torchscript" | "onnx" | "engine"), ``classes`` (list of
     names, index = logit position), ``preprocess`` (dict img_size/resize_size/mean/std), ``device``,
     ``arch`` (build args, checkpoints only, else None), ``config`` (training config, checkpoints only),
-    ``threads`` (intra-op threads asked for in :func:`open_model`, else None) and ``providers`` (ONNX only:
-    the onnxruntime execution providers the session really uses, best first, else None).
+    ``threads`` (intra-op threads asked for in :func:`open_model`, else None), ``providers`` (ONNX only:
+    the onnxruntime execution providers the session really uses, best first, else None) and ``engine``
+    (which runtime ran the model and why, a utils.machine.Choice; a checkpoint's is chosen on its first batch).
     """
 
     def __init__(self, path: str, kind: str, classes: list[str], preprocess: dict[str, Any],
                  run: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
                  arch: dict | None = None, config: dict | None = None, threads: int | None = None,
-                 providers: list[str] | None = None) -> None:
+                 providers: list[str] | None = None, engine: Choice | None = None) -> None:
         self.path = path
         self.providers = providers
         self.threads = threads  # intra-op threads the caller asked for (None: runtime default)
@@ -58,10 +63,27 @@ class LoadedModel:
         self.arch = arch
         self.config = config
         self._run = run
+        self._engine = engine or Choice(kind, "")
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def engine(self) -> Choice:
+        """The runtime that ran (or will run) this model and why, e.g. ``onnxruntime`` for a checkpoint on a CPU."""
+        return self._run.choice if isinstance(self._run, _FastCheckpoint) else self._engine
+
+    def engine_line(self) -> str:
+        """``engine: <runtime> - <why>`` for summaries (a checkpoint's engine is chosen on its first batch)."""
+        reason = f" - {self.engine.reason}" if self.engine.reason else ""
+        return f"engine: {self.engine.value}{reason}"
+
+    def expect_images(self, n: int) -> None:
+        """Say how many images the coming pass has: a checkpoint on a CPU exports itself to onnxruntime only when
+        the pass is long enough to repay it (utils/engine.py). Other formats ignore it."""
+        if isinstance(self._run, _FastCheckpoint):
+            self._run.images = n
 
     def predict_batch(self, x: torch.Tensor) -> torch.Tensor:
         """Float NCHW batch (already preprocessed) -> float32 logits (N, num_classes) on the CPU."""
@@ -133,7 +155,34 @@ def detect_kind(path: str) -> str:
     return "onnx"
 
 
-def _open_checkpoint(path: str, device: torch.device) -> LoadedModel:
+class _FastCheckpoint:
+    """A checkpoint's network on the fastest engine of this machine (utils/engine.py: onnxruntime on a CPU when it
+    matches PyTorch's logits, else PyTorch eager), chosen on the first batch it is given."""
+
+    def __init__(self, model: torch.nn.Module, threads: int = 0) -> None:
+        self.model, self.threads = model, threads
+        self.images: int | None = None  # images in the coming pass (LoadedModel.expect_images); None: the first batch
+        self._engine = None
+
+    @property
+    def choice(self) -> Choice:
+        if self._engine is None:
+            return Choice("pending", "chosen on the first batch")
+        return self._engine.choice
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from utils.engine import fast_forward
+
+        if self._engine is None:
+            # Same onnxruntime settings as an ONNX file gets in open_model: idle threads sleep (decode workers).
+            # Without a hint the first batch is all that is known of the pass: a few images stay on PyTorch.
+            images = self.images if self.images is not None else len(x)
+            self._engine = fast_forward(self.model, x, images=images, threads=self.threads, same_top1=True)
+            return self._engine.first
+        return self._engine.run(x)
+
+
+def _open_checkpoint(path: str, device: torch.device, threads: int | None = None) -> LoadedModel:
     from utils.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(path)
@@ -142,13 +191,9 @@ def _open_checkpoint(path: str, device: torch.device) -> LoadedModel:
     if len(classes) != model.arch["num_classes"]:
         raise UserError(f"{path}: {len(classes)} class names but the model has {model.arch['num_classes']} outputs; "
                         "the checkpoint is inconsistent, re-save it with train.py")
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return model(x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
-
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
-    return LoadedModel(path, "checkpoint", classes, pre, run, device, arch=dict(model.arch), config=config)
+    return LoadedModel(path, "checkpoint", classes, pre, _FastCheckpoint(model.eval(), threads or 0), device,
+                       arch=dict(model.arch), config=config)
 
 
 def _optimize_torchscript(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
@@ -182,7 +227,8 @@ def _open_torchscript(path: str, device: torch.device) -> LoadedModel:
         with torch.inference_mode():
             return module(x.to(device, non_blocking=True))
 
-    return LoadedModel(path, "torchscript", classes, pre, run, device)
+    return LoadedModel(path, "torchscript", classes, pre, run, device,
+                       engine=Choice("torchscript", "a TorchScript file runs on PyTorch's TorchScript runtime"))
 
 
 def onnx_session(path: str, threads: int = 0, spinning: bool = True,
@@ -275,7 +321,8 @@ def _open_onnx(path: str, device: torch.device, threads: int | None = None) -> L
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
         return torch.from_numpy(sess.run([out_name], {in_name: arr})[0])
 
-    return LoadedModel(path, "onnx", classes, pre, run, used, providers=got)
+    return LoadedModel(path, "onnx", classes, pre, run, used, providers=got,
+                       engine=Choice("onnxruntime", f"an ONNX file runs on onnxruntime ({got[0]})"))
 
 
 def _open_engine(path: str, device: str | torch.device | None) -> LoadedModel:
@@ -285,14 +332,15 @@ def _open_engine(path: str, device: str | torch.device | None) -> LoadedModel:
     plan, meta = te.read_engine(path)
     classes, pre = _validate_meta(te.sidecar_path(path), meta.get("classes"), meta.get("preprocess"))
     runner, used = te.open_engine(path, meta, plan, device)
-    return LoadedModel(path, "engine", classes, pre, runner, used)
+    return LoadedModel(path, "engine", classes, pre, runner, used,
+                       engine=Choice("tensorrt", "a TensorRT engine runs on TensorRT"))
 
 
 def open_model(path: str, device: str | torch.device | None = None, threads: int | None = None) -> LoadedModel:
     """Load a checkpoint, TorchScript, ONNX or TensorRT engine file as a :class:`LoadedModel`.
 
-    ``threads`` sets the intra-op threads (onnxruntime session; for PyTorch formats this is process-wide
-    ``torch.set_num_threads``); None keeps each runtime's default. Unknown or corrupt files raise
+    ``threads`` sets the intra-op threads (onnxruntime sessions, a checkpoint's included; for PyTorch this is
+    process-wide ``torch.set_num_threads``); None keeps each runtime's default. Unknown or corrupt files raise
     :class:`UserError` naming the file and the accepted formats.
     """
     if threads is not None and threads < 1:
@@ -306,6 +354,6 @@ def open_model(path: str, device: str | torch.device | None = None, threads: int
     else:
         if threads:
             torch.set_num_threads(threads)
-        model = _open_checkpoint(path, dev) if kind == "checkpoint" else _open_torchscript(path, dev)
+        model = _open_checkpoint(path, dev, threads) if kind == "checkpoint" else _open_torchscript(path, dev)
     model.threads = threads
     return model

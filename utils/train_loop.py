@@ -15,6 +15,7 @@ from torch import nn
 
 from utils.distributed import CPUSyncBatchNorm, all_reduce_sum
 from utils.errors import UserError
+from utils.machine import Choice, decide_forward_threads
 from utils.metrics import topk_correct
 from utils.schedule import WarmupCosine
 
@@ -399,6 +400,7 @@ class FeatureBundle:
     classes: list
     num_train: int
     num_val: int
+    engine: Optional[Choice] = None  # what ran the backbone over the images, and why (utils/engine.py)
 
     def set_epoch(self, epoch: int) -> None:
         self.train_loader.set_epoch(epoch)
@@ -420,31 +422,39 @@ class _EvalImages(torch.utils.data.Dataset):
 
 
 @torch.no_grad()
-def encode_pooled(model: nn.Module, samples: list, transform: Callable, batch_size: int, workers: int,
-                  device: torch.device, *, desc: str = "", bar: bool = False,
-                  amp_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """Pooled backbone features (float32, CPU) of the image files ``samples`` ([(path, label)]), in order;
-    ``torch.empty(0)`` when there are none."""
+def encode_pooled(model: nn.Module, samples: list, transform: Callable, batch_size: int, workers: int, *,
+                  fwd=None, engine: str = "auto", threads: Optional[int] = None, desc: str = "",
+                  bar: bool = False) -> tuple[torch.Tensor, object]:
+    """Pooled backbone features (float32, CPU) of the image files ``samples`` ([(path, label)]), in order
+    (``torch.empty(0)`` when there are none), and the forward engine that computed them: ``fwd`` when given,
+    else the one utils.engine.fast_forward picks on the first real batch."""
     from tqdm import tqdm
+
+    from utils.engine import fast_forward
 
     loader = torch.utils.data.DataLoader(_EvalImages(samples, transform), batch_size=batch_size, num_workers=workers)
     feats = []
     for x, _ in tqdm(loader, desc=desc, disable=not bar, leave=False):
-        x = x.to(device).contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            feats.append(model.forward_features(x).float().cpu())
-    return torch.cat(feats) if feats else torch.empty(0)
+        if fwd is None:
+            fwd = fast_forward(model, x, method="forward_features", images=len(samples), engine=engine,
+                               threads=threads)
+            feats.append(fwd.first.float().cpu())
+        else:
+            feats.append(fwd.run(x).float().cpu())
+    return (torch.cat(feats) if feats else torch.empty(0)), fwd
 
 
 @torch.no_grad()
 def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, batch_size: int, workers: int,
                           device: torch.device, seed: int, rank: int = 0, world_size: int = 1,
-                          bar: bool = False, amp_dtype: Optional[torch.dtype] = None) -> FeatureBundle:
+                          bar: bool = False, engine: str = "auto") -> FeatureBundle:
     """Run the frozen backbone once over train/ and val/ (eval transform, no augmentation) and keep the
     pooled features, so a frozen-backbone run trains only the classifier, on tensors, in seconds.
 
     Under torchrun each process encodes only its :func:`utils.distributed.shard_indices` rows and
-    :func:`utils.distributed.gather_rows` gives every process the full tensors, in file order.
+    :func:`utils.distributed.gather_rows` gives every process the full tensors, in file order. The backbone runs
+    on the fastest engine this machine has (utils/engine.py: onnxruntime on a CPU when it matches PyTorch on the
+    first batch; ``engine`` forces ``pytorch`` or ``onnxruntime``); the bundle's ``engine`` says which and why.
     """
     import os
 
@@ -453,6 +463,8 @@ def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, bat
 
     transform = build_eval_transform(preprocess)
     model.eval()
+    threads = decide_forward_threads(workers)
+    fwd = None  # chosen on the first real batch
     out = {}
     classes = None
     for split in ("train", "val"):
@@ -462,11 +474,12 @@ def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, bat
         classes = list(ds.classes)
         samples = list(ds.samples)
         mine = [samples[i] for i in shard_indices(len(samples), rank, world_size)]
-        feats = encode_pooled(model, mine, transform, batch_size, workers, device, desc=f"caching {split} features",
-                              bar=bar, amp_dtype=amp_dtype)
+        feats, fwd = encode_pooled(model, mine, transform, batch_size, workers, fwd=fwd, engine=engine,
+                                   threads=threads.value, desc=f"caching {split} features", bar=bar)
         labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
         out[split] = (gather_rows(feats, len(samples)), labels)
     return FeatureBundle(
         FeatureBatches(*out["train"], batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size),
         FeatureBatches(*out["val"], batch_size, shuffle=False, rank=rank, world_size=world_size),
-        classes, len(out["train"][1]), len(out["val"][1]))
+        classes, len(out["train"][1]), len(out["val"][1]),
+        fwd.choice if fwd else None)
