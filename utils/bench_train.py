@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed steps per variant (default: 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first (default: 2)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--block", type=int, default=2,
+                        help="timed steps in a row per variant, after one untimed step (default 2): the first step "
+                             "after another variant pays for its memory and kernel caches (measured: fp32 steps 1.3x "
+                             "slower right after emulated bf16 ones); 1 = strict A B C A B C")
     parser.add_argument("--out", default="runs/bench/train.csv", help="CSV output (default: %(default)s)")
 
 
@@ -130,7 +134,7 @@ def run(args: argparse.Namespace) -> None:
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats, data: {data_dir} ({data.cache})\n"
           f"machine: {plan.machine}\ntrain.py's automatic choice: {machine.variant_name(auto)} "
           f"(amp: {plan.amp.reason}; channels_last: {plan.channels_last.reason})")
-    times = interleaved_timings(fns, repeats=args.repeats, warmup=args.warmup)
+    times = interleaved_timings(fns, repeats=args.repeats, warmup=args.warmup, block=args.block)
     base_med = median(times["plain fp32 NCHW"])
     rows = []
     for name, ts in times.items():
