@@ -2,36 +2,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any
 
 import torch
 
 from utils.errors import UserError
-
-
-def atomic_write(path: str, write_fn) -> None:
-    """Call ``write_fn(tmp_path)`` on a temp file in ``path``'s folder, fsync it, then ``os.replace`` it.
-
-    A crash or Ctrl-C mid-write leaves the previous file intact, never a half-written one.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        # mkstemp creates 0600 files; give the result the permissions a plain open() would (umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+from utils.files import atomic_write  # noqa: F401  (re-exported: callers import it from here)
 
 
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:

@@ -296,7 +296,7 @@ def _load_cached(key: str) -> Optional[dict[str, float]]:
 
 
 def _store_cached(key: str, result: dict[str, float]) -> None:
-    from utils.checkpoint import atomic_write
+    from utils.files import atomic_write
 
     path = os.path.join(cache_dir(), "probe.json")
     try:

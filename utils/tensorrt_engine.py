@@ -206,7 +206,7 @@ def build_plan(trt, onnx_path: str, input_name: str, img_size: int, max_batch: i
 # ----------------------------------------------------------------------------------------- plan + sidecar
 def write_engine(engine_path: str, plan: bytes, meta: dict[str, Any]) -> None:
     """Write the plan and its sidecar (with the plan's SHA-256), each atomically; the sidecar goes first."""
-    from utils.checkpoint import atomic_write
+    from utils.files import atomic_write
 
     doc = {**meta, "engine_sha256": hashlib.sha256(plan).hexdigest()}
 
