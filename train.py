@@ -105,10 +105,12 @@ def make_model(cfg: cfglib.TrainConfig, num_classes: int, resuming: bool, is_mai
 
 
 def speed_plan(cfg: cfglib.TrainConfig, model: nn.Module, device: torch.device, cache: str, threads: machine.Choice,
-               workers: machine.Choice, num_classes: int, resumed: dict | None) -> machine.SpeedPlan:
+               workers: machine.Choice, num_classes: int, resumed: dict | None,
+               run_steps: int = 0) -> machine.SpeedPlan:
     """The run's automatic speed choices (utils/machine.py). On a CPU, precision and memory format come from a
     short probe of this very model's training step; a resumed run on the same machine reuses the probe it
-    recorded, so it continues with the same choices (and bit for bit)."""
+    recorded, so it continues with the same choices (and bit for bit). ``run_steps`` (optimizer steps left)
+    decides whether torch.compile is worth probing."""
     frozen = cfg.freeze == "features"
     amp, layout = cfg.amp, cfg.channels_last
     if cfg.cache_features:  # only the linear head trains, on cached features: nothing for bf16 or NHWC to speed up
@@ -122,16 +124,27 @@ def speed_plan(cfg: cfglib.TrainConfig, model: nn.Module, device: torch.device, 
                                                                             for v in variants):
             return old, True
         factory = make_probe_step(model, frozen=frozen, device=device, batch=batch, img_size=cfg.img_size,
-                                  num_classes=num_classes)
-        what = {"model": dict(model.arch), "img_size": cfg.img_size, "batch": batch, "frozen": frozen,
-                "small_input": cfg.small_input}
+                                  num_classes=num_classes, full_batch=cfg.batch_size)
+        full = any(len(v) > 2 for v in variants)  # the compile probe runs at the real batch size
+        what = {"model": dict(model.arch), "img_size": cfg.img_size, "batch": cfg.batch_size if full else batch,
+                "frozen": frozen, "small_input": cfg.small_input}
         return machine.probe_variants(factory, variants, machine.cpu_info(), what)
 
     def probe(variants):  # rank 0 measures, every torchrun process trains with its choice
-        return broadcast_object(measure(variants) if is_main_process() else None)
+        result = None
+        if is_main_process():
+            try:
+                result = measure(variants)
+            except Exception as e:  # e.g. torch.compile without a C++ compiler: every rank must hear of it
+                result = RuntimeError(f"{type(e).__name__}: {e}")
+        result = broadcast_object(result)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     return machine.plan_training(device=device, amp=amp, channels_last=layout, cache=cache, workers=workers,
-                                 threads=threads, probe=probe)
+                                 threads=threads, probe=probe, compile=cfg.compile, run_steps=run_steps,
+                                 batch_scale=cfg.batch_size / batch, images_per_step=cfg.batch_size)
 
 
 def resumed_feature_engine(resumed: dict | None) -> str:
@@ -208,8 +221,12 @@ def main(argv: list[str] | None = None) -> dict:
     if dist.enabled and cfg.sync_bn:
         model = convert_sync_batchnorm(model, device.type)  # same top module, BN children swapped
     model.to(device)
+    run_steps = 0  # optimizer steps left: whether a compile can pay back (never on cached features)
+    if data is not None:
+        per_epoch = min(len(data.train_loader), cfg.max_steps_per_epoch or len(data.train_loader))
+        run_steps = per_epoch * (cfg.epochs - (int(ckpt["epoch"]) if ckpt is not None else 0))
     plan = speed_plan(cfg, model, device, "features" if cfg.cache_features else data.cache, threads, workers,
-                      len(classes), ckpt)
+                      len(classes), ckpt, run_steps)
     machine.apply_plan(plan, device)
     amp_dtype, channels_last = plan.amp_dtype, bool(plan.channels_last.value)
     if channels_last:
@@ -258,13 +275,12 @@ def main(argv: list[str] | None = None) -> dict:
             head = nn.parallel.DistributedDataParallel(model.classifier, device_ids=ids)
         else:
             net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if cfg.compile:
-        if device.type == "cpu" and main_proc:
-            print("warning: compile on a CPU measured slower than eager here (1,368 vs 1,802 img/s) and, with "
-                  "dropout, trained worse (81.9% vs 85.3% after 200 steps); see README 'Speed defaults'",
-                  file=sys.stderr)
+    compiled_batch = 0
+    if plan.compile.value:  # full batches run compiled, an odd-sized one eagerly (see Trainable)
         net, head = torch.compile(net), torch.compile(head)
-    trainable = Trainable(model, net, frozen=frozen, head=head, inputs_are_features=cfg.cache_features)
+        compiled_batch = cfg.batch_size
+    trainable = Trainable(model, net, frozen=frozen, head=head, inputs_are_features=cfg.cache_features,
+                          compiled_batch=compiled_batch)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     ctx = StepContext(trainable, optimizer, criterion, device, amp_dtype, scaler, ema,
                       build_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, len(classes)), cfg.clip_grad_norm,

@@ -81,7 +81,10 @@ def _fake_probe(times):
 
     def probe(variants):
         seen.append([M.variant_name(v) for v in variants])
-        return {M.variant_name(v): times[M.variant_name(v)] for v in variants}, False
+        out = {M.variant_name(v): times[M.variant_name(v)] for v in variants}
+        out.update({M.first_step_name(v): times[M.first_step_name(v)] for v in variants
+                    if M.first_step_name(v) in times})
+        return out, False
 
     return probe, seen
 
@@ -120,6 +123,69 @@ def test_user_settings_win_over_the_probe():
     assert (amp.value, cl.value, times, seen) == (None, False, {}, [])
     assert M.decide_workers(3, torch.device("cpu"), ZEN2).value == 3
     assert M.decide_workers(-1, torch.device("cpu"), ZEN2).value == 1
+
+
+def test_compile_is_probed_only_on_long_runs_and_chosen_only_where_it_pays():
+    best = (True, None)
+    # 0.5 s per step x 1,000 steps = 8 minutes: compiling would not pay back, so it is not even probed
+    probe, seen = _fake_probe({})
+    c, times = M.decide_compile("auto", best, features_only=False, run_steps=1000, est_step_s=0.5, probe=probe)
+    assert c.value is False and seen == [] and times == {}
+    assert c.reason == ("not probed: compiling (a minute or more) would hardly pay back in an estimated 8-minute run "
+                        "(compile: on forces it)")
+    # 2 s per step x 1,800 steps = 60 minutes; compiled steps 1.25x as fast save 12 minutes against 70 s: on
+    fast = {"eager fp32 channels_last": 2.0, "compiled fp32 channels_last": 1.6,
+            "compiled fp32 channels_last (first step)": 70.0}
+    probe, seen = _fake_probe(fast)
+    c, times = M.decide_compile("auto", best, features_only=False, run_steps=1800, est_step_s=2.0, probe=probe)
+    assert seen == [["eager fp32 channels_last", "compiled fp32 channels_last"]]
+    assert c.value is True and c.reason == ("compiled steps 1.25x as fast in a probe; 12 of an estimated 60 minutes "
+                                            "saved against 70 s of compiling")
+    assert times["compiled fp32 channels_last"] == 1.6
+    # 1.03x is within the noise: eager
+    slow = dict(fast, **{"compiled fp32 channels_last": 1.94})
+    c, _ = M.decide_compile("auto", best, features_only=False, run_steps=1800, est_step_s=2.0,
+                            probe=_fake_probe(slow)[0])
+    assert c.value is False and c.reason.startswith("not worth it: compiled steps 1.03x as fast")
+    # faster steps, but the run is too short to win back a 20-minute compile (probe + run)
+    long_compile = dict(fast, **{"compiled fp32 channels_last (first step)": 1200.0})
+    c, _ = M.decide_compile("auto", best, features_only=False, run_steps=1800, est_step_s=2.0,
+                            probe=_fake_probe(long_compile)[0])
+    assert c.value is False
+    # unknown step time: the eager variant is probed first (at the small probe batch, scaled up to the real one)
+    probe, seen = _fake_probe({"fp32 channels_last": 0.5, **fast})
+    c, _ = M.decide_compile("auto", best, features_only=False, run_steps=1800, est_step_s=None, probe=probe,
+                            batch_scale=4.0)
+    assert seen[0] == ["fp32 channels_last"] and c.value is True
+
+
+def test_compile_failure_user_settings_and_cached_features():
+    def broken(variants):
+        if any(len(v) > 2 for v in variants):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\nmore detail")
+        return {M.variant_name(v): 2.0 for v in variants}, False
+
+    c, _ = M.decide_compile("auto", (False, None), features_only=False, run_steps=5000, est_step_s=2.0, probe=broken)
+    assert c.value is False
+    assert c.reason == "torch.compile failed in a probe (RuntimeError: InvalidCxxCompiler: No working C++ compiler found)"
+    for mode, want in (("on", True), ("off", False)):
+        c, times = M.decide_compile(mode, (False, None), features_only=False, run_steps=5000, est_step_s=2.0,
+                                    probe=broken)
+        assert (c.value, c.reason, times) == (want, "set by the user", {})
+    c, _ = M.decide_compile("auto", (False, None), features_only=True, run_steps=5000, est_step_s=2.0, probe=broken)
+    assert c.value is False and c.reason == "only the linear head trains, on cached features"
+
+
+def test_gpu_plan_estimates_the_run_from_the_gpu_rate():
+    probe, seen = _fake_probe({"eager bf16 channels_last": 0.02, "compiled bf16 channels_last": 0.015,
+                               "compiled bf16 channels_last (first step)": 40.0})
+    plan = M.plan_training(device=torch.device("cuda"), amp="auto", channels_last="auto", cache="none",
+                           workers=M.Choice(8, "x"), threads=M.Choice(2, "x"), probe=probe, cpu=ZEN2, gpu=A100,
+                           compile="auto", run_steps=100_000, images_per_step=256)
+    # 256 / 2,500 img/s x 100,000 steps = 171 minutes estimated: worth a probe, and 1.33x pays back
+    assert seen == [["eager bf16 channels_last", "compiled bf16 channels_last"]]
+    assert plan.compile.value is True and plan.record()["compile"]["value"] is True
+    assert "compiled bf16 channels_last" in plan.record()["probe_s_per_step"]
 
 
 def test_threads_split_between_local_processes(monkeypatch):

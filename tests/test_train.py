@@ -99,6 +99,34 @@ def test_ctrl_c_mid_epoch_saves_last_and_resume_is_exact(data, tmp_path, monkeyp
     assert _rows(str(full / "log.csv")) == _rows(str(cut / "log.csv"))
 
 
+def test_compiled_run_keeps_odd_batches_eager_and_resumes_exactly(data, tmp_path, monkeypatch):
+    """compile=on: 120 images in batches of 16 end each epoch with a batch of 8, which must run eagerly (a
+    recompile would raise here); a compiled run killed after epoch 1 and resumed ends bit for bit like an uncut one."""
+    import torch._dynamo
+
+    args = TINY + ["--epochs", "2", "--lr", "0.05", "--set", "compile=on", "--data", data]
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    train.main(args + ["--out", str(tmp_path / "full")])
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", False)  # the next runs compile new models
+    full = load_checkpoint(str(tmp_path / "full" / "last.pt"))
+    assert full["speed"]["compile"] == {"value": True, "reason": "set by the user"}
+
+    real_plot = train._plot
+
+    def plot_then_die(out):
+        real_plot(out)
+        raise Killed
+
+    monkeypatch.setattr(train, "_plot", plot_then_die)
+    with pytest.raises(Killed):
+        train.main(args + ["--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(train, "_plot", real_plot)
+    train.main(["--resume", str(tmp_path / "cut" / "last.pt")])
+    cut = load_checkpoint(str(tmp_path / "cut" / "last.pt"))
+    assert cut["step"] == full["step"] == 2 * 8
+    assert _max_diff(full["model"], cut["model"]) == 0
+
+
 def test_checkpoint_format_log_and_config(data, tmp_path):
     out = tmp_path / "run"
     train.main(TINY + ["--epochs", "2", "--lr", "0.05", "--data", data, "--out", str(out), "--set", "ema_decay=0.5"])

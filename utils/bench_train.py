@@ -5,7 +5,8 @@ Variants, all on the same real images and loader, timed interleaved (A B C A B C
   fp32 channels_last   - utils.train_loop.train_step with NHWC tensors
   bf16 + channels_last - the same under bf16 autocast (on CUDA: bf16 on sm_80+, else fp16 + GradScaler)
   compile              - torch.compile of the fp32 channels_last model (--no-compile to skip: it compiles ~1 min)
-  train.py auto        - train_step with what utils.machine decides for this machine (probe included)
+  train.py auto        - train_step with what utils.machine decides for this machine and the recipe's run length
+                         (probe included: compile is probed only for runs long enough to repay compiling)
 Each timed call = fetch the next batch from the loader + one optimizer step. The machine (CPU model and
 features, or GPU and compute capability) is printed above the table and saved in the CSV.
 
@@ -85,14 +86,16 @@ def run(args: argparse.Namespace) -> None:
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     gpu = machine.gpu_info(device)
     low = machine.cuda_amp("auto", gpu).value if gpu else torch.bfloat16
-    plan = speed_plan(cfg, base, device, data.cache, threads, workers, len(data.classes), None)
-    auto = (bool(plan.channels_last.value), plan.amp_dtype)
-    auto_name = f"train.py auto ({machine.variant_name(auto)})"
+    run_steps = cfg.epochs * min(len(data.train_loader), cfg.max_steps_per_epoch or len(data.train_loader))
+    plan = speed_plan(cfg, base, device, data.cache, threads, workers, len(data.classes), None, run_steps)
+    auto = (bool(plan.channels_last.value), plan.amp_dtype, bool(plan.compile.value))
+    auto_desc = machine.variant_name(auto if auto[2] else auto[:2])
+    auto_name = f"train.py auto ({auto_desc})"
     variants = {  # name -> (channels_last, autocast dtype, compile)
         "plain fp32 NCHW": (False, None, False),
         "fp32 channels_last": (True, None, False),
         f"{machine.amp_name(low)} + channels_last": (True, low, False),
-        auto_name: (auto[0], auto[1], False),
+        auto_name: auto,
     }
     if not args.no_compile:
         variants["compile (fp32 channels_last)"] = (True, None, True)
@@ -122,7 +125,8 @@ def run(args: argparse.Namespace) -> None:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
         else:
-            ctx = StepContext(Trainable(model, net), opt, criterion, device, dtype, scaler, channels_last=cl)
+            trainable = Trainable(model, net, compiled_batch=cfg.batch_size if compiled else 0)
+            ctx = StepContext(trainable, opt, criterion, device, dtype, scaler, channels_last=cl)
 
             def step(ctx=ctx, it=it):
                 train_step(ctx, *next(it))
@@ -132,8 +136,8 @@ def run(args: argparse.Namespace) -> None:
 
     print(f"benchmark.py train: {cfg.model} x{cfg.width_mult} at {cfg.img_size} px, batch {cfg.batch_size}, {device}, "
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats, data: {data_dir} ({data.cache})\n"
-          f"machine: {plan.machine}\ntrain.py's automatic choice: {machine.variant_name(auto)} "
-          f"(amp: {plan.amp.reason}; channels_last: {plan.channels_last.reason})")
+          f"machine: {plan.machine}\ntrain.py's automatic choice for a {cfg.epochs}-epoch run: {auto_desc} "
+          f"(amp: {plan.amp.reason}; channels_last: {plan.channels_last.reason}; compile: {plan.compile.reason})")
     times = interleaved_timings(fns, repeats=args.repeats, warmup=args.warmup, block=args.block)
     base_med = median(times["plain fp32 NCHW"])
     rows = []

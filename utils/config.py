@@ -27,6 +27,7 @@ CHOICES = {
     "freeze": ("none", "features"),
     "amp": ("auto", "on", "off"),
     "channels_last": ("auto", "on", "off"),
+    "compile": ("auto", "on", "off"),
     "cache": ("auto", "memory", "none"),
     "auto_augment": ("none", "trivial"),
 }
@@ -81,7 +82,7 @@ class TrainConfig:
     # speed
     channels_last: str = "auto"  # NHWC memory format: auto (measured on a CPU, by GPU kind on CUDA) | on | off
     amp: str = "auto"  # mixed precision: auto (CPU: bf16 only where a probe measures it faster; CUDA: bf16 on sm_80+, else fp16) | on | off
-    compile: bool = False  # torch.compile the model (slow first epoch, faster steps)
+    compile: str = "auto"  # torch.compile the model: auto (probed on runs long enough to repay compiling) | on | off
     # run
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # seed of initialisation, data order and augmentation

@@ -173,6 +173,7 @@ class SpeedPlan:
     openmp: Choice
     probe: dict[str, float] = field(default_factory=dict)  # variant -> measured s/step (empty: no probe)
     feature_engine: Optional[Choice] = None  # what ran the frozen backbone's cached feature pass (utils/engine.py)
+    compile: Choice = field(default_factory=lambda: Choice(False, "not decided"))  # torch.compile of the model
 
     @property
     def amp_dtype(self) -> Optional[torch.dtype]:
@@ -186,7 +187,8 @@ class SpeedPlan:
     def record(self) -> dict[str, Any]:
         """Plain dict for config.yaml and the checkpoint: each choice's value and reason."""
         out: dict[str, Any] = {"machine": self.machine}
-        for name in ("amp", "channels_last", "threads", "workers", "augment_device", "cudnn_benchmark", "openmp"):
+        for name in ("amp", "channels_last", "compile", "threads", "workers", "augment_device", "cudnn_benchmark",
+                     "openmp"):
             c = getattr(self, name)
             value = amp_name(c.value) if name == "amp" else c.value
             out[name] = {"value": value, "reason": c.reason}
@@ -263,7 +265,7 @@ def decide_augment_device(device: torch.device, cache: str) -> Choice:
 
 
 # ------------------------------------------------------------------------------------------------ probe
-Variant = tuple[bool, Optional[torch.dtype]]  # (channels_last, autocast dtype)
+Variant = tuple  # (channels_last, autocast dtype), or with a third item: compiled (True) or not (False)
 PROBE_PIXELS = 2 ** 19  # images per probe step = this / img_size**2 (10 at 224 px), at most the batch size
 PROBE_STEPS = 3
 
@@ -316,7 +318,15 @@ def _store_cached(key: str, result: dict[str, float]) -> None:
 
 
 def variant_name(v: Variant) -> str:
-    return f"{amp_name(v[1])} {'channels_last' if v[0] else 'NCHW'}"
+    name = f"{amp_name(v[1])} {'channels_last' if v[0] else 'NCHW'}"
+    if len(v) > 2:  # the compile probe's pair, timed at the real batch size (precision probes use a smaller one)
+        return f"{'compiled' if v[2] else 'eager'} {name}"
+    return name
+
+
+def first_step_name(v: Variant) -> str:
+    """Probe key of a variant's untimed first step (for a compiled variant: the compile time)."""
+    return f"{variant_name(v)} (first step)"
 
 
 def probe_variants(make_step: Callable[[Variant], Callable[[], None]], variants: list[Variant], cpu: CpuInfo,
@@ -334,8 +344,11 @@ def probe_variants(make_step: Callable[[Variant], Callable[[], None]], variants:
         if cached and all(variant_name(v) in cached for v in variants):
             return cached, True
     steps = {variant_name(v): make_step(v) for v in variants}
-    for fn in steps.values():
-        fn()
+    first: dict[str, float] = {}
+    for v in variants:
+        t0 = time.perf_counter()
+        steps[variant_name(v)]()
+        first[first_step_name(v)] = time.perf_counter() - t0
     times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(PROBE_STEPS):
         for name, fn in steps.items():
@@ -343,6 +356,7 @@ def probe_variants(make_step: Callable[[Variant], Callable[[], None]], variants:
             fn()
             times[name].append(time.perf_counter() - t0)
     result = {k: statistics.median(v) for k, v in times.items()}
+    result.update({k: t for k, t in first.items() if k.startswith("compiled")})
     if use_cache:
         _store_cached(key, result)
     return result, False
@@ -368,11 +382,11 @@ def cpu_candidates(amp: str, channels_last: str, cpu: CpuInfo) -> tuple[list[Var
     return [(True, dtypes[0]), (False, dtypes[0])] + [(True, dt) for dt in dtypes[1:]], notes
 
 
+Probe = Callable[[list[Variant]], tuple[dict[str, float], bool]]  # variants -> (s per step by name, from cache)
 TIE = 0.03  # variants within 3% of the fastest count as tied: the earlier candidate wins (stable across runs)
 
 
-def decide_cpu_precision(amp: str, channels_last: str, cpu: CpuInfo,
-                         probe: Callable[[list[Variant]], tuple[dict[str, float], bool]]) -> tuple[Choice, Choice, dict]:
+def decide_cpu_precision(amp: str, channels_last: str, cpu: CpuInfo, probe: Probe) -> tuple[Choice, Choice, dict]:
     """(amp, channels_last, probe times) for CPU training: the fastest measured variant the settings allow."""
     variants, notes = cpu_candidates(amp, channels_last, cpu)
     if len(variants) == 1:
@@ -417,14 +431,65 @@ def decide_cuda_layout(channels_last: str, amp: Optional[torch.dtype], gpu: GpuI
     return Choice(False, "fp32 or a GPU before tensor cores: cuDNN's NCHW kernels")
 
 
+COMPILE_MIN_RUN_S = 20 * 60  # probing compile costs a compile (about a minute on 2 CPU cores): only long runs
+COMPILE_MIN_GAIN = 0.05  # compiled steps must be at least this much faster to be worth a compile's risks
+
+
+def decide_compile(mode: str, best: Variant, *, features_only: bool, run_steps: int,
+                   est_step_s: Optional[float], probe: Optional[Probe],
+                   batch_scale: float = 1.0) -> tuple[Choice, dict[str, float]]:
+    """torch.compile or not, and the probe times behind it.
+
+    ``best`` is the eager variant already chosen, ``est_step_s`` its estimated seconds per real training step
+    (None: unknown, probe it), ``run_steps`` the optimizer steps left in the run. A compile is probed only when
+    the run is long enough to repay it; it is chosen when its measured steps are faster by more than
+    ``COMPILE_MIN_GAIN`` and the time they save over the run exceeds twice the measured compile time (once for
+    the probe, once for the run). ``probe`` runs at the real batch size when a compiled variant is among those
+    asked for, else at a probe batch ``batch_scale`` times smaller.
+    """
+    if mode != "auto":
+        return Choice(mode == "on", "set by the user"), {}
+    if features_only:
+        return Choice(False, "only the linear head trains, on cached features"), {}
+    if probe is None or run_steps <= 0:
+        return Choice(False, "no probe on this path"), {}
+    times: dict[str, float] = {}
+    if est_step_s is None:
+        times, _ = probe([best])
+        est_step_s = times[variant_name(best)] * batch_scale
+    est_run = est_step_s * run_steps
+    if est_run < COMPILE_MIN_RUN_S:
+        return Choice(False, f"not probed: compiling (a minute or more) would hardly pay back in an estimated "
+                             f"{est_run / 60:.0f}-minute run (compile: on forces it)"), times
+    eager, compiled = (best[0], best[1], False), (best[0], best[1], True)
+    try:
+        measured, cached = probe([eager, compiled])
+    except Exception as e:  # no C++ compiler, no Triton, an unsupported op: train eagerly and say why
+        msg = (str(e).strip().splitlines() or [""])[0][:160]
+        return Choice(False, f"torch.compile failed in a probe ({type(e).__name__}: {msg})"), times
+    times.update(measured)
+    t_eager, t_comp = measured[variant_name(eager)], measured[variant_name(compiled)]
+    compile_s = measured.get(first_step_name(compiled), 0.0)
+    est_run = t_eager * run_steps
+    saved = est_run - t_comp * run_steps
+    src = "cached probe" if cached else "probe"
+    facts = (f"compiled steps {t_eager / t_comp:.2f}x as fast in a {src}; {saved / 60:.0f} of an estimated "
+             f"{est_run / 60:.0f} minutes saved against {compile_s:.0f} s of compiling")
+    if t_eager / t_comp >= 1 + COMPILE_MIN_GAIN and saved > 2 * compile_s:
+        return Choice(True, facts), times
+    return Choice(False, f"not worth it: {facts}"), times
+
+
 def plan_training(*, device: torch.device, amp: str, channels_last: str, cache: str, workers: Choice,
-                  threads: Choice, probe: Optional[Callable[[list[Variant]], tuple[dict[str, float], bool]]] = None,
-                  cpu: Optional[CpuInfo] = None, gpu: Optional[GpuInfo] = None) -> SpeedPlan:
+                  threads: Choice, probe: Optional[Probe] = None, cpu: Optional[CpuInfo] = None,
+                  gpu: Optional[GpuInfo] = None, compile: str = "off", run_steps: int = 0,
+                  batch_scale: float = 1.0, images_per_step: int = 0) -> SpeedPlan:
     """Every automatic speed choice for training on ``device`` with the data path ``cache`` actually used.
 
-    ``probe`` times CPU variants (see :func:`probe_variants`); ``cpu``/``gpu`` may be given to decide for
+    ``probe`` times variants (see :func:`probe_variants`); ``cpu``/``gpu`` may be given to decide for
     another (simulated) machine; ``workers``/``threads`` come from :func:`decide_workers`/:func:`decide_threads`
-    (made before the data loaders exist).
+    (made before the data loaders exist). For the compile decision: ``run_steps`` optimizer steps are left,
+    ``batch_scale`` = real batch / probe batch of eager probes, ``images_per_step`` the real batch.
     """
     cpu = cpu or cpu_info()
     gpu = gpu or gpu_info(device)
@@ -444,8 +509,15 @@ def plan_training(*, device: torch.device, amp: str, channels_last: str, cache: 
         machine = cpu.describe()
     if cache == "memory" and workers.value:
         workers = Choice(0, "images are cached in RAM and augmented in batches: no decode workers")
+    best = (bool(cl_c.value), amp_c.value)
+    if gpu is not None:
+        est = images_per_step / GPU_TRAIN_IMAGES_PER_S if images_per_step else None
+    else:
+        est = times[variant_name(best)] * batch_scale if variant_name(best) in times else None
+    compile_c, compile_times = decide_compile(compile, best, features_only=cache == "features", run_steps=run_steps,
+                                              est_step_s=est, probe=probe, batch_scale=batch_scale)
     return SpeedPlan(machine, amp_c, cl_c, threads, workers, decide_augment_device(device, cache), bench,
-                     decide_openmp(), times)
+                     decide_openmp(), {**times, **compile_times}, compile=compile_c)
 
 
 def apply_threads(threads: Choice) -> None:

@@ -72,12 +72,16 @@ class Trainable:
     """
 
     def __init__(self, model: nn.Module, net: Optional[nn.Module] = None, frozen: bool = False,
-                 head: Optional[nn.Module] = None, inputs_are_features: bool = False) -> None:
+                 head: Optional[nn.Module] = None, inputs_are_features: bool = False,
+                 compiled_batch: int = 0) -> None:
         self.model = model
         self.net = net if net is not None else model
         self.frozen = frozen
         self.head = head if head is not None else model.classifier
         self.inputs_are_features = inputs_are_features
+        # A compiled ``net`` runs batches of this size; any other size (an epoch's last batch, a batch that lost
+        # an unreadable image) runs eagerly instead of paying a recompile, possibly into slower dynamic shapes.
+        self.compiled_batch = compiled_batch
 
     def train(self) -> None:
         self.model.train()
@@ -91,6 +95,8 @@ class Trainable:
             with torch.no_grad():
                 feats = self.model.forward_features(x)
             return self.head(feats)
+        if self.compiled_batch and x.shape[0] != self.compiled_batch:
+            return getattr(self.net, "_orig_mod", self.net)(x)
         return self.net(x)
 
 
@@ -168,15 +174,22 @@ def train_step(ctx: StepContext, images: torch.Tensor, targets: torch.Tensor) ->
 
 
 def make_probe_step(model: nn.Module, *, frozen: bool, device: torch.device, batch: int, img_size: int,
-                    num_classes: int) -> Callable:
-    """``factory((channels_last, amp_dtype)) -> step``: one real training step of a copy of ``model`` on random
-    images, for utils.machine's speed probe (the model itself, its optimizer and the RNG stay untouched)."""
-    criterion = nn.CrossEntropyLoss()
-    x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
-    y = torch.arange(batch) % num_classes
+                    num_classes: int, full_batch: int = 0) -> Callable:
+    """``factory(variant) -> step``: one real training step of a copy of ``model`` on random images, for
+    utils.machine's speed probe (the model itself, its optimizer and the RNG stay untouched).
 
-    def factory(variant: tuple[bool, Optional[torch.dtype]]) -> Callable[[], None]:
-        channels_last, dtype = variant
+    ``variant`` is ``(channels_last, amp_dtype)``, run on ``batch`` images, or ``(channels_last, amp_dtype,
+    compiled)``, run on ``full_batch`` images (the run's batch: the compile made here is the one the run needs,
+    so the run finds it in torch's compile caches)."""
+    criterion = nn.CrossEntropyLoss()
+    gen = torch.Generator().manual_seed(0)
+    inputs = {n: (torch.randn(n, 3, img_size, img_size, generator=gen), torch.arange(n) % num_classes)
+              for n in {batch, full_batch or batch}}
+
+    def factory(variant: tuple) -> Callable[[], None]:
+        channels_last, dtype = variant[0], variant[1]
+        compiled = len(variant) > 2 and bool(variant[2])
+        x, y = inputs[full_batch or batch] if len(variant) > 2 else inputs[batch]
         net = copy.deepcopy(model).to(device)
         for m in net.modules():  # the probe runs on one process: no collectives with the others
             if isinstance(m, CPUSyncBatchNorm):
@@ -185,7 +198,8 @@ def make_probe_step(model: nn.Module, *, frozen: bool, device: torch.device, bat
             net = net.to(memory_format=torch.channels_last)
         params = [p for p in net.parameters() if p.requires_grad]
         opt = torch.optim.SGD(params, lr=1e-6, momentum=0.9)
-        ctx = StepContext(Trainable(net, frozen=frozen), opt, criterion, device, dtype,
+        trainable = Trainable(net, torch.compile(net) if compiled else None, frozen=frozen)
+        ctx = StepContext(trainable, opt, criterion, device, dtype,
                           torch.amp.GradScaler("cuda") if dtype == torch.float16 else None,
                           channels_last=channels_last, params=params)
 
