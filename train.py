@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 import time
+from dataclasses import dataclass, replace
 
 from utils.omp import short_openmp_spin
 
@@ -178,6 +179,49 @@ def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, step, 
     }
 
 
+@dataclass
+class Phase:
+    """A stretch of epochs with one setup: ``head`` trains the classifier alone (backbone frozen, on cached
+    features when ``cache_features``), ``full`` trains the whole network. ``cfg`` holds the phase's settings."""
+
+    name: str
+    cfg: cfglib.TrainConfig
+    first: int  # first epoch (0-based)
+    end: int  # the phase stops before this epoch
+
+
+def plan_phases(cfg: cfglib.TrainConfig) -> list[Phase]:
+    """``freeze: features``: the head alone; ``head_epochs: N`` with ``freeze: none``: the head for N epochs,
+    then the whole network re-warmed (fastai's ``fine_tune``); else the whole network from the start."""
+    if cfg.freeze == "features":
+        return [Phase("head", cfg, 0, cfg.epochs)]
+    full = replace(cfg, cache_features=False)  # features can only be cached while the backbone is frozen
+    if cfg.head_epochs == 0:
+        return [Phase("full", full, 0, cfg.epochs)]
+    head = replace(cfg, freeze="features", lr=cfg.head_lr or cfg.lr, warmup_epochs=0.0)
+    return [Phase("head", head, 0, cfg.head_epochs), Phase("full", full, cfg.head_epochs, cfg.epochs)]
+
+
+@dataclass
+class Run:
+    """What the phases of one run share: where it writes, the clock, the best result and the global step."""
+
+    cfg: cfglib.TrainConfig
+    out: str
+    data_dir: str
+    main_proc: bool
+    classes: list
+    t0: float  # time.perf_counter() at the run's (virtual) start: a resumed run carries its earlier minutes
+    logger: CSVLogger | None = None
+    best_acc: float = 0.0
+    step: int = 0
+    row: dict | None = None
+    budget_fit: dict | None = None  # what --time-budget decided (kept in the checkpoint)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cfg, ckpt = resolve_config(args)
@@ -188,74 +232,123 @@ def main(argv: list[str] | None = None) -> dict:
     elif device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     main_proc = dist.is_main
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if dist.enabled else 1
-    cpu = machine.cpu_info()
-    threads = machine.decide_threads(cpu, local_world)
-    machine.apply_threads(threads)
-    workers = machine.decide_workers(cfg.workers, device, cpu, local_world, feature_pass=cfg.cache_features)
     torch.manual_seed(cfg.seed)
     if ckpt is not None:
         check_resume_world(ckpt, dist.world_size, cfg.resume)
+        if ckpt.get("time_budget_fit"):  # the epochs --time-budget fitted stay fitted
+            cfg = replace(cfg, epochs=int(ckpt["time_budget_fit"]["epochs"]))
 
-    # ---- data (frozen backbone + cache_features: the images are read once, after the model exists)
-    from utils.data import load_data, load_image_folder
+    # ---- data folder, classes, model
+    from utils.data import load_image_folder
 
     data_dir = resolve_data_dir(cfg, main_proc)
-    preprocess = {"img_size": cfg.img_size, "resize_size": cfg.resize_size, "mean": list(cfg.mean),
-                  "std": list(cfg.std)}
-    if cfg.cache_features:
-        data = None
-        classes = list(load_image_folder(os.path.join(data_dir, "train")).classes)
-    else:
-        data = load_data(data_dir, img_size=cfg.img_size, resize_size=cfg.resize_size, mean=cfg.mean, std=cfg.std,
-                         batch_size=cfg.batch_size, workers=workers.value, augment=cfglib.augment_settings(cfg),
-                         cache=cfg.cache, distributed=dist.enabled, seed=cfg.seed,
-                         pin_memory=device.type == "cuda", progress=cfg.progress, augment_device=device)
-        classes = list(data.classes)
+    classes = list(load_image_folder(os.path.join(data_dir, "train")).classes)
     if ckpt is not None and list(ckpt.get("classes", classes)) != classes:
         raise UserError(f"{cfg.resume} was trained on classes {ckpt['classes']}, but {data_dir} has {classes}; "
                         "resume with the same --data")
-
-    # ---- model
     model = make_model(cfg, len(classes), resuming=ckpt is not None, is_main=main_proc)
     if dist.enabled and cfg.sync_bn:
         model = convert_sync_batchnorm(model, device.type)  # same top module, BN children swapped
     model.to(device)
-    run_steps = 0  # optimizer steps left: whether a compile can pay back (never on cached features)
-    if data is not None:
-        per_epoch = min(len(data.train_loader), cfg.max_steps_per_epoch or len(data.train_loader))
-        run_steps = per_epoch * (cfg.epochs - (int(ckpt["epoch"]) if ckpt is not None else 0))
-    plan = speed_plan(cfg, model, device, "features" if cfg.cache_features else data.cache, threads, workers,
-                      len(classes), ckpt, run_steps)
-    machine.apply_plan(plan, device)
-    amp_dtype, channels_last = plan.amp_dtype, bool(plan.channels_last.value)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
-    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    if ema is not None and ckpt is not None and ckpt.get("ema") is not None:
-        ema.load_state_dict(ckpt["ema"])
 
+    # ---- run folder and phases
+    run = Run(cfg, cfg.out, data_dir, main_proc, classes, time.perf_counter() - float((ckpt or {}).get("elapsed_s", 0.0)),
+              budget_fit=(ckpt or {}).get("time_budget_fit"))
+    start_epoch = int(ckpt["epoch"]) if ckpt is not None else 0
+    if ckpt is not None:
+        run.step, run.best_acc = int(ckpt["step"]), float(ckpt["best_acc"])
+    phases = plan_phases(cfg)
+    if main_proc:
+        os.makedirs(run.out, exist_ok=True)
+        run.logger = CSVLogger(os.path.join(run.out, "log.csv"), keep_epochs_upto=start_epoch)
+        print(f"{cfg.model} x{cfg.width_mult} ({count_params(model) / 1e6:.2f} M params) | {len(classes)} classes | "
+              f"{device}{f' x{dist.world_size} processes' if dist.enabled else ''} | {cfg.epochs} epochs: "
+              + ", then ".join(f"{p.end - p.first} {PHASE_TEXT[p.name]}" for p in phases)
+              + (f" | time budget {cfg.time_budget:g} min" if cfg.time_budget else "") + f" | run folder {run.out}")
+        if start_epoch:
+            print(f"resuming after epoch {start_epoch} (global step {run.step}) from {cfg.resume}")
+    stop = StopRequest(device).install() if dist.enabled else None  # Ctrl-C: all processes stop after one step
+    for i, phase in enumerate(phases):
+        if start_epoch >= phase.end:
+            continue
+        # the checkpoint's optimizer state belongs to this phase only if it was saved inside it
+        inside = ckpt is not None and ckpt.get("phase", phase.name) == phase.name and (
+            start_epoch > phase.first or bool(ckpt.get("partial_epoch")))
+        run_phase(run, phase, phases, model, device, dist, ckpt if inside else None, max(start_epoch, phase.first),
+                  stop, last=i == len(phases) - 1)
+    if stop is not None:
+        stop.uninstall()
+    if main_proc:
+        print(f"done: best val top-1 {run.best_acc:.2f}% -> {os.path.join(run.out, 'best.pt')}")
+    barrier()
+    cleanup()
+    return {"best_acc": run.best_acc, "last": run.row, "out": run.out}
+
+
+PHASE_TEXT = {"head": "classifier-only epochs (backbone frozen)", "full": "whole-network epochs"}
+
+
+def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, device: torch.device, dist,
+              ckpt: dict | None, start_epoch: int, stop: StopRequest | None, last: bool) -> None:
+    """Train ``model`` through one phase's epochs (from ``start_epoch``; ``ckpt``: resume inside this phase)."""
+    cfg, main_proc = phase.cfg, run.main_proc
     frozen = cfg.freeze == "features"
-    if cfg.cache_features:
+    model.features.requires_grad_(not frozen)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if dist.enabled else 1
+    cpu = machine.cpu_info()
+    threads = machine.decide_threads(cpu, local_world)
+    machine.apply_threads(threads)
+    cached = frozen and cfg.cache_features
+    workers = machine.decide_workers(cfg.workers, device, cpu, local_world, feature_pass=cached)
+    data_dir = run.data_dir
+    preprocess = {"img_size": cfg.img_size, "resize_size": cfg.resize_size, "mean": list(cfg.mean),
+                  "std": list(cfg.std)}
+
+    # ---- data (cached features: the frozen backbone reads every image once, see utils/engine.py)
+    if cached:
         data = cache_pooled_features(model, data_dir, preprocess, cfg.batch_size, workers.value, device, cfg.seed,
                                      dist.rank, dist.world_size, bar=main_proc and cfg.progress,
                                      engine=resumed_feature_engine(ckpt))
-        plan.feature_engine = data.engine  # printed in the header, saved in config.yaml and the checkpoint
+    else:
+        from utils.data import load_data
+
+        data = load_data(data_dir, img_size=cfg.img_size, resize_size=cfg.resize_size, mean=cfg.mean, std=cfg.std,
+                         batch_size=cfg.batch_size, workers=workers.value, augment=cfglib.augment_settings(cfg),
+                         cache=cfg.cache, distributed=dist.enabled, seed=cfg.seed,
+                         pin_memory=device.type == "cuda", progress=cfg.progress, augment_device=device)
     train_loader, val_loader = data.train_loader, data.val_loader
     steps_per_epoch = len(train_loader)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
 
-    # ---- optimizer, schedule, precision
+    # ---- speed choices (probed on this very model), precision, memory format
+    plan = speed_plan(cfg, model, device, "features" if cached else data.cache, threads, workers,
+                      len(run.classes), ckpt, 0 if cached else steps_per_epoch * (phase.end - start_epoch))
+    if cached:
+        plan.feature_engine = data.engine  # printed in the header, saved in config.yaml and the checkpoint
+    machine.apply_plan(plan, device)
+    amp_dtype, channels_last = plan.amp_dtype, bool(plan.channels_last.value)
+    model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    if ema is not None and ckpt is not None and ckpt.get("ema") is not None:
+        ema.load_state_dict(ckpt["ema"])
+
+    # ---- optimizer, schedule (this phase's own: re-warmed, cosine to its last epoch)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay, no_wd_norm_bias=cfg.no_wd_norm_bias,
                                 backbone_lr_mult=cfg.backbone_lr_mult)
-    schedule = WarmupCosine(cfg.lr, cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
-                            cfg.min_lr)
+    # the global step this phase began at: now, or (resuming inside it) where its checkpoint says
+    phase_start_step = run.step if ckpt is None else int((ckpt.get("scheduler") or {}).get("start_step", 0))
+
+    def make_schedule(end: int) -> WarmupCosine:
+        return WarmupCosine(cfg.lr, (end - phase.first) * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch),
+                            cfg.min_lr, start_step=phase_start_step)
+
+    schedule = make_schedule(phase.end)
     scaler = torch.amp.GradScaler("cuda") if plan.grad_scaler else None
-    start_epoch, step, best_acc, partial = 0, 0, 0.0, None
+    partial = None
     if ckpt is not None:
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
@@ -264,7 +357,6 @@ def main(argv: list[str] | None = None) -> dict:
                             "with the same optimizer, freeze and no_wd_norm_bias settings") from None
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, step, best_acc = int(ckpt["epoch"]), int(ckpt["step"]), float(ckpt["best_acc"])
         partial = ckpt.get("partial_epoch")
 
     # ---- how a step calls the network: DDP / compile / frozen backbone
@@ -279,46 +371,46 @@ def main(argv: list[str] | None = None) -> dict:
     if plan.compile.value:  # full batches run compiled, an odd-sized one eagerly (see Trainable)
         net, head = torch.compile(net), torch.compile(head)
         compiled_batch = cfg.batch_size
-    trainable = Trainable(model, net, frozen=frozen, head=head, inputs_are_features=cfg.cache_features,
+    trainable = Trainable(model, net, frozen=frozen, head=head, inputs_are_features=cached,
                           compiled_batch=compiled_batch)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     ctx = StepContext(trainable, optimizer, criterion, device, amp_dtype, scaler, ema,
-                      build_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, len(classes)), cfg.clip_grad_norm,
+                      build_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, len(run.classes)), cfg.clip_grad_norm,
                       channels_last, [p for p in model.parameters() if p.requires_grad])
 
-    # ---- run folder
-    out = cfg.out
-    logger = None
+    def record() -> dict:
+        phases_rec = [{"name": p.name, "epochs": [p.first + 1, p.end], "lr": p.cfg.lr} for p in phases]
+        rec = {"speed": plan.record(), "phases": phases_rec}
+        if run.budget_fit:
+            rec["time_budget_fit"] = run.budget_fit
+        return rec
+
     if main_proc:
-        os.makedirs(out, exist_ok=True)
-        cfglib.save_config(cfg, os.path.join(out, "config.yaml"), record={"speed": plan.record()})
-        logger = CSVLogger(os.path.join(out, "log.csv"), keep_epochs_upto=start_epoch)
+        cfglib.save_config(run.cfg, os.path.join(run.out, "config.yaml"), record=record())
         amp_text = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}
-        print(f"{cfg.model} x{cfg.width_mult} ({count_params(model) / 1e6:.2f} M params) | {len(classes)} classes | "
-              f"train {data.num_train} / val {data.num_val} images | {device}"
-              f"{f' x{dist.world_size} processes' if dist.enabled else ''} | {amp_text[amp_dtype]}"
-              f"{' channels_last' if channels_last else ''} | {cfg.epochs} epochs x {steps_per_epoch} steps"
-              f" | run folder {out}")
+        print(f"epochs {phase.first + 1}-{phase.end}: {PHASE_TEXT[phase.name]} | train {data.num_train} / val "
+              f"{data.num_val} images | {amp_text[amp_dtype]}{' channels_last' if channels_last else ''} | "
+              f"{steps_per_epoch} steps per epoch | lr {cfg.lr:g}"
+              f"{f' (backbone x{cfg.backbone_lr_mult:g})' if not frozen and cfg.backbone_lr_mult != 1 else ''}")
         print(f"speed choices on {plan.machine} (also in config.yaml):\n" + "\n".join(plan.lines()))
-        if start_epoch:
-            print(f"resuming after epoch {start_epoch} (global step {step}) from {cfg.resume}")
 
     def save(name: str, epoch_done: int, part: EpochProgress | None = None) -> None:
         state = checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch_done, progress.step,
-                                 best_acc, classes, plan, part)
-        save_checkpoint(os.path.join(out, name), state)
+                                 run.best_acc, run.classes, plan, part)
+        state["config"] = cfglib.to_dict(run.cfg)  # the whole run's settings (every phase), not this phase's
+        state.update(phase=phase.name, elapsed_s=run.elapsed(), time_budget_fit=run.budget_fit)
+        save_checkpoint(os.path.join(run.out, name), state)
 
     # ---- loop
     eval_model = (ema.module if ema is not None else model)
-    eval_fn = eval_model.classifier if cfg.cache_features else eval_model
-    row = None
-    stop = StopRequest(device).install() if dist.enabled else None  # Ctrl-C: all processes stop after one step
-    for epoch in range(start_epoch, cfg.epochs):
+    eval_fn = eval_model.classifier if cached else eval_model
+    epoch = start_epoch
+    while epoch < phase.end:
         data.set_epoch(epoch)
         t_epoch = time.perf_counter()
-        progress = EpochProgress(step=step)
+        progress = EpochProgress(step=run.step)
         if partial is not None:  # Ctrl-C stopped this epoch half-way: continue from the same batch and RNG
-            progress = restore_partial(ckpt, dist.rank, device, step)
+            progress = restore_partial(ckpt, dist.rank, device, run.step)
             partial = None
         else:
             torch.manual_seed(epoch_seed(cfg.seed, epoch, dist.rank))
@@ -326,7 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
             stats = train_one_epoch(ctx, train_loader, schedule, epoch + 1, progress,
                                     max_steps=cfg.max_steps_per_epoch, bar=main_proc and cfg.progress, stop=stop)
         except NonFiniteLoss as e:
-            kept = os.path.join(out, "last.pt")
+            kept = os.path.join(run.out, "last.pt")
             kept = f"the last good checkpoint {kept} is kept" if os.path.isfile(kept) else "no checkpoint was written"
             raise UserError(f"training diverged: {e}; {kept}. Lower the learning rate (--lr), add warmup "
                             "(--set warmup_epochs=1) or clip gradients (--set clip_grad_norm=1.0)") from None
@@ -339,43 +431,67 @@ def main(argv: list[str] | None = None) -> dict:
             if main_proc:
                 save("last.pt", epoch, progress)
                 print(f"\ninterrupted in epoch {epoch + 1} after {progress.batches_done} steps; saved "
-                      f"{os.path.join(out, 'last.pt')} (continue with --resume {os.path.join(out, 'last.pt')})",
+                      f"{os.path.join(run.out, 'last.pt')} (continue with --resume {os.path.join(run.out, 'last.pt')})",
                       file=sys.stderr)
             barrier()  # no process exits before the file is written (torchrun would stop the others)
             raise
-        step = progress.step
+        run.step = progress.step
         val = evaluate(eval_fn, val_loader, criterion, device, amp_dtype=amp_dtype,
                        channels_last=ctx.channels_last, bar=main_proc and cfg.progress)
-        row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"],
-               "train_acc": stats["train_acc"], **val, "epoch_seconds": time.perf_counter() - t_epoch,
-               "images_per_s": stats["images"] / max(progress.seconds, 1e-9),
-               "skipped_images": getattr(data, "skipped", 0)}
+        seconds = time.perf_counter() - t_epoch
+        run.row = row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"],
+                         "train_acc": stats["train_acc"], **val, "epoch_seconds": seconds,
+                         "images_per_s": stats["images"] / max(progress.seconds, 1e-9),
+                         "skipped_images": getattr(data, "skipped", 0)}
+        if last and run.cfg.time_budget and run.budget_fit is None and epoch == start_epoch:
+            end = fit_to_budget(run, phase, epoch, seconds)
+            if end != phase.end:
+                phase.end = end
+                run.cfg = replace(run.cfg, epochs=end)
+                schedule = make_schedule(end)
+                if main_proc:
+                    cfglib.save_config(run.cfg, os.path.join(run.out, "config.yaml"), record=record())
         if main_proc:
-            logger.log(row)
-            print(summary_line(row, cfg.epochs), flush=True)
+            run.logger.log(row)
+            print(summary_line(row, run.cfg.epochs), flush=True)
             if getattr(data, "skipped", 0):
                 print(f"  skipped {data.skipped} unreadable image(s) so far; split_dataset.py's report.csv lists "
                       "bad files (re-split to drop them)", flush=True)
-            is_best = val["val_top1"] > best_acc
-            best_acc = max(best_acc, val["val_top1"])
+            is_best = val["val_top1"] > run.best_acc
+            run.best_acc = max(run.best_acc, val["val_top1"])
             save("last.pt", epoch + 1)
             if is_best:
                 save("best.pt", epoch + 1)
-            _plot(out)
+            _plot(run.out)
         else:
-            best_acc = max(best_acc, val["val_top1"])
+            run.best_acc = max(run.best_acc, val["val_top1"])
         if stop is not None and stop.requested_anywhere():  # Ctrl-C after the epoch's last check: stop here
             if main_proc:
-                print(f"interrupted after epoch {epoch + 1}; saved {os.path.join(out, 'last.pt')} (continue with "
-                      f"--resume {os.path.join(out, 'last.pt')})", file=sys.stderr)
+                print(f"interrupted after epoch {epoch + 1}; saved {os.path.join(run.out, 'last.pt')} (continue with "
+                      f"--resume {os.path.join(run.out, 'last.pt')})", file=sys.stderr)
             raise StopRequested
-    if stop is not None:
-        stop.uninstall()
-    if main_proc:
-        print(f"done: best val top-1 {best_acc:.2f}% -> {os.path.join(out, 'best.pt')}")
-    barrier()
-    cleanup()
-    return {"best_acc": best_acc, "last": row, "out": out}
+        epoch += 1
+
+
+BUDGET_MAX_FACTOR = 10  # --time-budget never stretches a phase past 10x the recipe's epochs
+
+
+def fit_to_budget(run: Run, phase: Phase, epoch: int, seconds: float) -> int:
+    """The epoch the last phase should end at so the run takes about ``time_budget`` minutes, from the first
+    epoch's measured ``seconds`` (training + validation). Decided on rank 0 and shared with every process."""
+    budget = run.cfg.time_budget * 60
+    left = budget - run.elapsed()
+    more = max(0, int(left // max(seconds, 1e-6)))
+    cap = phase.first + BUDGET_MAX_FACTOR * (phase.end - phase.first)
+    end = broadcast_object(min(epoch + 1 + more, cap))
+    run.budget_fit = {"epochs": end, "epoch_seconds": round(seconds, 2), "minutes_spent": round(run.elapsed() / 60, 2),
+                      "budget_minutes": run.cfg.time_budget}
+    if run.main_proc:
+        capped = " (capped at 10x the recipe's epochs)" if end == cap and epoch + 1 + more > cap else ""
+        print(f"time budget {run.cfg.time_budget:g} min: {run.elapsed() / 60:.1f} min spent, an epoch takes "
+              f"{seconds:.0f} s -> {end - epoch - 1} more epoch(s), {end} in all{capped} (expected end after "
+              f"~{(run.elapsed() + (end - epoch - 1) * seconds) / 60:.1f} min)", flush=True)
+    return end
 
 
 def _plot(out: str) -> None:

@@ -62,11 +62,14 @@ class TrainConfig:
     small_input: bool = False  # stride-8 stem for 28-64 px inputs (about 16x the compute)
     pretrained: str = "none"  # imagenet | none | PATH to weights or a train.py checkpoint
     freeze: str = "none"  # features = train only the classifier (backbone in eval mode, no grad)
-    cache_features: bool = False  # with freeze=features: compute pooled features once, train the head on them
+    head_epochs: int = 0  # with freeze=none: the first N epochs train only the classifier, then the whole network
+    head_lr: float = 0.0  # peak learning rate of those head-only epochs (0 = lr)
+    cache_features: bool = False  # while the backbone is frozen: compute pooled features once, train the head on them
     backbone_lr_mult: float = 1.0  # learning-rate multiplier of the backbone (fine-tuning: e.g. 0.1)
     sync_bn: bool = False  # SyncBatchNorm across torchrun processes
     # optimisation
-    epochs: int = 10  # number of epochs
+    epochs: int = 10  # number of epochs (head_epochs included)
+    time_budget: float = 0.0  # minutes of training: the epochs are refitted after the first full-network epoch (0 = off)
     batch_size: int = 64  # images per step per process
     optimizer: str = "sgd"  # sgd | adamw | rmsprop
     lr: float = 0.1  # peak learning rate (after warmup)
@@ -108,6 +111,8 @@ FLAGS = {
     "--seed": ("seed", "random seed"),
     "--out": ("out", "run folder (config.yaml, log.csv, curves.png, last.pt, best.pt)"),
     "--resume": ("resume", "checkpoint to continue from, e.g. RUN/last.pt"),
+    "--time-budget": ("time_budget", "train for about this many minutes: the epochs are fitted from the first "
+                      "full-network epoch's measured time (at most 10x the recipe's; 0 = use epochs)"),
 }
 
 
@@ -231,7 +236,12 @@ def validate(cfg: TrainConfig) -> None:
          "(then it follows img_size / crop_pct)"),
         (len(cfg.mean) == 3 and len(cfg.std) == 3, "mean and std must have 3 values (RGB)"),
         (cfg.warmup_epochs >= 0, "warmup_epochs must be 0 or more"),
-        (not cfg.cache_features or cfg.freeze == "features", "cache_features needs freeze: features"),
+        (cfg.head_epochs >= 0, "head_epochs must be 0 or more"),
+        (cfg.freeze == "features" or cfg.head_epochs < cfg.epochs,
+         f"head_epochs={cfg.head_epochs} leaves no epoch for the whole network (epochs={cfg.epochs}); raise epochs, "
+         "or train the classifier alone with --freeze features"),
+        (cfg.head_lr >= 0, "head_lr must be 0 (= lr) or positive"),
+        (cfg.time_budget >= 0, "time_budget must be 0 (off) or a number of minutes"),
         (cfg.model in available_models(), f"unknown model '{cfg.model}'; choose one of: {', '.join(available_models())}"),
         (cfg.width_mult > 0, "width_mult must be positive"),
     ]
@@ -273,7 +283,7 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 # Keys of a run's config.yaml that record what happened (e.g. the automatic speed choices), not settings:
 # a run's config.yaml given back as --config ignores them.
-RECORD_KEYS = ("speed",)
+RECORD_KEYS = ("speed", "phases", "time_budget_fit")
 
 
 def save_config(cfg: TrainConfig, path: str, record: Optional[dict[str, Any]] = None) -> None:

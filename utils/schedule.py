@@ -19,16 +19,19 @@ class WarmupCosine:
     Steps past ``T`` stay at ``min_lr``.
     """
 
-    def __init__(self, base_lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0) -> None:
+    def __init__(self, base_lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0,
+                 start_step: int = 0) -> None:
         if total_steps < 1:
             raise ValueError("total_steps must be at least 1")
         self.base_lr = float(base_lr)
         self.total_steps = int(total_steps)
         self.warmup_steps = int(min(max(warmup_steps, 0), total_steps))
         self.min_lr = float(min_lr)
+        self.start_step = int(start_step)  # global step where this schedule begins (a later training phase)
 
     def lr_at(self, step: int) -> float:
-        """Learning rate used for optimizer step ``step`` (0-based)."""
+        """Learning rate used for optimizer step ``step`` (0-based, global: ``start_step`` is this schedule's 0)."""
+        step -= self.start_step
         w, t = self.warmup_steps, self.total_steps
         if step < w:
             return self.base_lr * (step + 1) / w
@@ -47,7 +50,7 @@ class WarmupCosine:
     def state_dict(self) -> dict[str, Any]:
         """Its settings (the position is the checkpoint's global ``step``)."""
         return {"base_lr": self.base_lr, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-                "min_lr": self.min_lr}
+                "min_lr": self.min_lr, "start_step": self.start_step}
 
 
 def param_groups(model: nn.Module, weight_decay: float, no_wd_norm_bias: bool = False,

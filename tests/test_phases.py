@@ -1,0 +1,107 @@
+"""Head-then-full fine-tuning (``head_epochs``) and ``--time-budget`` on real Fashion-MNIST sample images: the
+backbone stays untouched while the head trains, everything trains after, resume is exact across and inside the
+phases, and the budget fits the epochs from the first whole-network epoch."""
+import os
+import time
+
+import pytest
+import torch
+import yaml
+
+import train
+from eval_helpers import link_sample_split
+from test_train import TINY, Killed, _max_diff, _rows
+from utils.checkpoint import load_checkpoint
+
+PHASED = TINY + ["--epochs", "3", "--lr", "0.02", "--pretrained", "none", "--set", "head_epochs=1",
+                 "--set", "head_lr=0.05", "--set", "cache_features=true", "--set", "warmup_epochs=1",
+                 "--set", "backbone_lr_mult=0.1"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return link_sample_split(str(tmp_path_factory.mktemp("fmnist")), 12, 4, None)
+
+
+def _backbone(state):
+    return {k: v for k, v in state.items() if k.startswith("features.")}
+
+
+def test_head_epochs_train_the_classifier_then_the_whole_network(data, tmp_path, monkeypatch):
+    saved = {}
+    real_save = train.save_checkpoint
+
+    def keep(path, state):  # every checkpoint as written, by epoch
+        saved[(os.path.basename(path), state["epoch"])] = {k: v.clone() for k, v in state["model"].items()}
+        saved[("phase", state["epoch"])] = state["phase"]
+        real_save(path, state)
+
+    monkeypatch.setattr(train, "save_checkpoint", keep)
+    train.main(PHASED + ["--data", data, "--out", str(tmp_path / "run"), "--set", "max_steps_per_epoch=3"])
+    cfg = train.resolve_config(train.parse_args(PHASED + ["--data", data]))[0]
+    init = train.make_model(cfg, 10, resuming=False, is_main=False).state_dict()
+    after_head, final = saved[("last.pt", 1)], saved[("last.pt", 3)]
+    assert _max_diff(_backbone(init), _backbone(after_head)) == 0  # head phase: backbone untouched
+    assert not torch.equal(init["classifier.1.weight"], after_head["classifier.1.weight"])
+    assert _max_diff(_backbone(after_head), _backbone(final)) > 0  # full phase: the backbone learns
+    assert [saved[("phase", e)] for e in (1, 2, 3)] == ["head", "full", "full"]
+    rows = _rows(str(tmp_path / "run" / "log.csv"))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    # head epoch at head_lr (cosine over 1 epoch ends near 0); full phase re-warmed: epoch 2 ends its 1-epoch warmup
+    assert float(rows[1]["lr"]) == pytest.approx(0.02)
+    with open(tmp_path / "run" / "config.yaml") as f:
+        rec = yaml.safe_load(f)
+    assert rec["phases"] == [{"name": "head", "epochs": [1, 1], "lr": 0.05}, {"name": "full", "epochs": [2, 3], "lr": 0.02}]
+    assert rec["speed"]["compile"]["value"] is False
+
+
+@pytest.mark.parametrize("cut_after", [1, 2])
+def test_resume_across_and_inside_the_phases_is_exact(data, tmp_path, monkeypatch, cut_after):
+    args = PHASED + ["--data", data]
+    train.main(args + ["--out", str(tmp_path / "full")])
+    real_plot = train._plot
+
+    def plot_then_die(out):
+        real_plot(out)
+        if len(_rows(os.path.join(out, "log.csv"))) == cut_after:
+            raise Killed
+
+    monkeypatch.setattr(train, "_plot", plot_then_die)
+    with pytest.raises(Killed):
+        train.main(args + ["--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(train, "_plot", real_plot)
+    train.main(["--resume", str(tmp_path / "cut" / "last.pt")])
+    a, b = load_checkpoint(str(tmp_path / "full" / "last.pt")), load_checkpoint(str(tmp_path / "cut" / "last.pt"))
+    assert _max_diff(a["model"], b["model"]) == 0
+    assert a["step"] == b["step"] and a["scheduler"] == b["scheduler"]
+    assert _rows(str(tmp_path / "full" / "log.csv")) == _rows(str(tmp_path / "cut" / "log.csv"))
+
+
+def _fake_run(minutes_spent, budget):
+    cfg = train.cfglib.TrainConfig(time_budget=budget, epochs=5)
+    run = train.Run(cfg, "out", "data", False, [], time.perf_counter() - 60 * minutes_spent)
+    return run
+
+
+def test_time_budget_fits_the_epochs_from_the_first_epoch():
+    phase = train.Phase("full", train.cfglib.TrainConfig(), 2, 5)  # 2 head epochs, then 3 whole-network epochs
+    # 30-minute budget, 5.9 minutes spent, an epoch takes 2 minutes: 12 more epochs after this one
+    run = _fake_run(5.9, 30)
+    assert train.fit_to_budget(run, phase, 2, 120.0) == 2 + 1 + 12
+    assert run.budget_fit["epochs"] == 15 and run.budget_fit["epoch_seconds"] == 120.0
+    # over budget already: the phase ends after this epoch
+    assert train.fit_to_budget(_fake_run(31.0, 30), phase, 2, 120.0) == 3
+    # a huge budget stretches the phase to at most 10x its recipe length
+    assert train.fit_to_budget(_fake_run(0.0, 10_000), phase, 2, 1.0) == 2 + 10 * 3
+
+
+def test_time_budget_run_stops_on_time_and_resume_keeps_the_fit(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    # 0.01 minutes is spent before the first whole-network epoch ends: that epoch is the last
+    train.main(PHASED + ["--epochs", "4", "--data", data, "--out", str(out), "--time-budget", "0.01"])
+    assert "time budget 0.01 min:" in capsys.readouterr().out
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    assert ckpt["epoch"] == 2 and ckpt["time_budget_fit"]["epochs"] == 2 and ckpt["config"]["epochs"] == 2
+    assert [r["epoch"] for r in _rows(str(out / "log.csv"))] == ["1", "2"]
+    with open(out / "config.yaml") as f:
+        assert yaml.safe_load(f)["time_budget_fit"]["epochs"] == 2
