@@ -239,10 +239,10 @@ def main(argv: list[str] | None = None) -> dict:
             cfg = replace(cfg, epochs=int(ckpt["time_budget_fit"]["epochs"]))
 
     # ---- data folder, classes, model
-    from utils.data import load_image_folder
+    from utils.data import load_split
 
     data_dir = resolve_data_dir(cfg, main_proc)
-    classes = list(load_image_folder(os.path.join(data_dir, "train")).classes)
+    classes = list(load_split(data_dir)[0].classes)
     if ckpt is not None and list(ckpt.get("classes", classes)) != classes:
         raise UserError(f"{cfg.resume} was trained on classes {ckpt['classes']}, but {data_dir} has {classes}; "
                         "resume with the same --data")
@@ -273,6 +273,11 @@ def main(argv: list[str] | None = None) -> dict:
     for i, phase in enumerate(phases):
         if start_epoch >= phase.end:
             continue
+        if phase.name == "full" and i > 0 and run.best_acc >= 100.0:  # nothing left for the whole network to win
+            if main_proc:
+                print(f"the classifier alone reached {run.best_acc:.2f}% val top-1: the whole-network epochs are "
+                      "skipped (best.pt is the classifier-only model)")
+            break
         # the checkpoint's optimizer state belongs to this phase only if it was saved inside it
         inside = ckpt is not None and ckpt.get("phase", phase.name) == phase.name and (
             start_epoch > phase.first or bool(ckpt.get("partial_epoch")))

@@ -663,6 +663,23 @@ def _estimate_bytes(samples: list[tuple[str, int]], resize_size: int) -> int | N
     return len(samples) * 3 * w * h
 
 
+def load_split(data_dir: str) -> tuple[ImageFolderRGB, ImageFolderRGB]:
+    """``data_dir/train`` and ``data_dir/val`` as image folders with the same classes, or a UserError saying
+    what is wrong with the folder."""
+    for part in ("train", "val"):
+        if not os.path.isdir(os.path.join(data_dir, part)):
+            raise UserError(f"{os.path.join(data_dir, part)} not found; {data_dir} must hold train/ and val/ "
+                            "folders of class sub-folders (make them with split_dataset.py RAW OUT)")
+    train_ds = load_image_folder(os.path.join(data_dir, "train"))
+    val_ds = load_image_folder(os.path.join(data_dir, "val"))
+    if train_ds.classes != val_ds.classes:
+        only_t = sorted(set(train_ds.classes) - set(val_ds.classes))
+        only_v = sorted(set(val_ds.classes) - set(train_ds.classes))
+        raise UserError(f"{data_dir}: train/ and val/ have different class folders (only in train: {only_t}; "
+                        f"only in val: {only_v}); re-split with split_dataset.py so both have every class")
+    return train_ds, val_ds
+
+
 def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batch_size: int, workers: int,
               augment: dict, cache: str = "auto", distributed: bool = False, seed: int = 0,
               pin_memory: bool = False, progress: bool = True, augment_device: torch.device | None = None) -> DataBundle:
@@ -682,17 +699,7 @@ def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batc
     if cache not in ("auto", "memory", "none"):
         raise UserError(f"cache={cache!r}: use auto, memory or none")
     cfg = AugmentConfig.from_dict(augment)
-    for part in ("train", "val"):
-        if not os.path.isdir(os.path.join(data_dir, part)):
-            raise UserError(f"{os.path.join(data_dir, part)} not found; {data_dir} must hold train/ and val/ "
-                            "folders of class sub-folders (make them with split_dataset.py RAW OUT)")
-    train_ds = load_image_folder(os.path.join(data_dir, "train"))
-    val_ds = load_image_folder(os.path.join(data_dir, "val"))
-    if train_ds.classes != val_ds.classes:
-        only_t = sorted(set(train_ds.classes) - set(val_ds.classes))
-        only_v = sorted(set(val_ds.classes) - set(train_ds.classes))
-        raise UserError(f"{data_dir}: train/ and val/ have different class folders (only in train: {only_t}; "
-                        f"only in val: {only_v}); re-split with split_dataset.py so both have every class")
+    train_ds, val_ds = load_split(data_dir)
     rank, world = _dist_info(distributed)
     train_sampler = EpochBatchSampler(len(train_ds), batch_size, shuffle=True, seed=seed, rank=rank, world=world)
     val_sampler = EpochBatchSampler(len(val_ds), batch_size, shuffle=False, rank=rank, world=world)
