@@ -330,15 +330,16 @@ def main(argv: list[str] | None = None) -> dict:
         step = progress.step
         val = evaluate(eval_fn, val_loader, criterion, device, amp_dtype=amp_dtype,
                        channels_last=ctx.channels_last, bar=main_proc and cfg.progress)
+        skipped = data.skipped_total()  # every process calls it: under torchrun it unites their skipped files
         row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"],
                "train_acc": stats["train_acc"], **val, "epoch_seconds": time.perf_counter() - t_epoch,
                "images_per_s": stats["images"] / max(progress.seconds, 1e-9),
-               "skipped_images": getattr(data, "skipped", 0)}
+               "skipped_images": skipped}
         if main_proc:
             logger.log(row)
             print(summary_line(row, cfg.epochs), flush=True)
-            if getattr(data, "skipped", 0):
-                print(f"  skipped {data.skipped} unreadable image(s) so far; split_dataset.py's report.csv lists "
+            if skipped:
+                print(f"  skipped {skipped} unreadable image(s) so far; split_dataset.py's report.csv lists "
                       "bad files (re-split to drop them)", flush=True)
             is_best = val["val_top1"] > best_acc
             best_acc = max(best_acc, val["val_top1"])
