@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from utils.checkpoint import atomic_write
+from utils.data import SkippedFiles
 from utils.errors import UserError, run_main
-from utils.inference import as_records, default_workers, run_on_files, scan_class_folders, summarize_failures
+from utils.inference import as_records, default_workers, run_on_files, scan_class_folders
 from utils.metrics import confusion_matrix, macro_average, per_class_report, topk_correct
 from utils.plots import plot_confusion_matrix, plot_mistakes
 from utils.runtime import LoadedModel, open_model
@@ -263,8 +264,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"model: {model.describe()}")
     result = evaluate(model, data_dir, batch_size=args.batch_size, workers=args.workers,
                       progress=not args.no_progress)
-    for line in result["notes"] + summarize_failures(result["failed"]):
+    for line in result["notes"]:
         print(line)
+    SkippedFiles().add(result["failed"])  # one line each on stderr; metrics.json lists them too
     files = write_outputs(result, out_dir)
     print(format_report(result))
     print(model.engine_line())

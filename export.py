@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from utils import int8
+from utils.data import SkippedFiles
 from utils.errors import UserError, run_main
 
 FORMATS = ("onnx", "torchscript", "int8", "tensorrt")
@@ -91,6 +92,17 @@ def _data_folder(args: argparse.Namespace, config: dict[str, Any], sub: str, fla
     return path
 
 
+def _read(ex, paths: list[str], preprocess: dict[str, Any], skipped: SkippedFiles, what: str):
+    """Decode ``paths`` (utils.export.read_images); unreadable files are named once and counted in ``skipped``;
+    a UserError when none could be read."""
+    read = ex.read_images(paths, preprocess)
+    skipped.add(read.failed)
+    if paths and not read.kept:
+        raise UserError(f"none of the {len(paths)} {what} could be read (first: {read.failed[0][0]}: "
+                        f"{read.failed[0][1]}); fix or remove them")
+    return read
+
+
 def _publish(tmp: str, final: str) -> None:
     """Give a verified file its final name (atomic on one file system), readable like any other file."""
     umask = os.umask(0)
@@ -139,8 +151,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     val_dir = args.val_data or _data_folder(args, src.config, "val", "--val-data")
     val = ex.list_labelled_images(val_dir, src.classes)
     verify = ex.evenly_spaced(val, args.verify_images)
-    print(f"verifying on {len(verify)} real validation images from {val_dir}")
-    verify_x = ex.load_images([p for p, _ in verify], src.preprocess)
+    skipped = SkippedFiles()  # unreadable images of every pass below, each named once, counted in export.json
+    verify_x = _read(ex, [p for p, _ in verify], src.preprocess, skipped, f"validation images from {val_dir}").x
+    print(f"verifying on {len(verify_x)} real validation images from {val_dir}")
     with torch.no_grad():
         reference = ex.batched_logits(src.model, verify_x)
 
@@ -174,16 +187,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tmp = paths["torchscript"] + ".unverified"
         verified("torchscript", tmp, ex.export_torchscript(src.model, tmp, img_size, src.classes, src.preprocess))
     if "int8" in formats:
-        report["checks"]["int8"] = _export_int8(args, src, paths, report, val, verify_x, ex)
+        report["checks"]["int8"] = _export_int8(args, src, paths, report, val, verify_x, ex, skipped)
+    report.update(skipped_images=len(skipped), skipped_files=skipped.records())
     _write_report(out, report)
     if "tensorrt" in formats:  # built from the verified ONNX file; runs here only against a fake TensorRT
         report["checks"]["tensorrt"] = _export_tensorrt(args, src, paths, report, verify_x, reference, ex)
         _write_report(out, report)
-    print(f"wrote {out}/export.json")
+    print(f"wrote {out}/export.json" + (f" ({len(skipped)} unreadable images skipped)" if len(skipped) else ""))
     return report
 
 
-def _export_int8(args, src, paths, report, val, verify_x, ex) -> dict[str, Any]:
+def _export_int8(args, src, paths, report, val, verify_x, ex, skipped: SkippedFiles) -> dict[str, Any]:
     """Quantize, check top-1 against fp32 on the validation set, time both files here, publish."""
     target = int8.TARGETS[args.int8_target]
     calib_dir = args.calib_data or _data_folder(args, src.config, "train", "--calib-data")
@@ -192,7 +206,7 @@ def _export_int8(args, src, paths, report, val, verify_x, ex) -> dict[str, Any]:
         raise UserError(f"no images found in {calib_dir}; pass --calib-data DIR with a few hundred real images")
     print(f"calibrating int8 on {len(calib_paths)} images from {calib_dir} "
           f"({target.weight_bits}-bit weights for --int8-target {target.name})")
-    calib = ex.load_images(calib_paths, src.preprocess)
+    calib = _read(ex, calib_paths, src.preprocess, skipped, f"calibration images from {calib_dir}").x
     tmp = paths["int8"] + ".unverified"
     t0 = time.time()
     facts = ex.quantize_int8(paths["onnx"], tmp, calib, per_channel=not args.per_tensor,
@@ -207,7 +221,7 @@ def _export_int8(args, src, paths, report, val, verify_x, ex) -> dict[str, Any]:
     if not target.reduce_range and missing and "ARM" not in missing:
         print(f"note: this CPU ({missing}) saturates 8-bit int8 products, so the accuracy check below can be "
               f"lower than on the {target.name} target")
-    check = _int8_accuracy(args, src, paths["onnx"], tmp, val, ex)
+    check = _int8_accuracy(args, src, paths["onnx"], tmp, val, ex, skipped)
     try:
         ex.check_int8_drop(check["fp32_top1"], check["int8_top1"], args.max_drop, paths["int8"])
     except UserError as e:
@@ -232,23 +246,30 @@ def _cpu():
     return cpu_info()
 
 
-def _int8_accuracy(args, src, fp32_path: str, int8_path: str, val, ex) -> dict[str, Any]:
-    """Top-1 of the fp32 and the int8 file on up to --val-limit validation images (the file is not judged here)."""
+def _int8_accuracy(args, src, fp32_path: str, int8_path: str, val, ex, skipped: SkippedFiles) -> dict[str, Any]:
+    """Top-1 of the fp32 and the int8 file on up to --val-limit validation images (the file is not judged here);
+    unreadable images are left out (and counted in ``skipped``)."""
     acc_items = ex.evenly_spaced(val, args.val_limit)
-    labels = torch.tensor([y for _, y in acc_items])
     fp32_predict, int8_predict = ex.file_predictor(fp32_path), ex.file_predictor(int8_path)
-    fp32_logits, int8_logits = [], []
+    fp32_logits, int8_logits, labels = [], [], []
     chunk = 256  # decode in chunks: the whole validation set need not fit in memory
     for i in range(0, len(acc_items), chunk):
-        x = ex.load_images([p for p, _ in acc_items[i:i + chunk]], src.preprocess)
-        fp32_logits.append(ex.batched_logits(fp32_predict, x))
-        int8_logits.append(ex.batched_logits(int8_predict, x))
-    fp32_logits, int8_logits = torch.cat(fp32_logits), torch.cat(int8_logits)
+        part = acc_items[i:i + chunk]
+        read = ex.read_images([p for p, _ in part], src.preprocess)
+        skipped.add(read.failed)
+        if not read.kept:
+            continue
+        labels.append(torch.tensor([part[k][1] for k in read.kept]))
+        fp32_logits.append(ex.batched_logits(fp32_predict, read.x))
+        int8_logits.append(ex.batched_logits(int8_predict, read.x))
+    if not labels:
+        raise UserError(f"none of the {len(acc_items)} validation images could be read; fix or remove them")
+    fp32_logits, int8_logits, labels = torch.cat(fp32_logits), torch.cat(int8_logits), torch.cat(labels)
     fp32_top1, int8_top1 = ex.top1_percent(fp32_logits, labels), ex.top1_percent(int8_logits, labels)
-    check = {"val_images": len(acc_items), "fp32_top1": round(fp32_top1, 2), "int8_top1": round(int8_top1, 2),
+    check = {"val_images": len(labels), "fp32_top1": round(fp32_top1, 2), "int8_top1": round(int8_top1, 2),
              "drop": round(fp32_top1 - int8_top1, 2), "max_drop": args.max_drop,
              "top1_agree_with_fp32": int((fp32_logits.argmax(1) == int8_logits.argmax(1)).sum())}
-    print(f"int8         val top-1 {fp32_top1:.2f}% (fp32) -> {int8_top1:.2f}% (int8) on {len(acc_items)} images, "
+    print(f"int8         val top-1 {fp32_top1:.2f}% (fp32) -> {int8_top1:.2f}% (int8) on {len(labels)} images, "
           f"drop {check['drop']:.2f} points (allowed {args.max_drop:g})")
     return check
 

@@ -23,8 +23,9 @@ import sys
 from typing import Any
 
 from utils.checkpoint import atomic_write
+from utils.data import SkippedFiles
 from utils.errors import UserError, run_main
-from utils.inference import as_records, default_workers, expand_image_args, run_on_files, summarize_failures
+from utils.inference import as_records, default_workers, expand_image_args, run_on_files
 from utils.runtime import LoadedModel, open_model
 
 
@@ -124,8 +125,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = open_model(args.model, device=args.device, threads=args.threads)
     result = predict_files(model, paths, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
                            progress=not args.no_progress)
-    for line in summarize_failures(result["failed"], limit=20):
-        print(line, file=sys.stderr)
+    SkippedFiles().add(result["failed"])  # one line each on stderr
     if result["predictions"]:
         print(format_table(result["predictions"]))
     if args.json:

@@ -444,10 +444,11 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
         val = evaluate(eval_fn, val_loader, criterion, device, amp_dtype=amp_dtype,
                        channels_last=ctx.channels_last, bar=main_proc and cfg.progress)
         seconds = time.perf_counter() - t_epoch
+        skipped = data.skipped_total()  # every process calls it: under torchrun it unites their skipped files
         run.row = row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"],
                          "train_acc": stats["train_acc"], **val, "epoch_seconds": seconds,
                          "images_per_s": stats["images"] / max(progress.seconds, 1e-9),
-                         "skipped_images": getattr(data, "skipped", 0)}
+                         "skipped_images": skipped}
         if last and run.cfg.time_budget and run.budget_fit is None and epoch == start_epoch:
             end = fit_to_budget(run, phase, epoch, seconds)
             if end != phase.end:
@@ -459,8 +460,8 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
         if main_proc:
             run.logger.log(row)
             print(summary_line(row, run.cfg.epochs), flush=True)
-            if getattr(data, "skipped", 0):
-                print(f"  skipped {data.skipped} unreadable image(s) so far; split_dataset.py's report.csv lists "
+            if skipped:
+                print(f"  skipped {skipped} unreadable image(s) so far; split_dataset.py's report.csv lists "
                       "bad files (re-split to drop them)", flush=True)
             is_best = val["val_top1"] > run.best_acc
             run.best_acc = max(run.best_acc, val["val_top1"])

@@ -258,9 +258,11 @@ def test_corrupt_training_image_is_skipped_and_reported(tmp_path, capsys):
         f.write(head)
     with open(os.path.join(root, "val", "Coat", "broken_val.png"), "wb") as f:
         f.write(head)  # a bad val image is met again every epoch: still one file
-    with pytest.warns(UserWarning, match="broken"):
-        train.main(TINY + ["--epochs", "2", "--data", root, "--out", str(tmp_path / "run"), "--set", "cache=none"])
-    out = capsys.readouterr().out
+    train.main(TINY + ["--epochs", "2", "--data", root, "--out", str(tmp_path / "run"), "--set", "cache=none"])
+    out, err = capsys.readouterr()
+    lines = [line for line in err.splitlines() if "broken" in line]  # one line per file, though met every epoch
+    assert len(lines) == 2 and all(line.startswith("warning: skipped unreadable image ") for line in lines)
+    assert f"image {bad} (" in lines[0] and f"{os.path.join('val', 'Coat', 'broken_val.png')} (" in lines[1]
     assert "skipped 2 unreadable image(s) so far" in out and (tmp_path / "run" / "best.pt").is_file()
     with open(tmp_path / "run" / "log.csv", newline="") as f:
         assert [r["skipped_images"] for r in csv.DictReader(f)] == ["2", "2"]  # distinct files, not events

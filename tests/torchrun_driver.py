@@ -57,7 +57,9 @@ def hook_sigint(rank: int, at_step: int) -> None:
 
 
 def hook_feature_dump(folder: str) -> None:
-    real_cache, real_getitem, encoded = train.cache_pooled_features, tl._EvalImages.__getitem__, {"n": 0}
+    from utils.inference import ImageFiles  # the feature pass's dataset
+
+    real_cache, real_getitem, encoded = train.cache_pooled_features, ImageFiles.__getitem__, {"n": 0}
 
     def getitem(self, i):
         encoded["n"] += 1
@@ -71,7 +73,7 @@ def hook_feature_dump(folder: str) -> None:
                    os.path.join(folder, f"rank{RANK}.pt"))
         return bundle
 
-    tl._EvalImages.__getitem__ = getitem
+    ImageFiles.__getitem__ = getitem
     train.cache_pooled_features = cache
 
 

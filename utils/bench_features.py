@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> None:
     from utils.engine import ThreadProbe, fast_forward
     from utils.machine import Choice
     from utils.timing import interleaved_timings, load_average, median
-    from utils.train_loop import _EvalImages
+    from utils.inference import ImageFiles, collate_readable
 
     if args.images < 1 or args.repeats < 1:
         raise UserError("--images and --repeats must be at least 1")
@@ -99,8 +99,9 @@ def run(args: argparse.Namespace) -> None:
     model.eval()
     pre = {"img_size": args.img_size, "resize_size": round(args.img_size / 0.875), "mean": list(IMAGENET_MEAN),
            "std": list(IMAGENET_STD)}
-    dataset = _EvalImages(_images(args.data, args.images), build_eval_transform(pre))
-    first = torch.stack([dataset[i][0] for i in range(min(args.batch_size, len(dataset)))])
+    dataset = ImageFiles([p for p, _ in _images(args.data, args.images)], build_eval_transform(pre))  # as train.py
+    first = torch.stack([x for x in (dataset[i][0] for i in range(min(args.batch_size, len(dataset))))
+                         if x is not None])
     auto_workers = machine.decide_workers(-1, torch.device("cpu"), cpu, feature_pass=True).value  # as train.py
 
     fns, setup, notes = {}, {}, {}
@@ -121,10 +122,12 @@ def run(args: argparse.Namespace) -> None:
             run = fwd.run
             if isinstance(run, ThreadProbe):  # every pass compares the thread counts afresh, as a real one does
                 run = ThreadProbe(run.runners, Choice(fwd.choice.value, run.base))
-            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
+                                                 collate_fn=collate_readable)
             with _torch_threads(threads if engine == "pytorch" else 0), torch.no_grad():
-                for x, _ in loader:
-                    run(x).float().cpu()
+                for x, _, _ in loader:
+                    if x is not None:  # None: every file of the batch was unreadable
+                        run(x).float().cpu()
             if isinstance(run, ThreadProbe):
                 notes[name] = f"{fwd.choice.value}, {workers} workers: {run.choice.reason}"
 

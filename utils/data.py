@@ -20,6 +20,7 @@ import contextlib
 import io
 import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -39,6 +40,55 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 AUGMENT_KEYS = ("scale", "hflip", "color_jitter", "rotation", "auto_augment", "random_erasing")
 MEMORY_BUDGET = 2 * 1024 ** 3  # "auto" caches in RAM when the decoded train+val images fit in this
+
+
+# --------------------------------------------------------------------------------------------- unreadable files
+def unreadable_line(path: str, error: str) -> str:
+    """The one line every tool prints for a skipped file: ``skipped unreadable image PATH (Error: reason)``."""
+    return f"skipped unreadable image {path} ({error.strip().splitlines()[0][:160] if error.strip() else 'error'})"
+
+
+def report_unreadable(path: str, error: str) -> None:
+    """Print :func:`unreadable_line` to stderr (one plain line: a warning would add its source line)."""
+    print(f"warning: {unreadable_line(path, error)}", file=sys.stderr, flush=True)
+
+
+def describe_error(e: BaseException) -> str:
+    """``Type: message`` of a decoder error, as the skip lines and reports show it."""
+    return f"{type(e).__name__}: {e}".strip()
+
+
+class SkippedFiles:
+    """Unreadable files met by one or more passes over images: each is named in one line the first time it is
+    met (:func:`report_unreadable`) and counted once, however often it comes round again."""
+
+    def __init__(self, report: bool = True) -> None:
+        self.errors: dict[str, str] = {}  # path -> error, in the order met
+        self.report = report
+
+    def add(self, failed: list[tuple[str, str]]) -> None:
+        """Record ``[(path, error)]``; new files are reported."""
+        for path, error in failed:
+            if path not in self.errors:
+                self.errors[path] = error
+                if self.report:
+                    report_unreadable(path, error)
+
+    def merge(self, paths: "set[str] | list[str]", error: str) -> None:
+        """Count files another pass has already reported (e.g. a DataBundle's), without naming them again."""
+        for path in paths:
+            self.errors.setdefault(path, error)
+
+    def __len__(self) -> int:
+        return len(self.errors)
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self.errors)
+
+    def records(self) -> list[dict[str, str]]:
+        """``[{"file", "error"}]`` for JSON reports."""
+        return [{"file": p, "error": e} for p, e in self.errors.items()]
 
 
 # --------------------------------------------------------------------------------------------- transforms
@@ -315,7 +365,7 @@ class _TrainFiles(Dataset):
         try:
             img = decode_rgb(path)
         except Exception as e:  # any decoder error: skip this image, the loader counts it
-            return None, f"{path} ({type(e).__name__}: {e})"
+            return None, (path, describe_error(e))
         state = torch.get_rng_state()  # keep the caller's RNG untouched when workers=0
         # The CPU generator only (torch.manual_seed would also reseed every CUDA device, per image).
         torch.random.default_generator.manual_seed(seed & 0x7FFFFFFFFFFFFFFF)
@@ -338,12 +388,13 @@ class _ValFiles(Dataset):
         try:
             img = decode_rgb(path)
         except Exception as e:  # any decoder error: skip this image, the loader counts it
-            return None, f"{path} ({type(e).__name__}: {e})"
+            return None, (path, describe_error(e))
         with single_thread():
             return self.transform(img), label
 
 
-def _collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+    """Stack the decoded items; unreadable ones come back as ``[(path, error)]``."""
     good = [b for b in batch if b[0] is not None]
     bad = [b[1] for b in batch if b[0] is None]
     if not good:
@@ -352,33 +403,55 @@ def _collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[str
 
 
 class SkippingLoader:
-    """Iterates a DataLoader built with ``_collate_skipping``: yields (images, labels), warns about and counts
-    corrupt files (``skipped``, ``skipped_files``); a batch left empty is not yielded."""
+    """Iterates a DataLoader built with ``_collate_skipping``: yields (images, labels); each corrupt file is
+    reported in one line the first time it is met and counted once (``skipped``, ``skipped_files``: a bad val
+    image is met again every epoch).
 
-    def __init__(self, loader: DataLoader):
+    A batch left with fewer than ``min_size`` images is not trained on (2 for train: BatchNorm cannot train on
+    one image). ``keep_steps`` (train under torchrun, where every process must take the same number of
+    optimizer steps or DDP's all-reduce hangs): such a batch is replaced by this process's previous usable batch
+    (or, before the first one, by the first one), so the step count never changes.
+    """
+
+    def __init__(self, loader: DataLoader, min_size: int = 1, keep_steps: bool = False):
         self.loader = loader
         self.batch_sampler = loader.batch_sampler
-        self.skipped_files: list[str] = []
+        self.min_size, self.keep_steps = min_size, keep_steps
+        self.log = SkippedFiles()
+
+    @property
+    def skipped_files(self) -> list[str]:
+        return self.log.paths
 
     @property
     def skipped(self) -> int:
-        return len(set(self.skipped_files))  # distinct files: a bad val image is met again every epoch
+        return len(self.log)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        last, owed = None, 0  # owed: unusable batches met before the first usable one (keep_steps)
         for x, y, bad in self.loader:
-            for b in bad:
-                warnings.warn(f"skipped unreadable image {b}", stacklevel=2)
-            self.skipped_files += bad
-            if len(y):
-                yield x, y
+            self.log.add(bad)
+            if len(y) >= self.min_size:
+                last = (x, y)
+                for _ in range(owed + 1):
+                    yield last
+                owed = 0
+            elif self.keep_steps:
+                if last is not None:
+                    yield last
+                else:
+                    owed += 1
+        if owed:
+            raise UserError(f"every image of this process's share of an epoch was unreadable ({self.skipped} "
+                            "unreadable files so far); fix or remove them (split_dataset.py's report.csv lists them)")
 
 
 # --------------------------------------------------------------------------------------------- memory path
 def _decode_one(path: str) -> torch.Tensor | str:
-    """uint8 CHW tensor (1 channel for greyscale, else RGB), or an error description."""
+    """uint8 CHW tensor (1 channel for greyscale, else RGB), or an error description (``Type: message``)."""
     from PIL import Image
     try:
         with open(path, "rb") as f:
@@ -398,11 +471,11 @@ def _decode_one(path: str) -> torch.Tensor | str:
             img = img.convert("RGB")
         return T.functional.pil_to_tensor(img)
     except Exception as e:  # any decoder error: reported and skipped by the caller
-        return f"{path} ({type(e).__name__}: {e})"
+        return describe_error(e)
 
 
-def _decode_all(samples: list[tuple[str, int]], desc: str, progress: bool) -> tuple[list, list[str]]:
-    """Decode every file (2 threads: PIL decodes without the GIL); corrupt files give None and a description."""
+def _decode_all(samples: list[tuple[str, int]], desc: str, progress: bool) -> tuple[list, list[tuple[str, str]]]:
+    """Decode every file (2 threads: PIL decodes without the GIL); corrupt files give None and ``(path, error)``."""
     from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
 
@@ -416,7 +489,7 @@ def _decode_all(samples: list[tuple[str, int]], desc: str, progress: bool) -> tu
         for decoded in pool.map(lambda chunk: [_decode_one(p) for p in chunk], chunks):
             out += decoded
             bar.update(len(decoded))
-    bad = [d for d in out if isinstance(d, str)]
+    bad = [(p, d) for p, d in zip(paths, out) if isinstance(d, str)]
     return [None if isinstance(d, str) else d for d in out], bad
 
 
@@ -623,18 +696,36 @@ class DataBundle:
     num_train: int
     num_val: int
     cache: str = "none"                  # the path actually used: "memory" or "none"
-    skipped_at_load: list[str] = field(default_factory=list)  # corrupt files dropped while caching
+    skipped_at_load: list[str] = field(default_factory=list)  # paths of corrupt files dropped while caching
 
     def set_epoch(self, epoch: int) -> None:
         """Select epoch ``epoch``'s order and augmentations; call at the start of every epoch."""
         self.train_loader.batch_sampler.set_epoch(epoch)
 
-    @property
-    def skipped(self) -> int:
-        """Distinct corrupt images skipped so far by this process (while caching and during iteration)."""
+    def skipped_paths(self) -> set[str]:
+        """Paths of the corrupt images this process has skipped so far (while caching and during iteration)."""
         files = set(self.skipped_at_load)
         for loader in (self.train_loader, self.val_loader):
             files.update(getattr(loader, "skipped_files", []))
+        return files
+
+    @property
+    def skipped(self) -> int:
+        """How many distinct corrupt images this process has skipped so far."""
+        return len(self.skipped_paths())
+
+    def skipped_total(self) -> int:
+        """Distinct corrupt images skipped so far by all processes together; the same number on every process.
+
+        Under torchrun this is a collective (call it on every process): with cache none each process meets only
+        its share of the files, and a bad train file may be met by different processes in different epochs, so
+        the per-process sets are united, not summed. The memory path decodes everything on every process.
+        """
+        files = self.skipped_paths()
+        if self.cache == "none" and torch.distributed.is_available() and torch.distributed.is_initialized():
+            every: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(every, sorted(files))
+            files = set().union(*every)
         return len(files)
 
 
@@ -647,16 +738,20 @@ def _dist_info(distributed: bool) -> tuple[int, int]:
 
 
 def _estimate_bytes(samples: list[tuple[str, int]], resize_size: int) -> int | None:
-    """Decoded size of all ``samples`` judged by the first image (RGB), or None when the memory path does not
-    suit them: images more than 2x ``resize_size`` would need an antialiased resize, which the batched
+    """Decoded size of all ``samples`` judged by the first readable image (RGB), or None when the memory path
+    does not suit them: images more than 2x ``resize_size`` would need an antialiased resize, which the batched
     bilinear crop does not do (and decoding per step is as fast there, see README)."""
     from PIL import Image
     if not samples:
         return 0
-    try:
-        with Image.open(samples[0][0]) as im:
-            w, h = im.size
-    except Exception:
+    for path, _ in samples[:8]:  # a corrupt first file must not decide the cache (it is skipped later anyway)
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+            break
+        except Exception:
+            continue
+    else:
         return None
     if max(w, h) > 2 * resize_size:
         return None
@@ -712,7 +807,7 @@ def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batc
     if use_memory:
         bundle = _memory_bundle(train_ds, val_ds, train_sampler, val_sampler, img_size, resize_size, cfg, mean,
                                 std, pin, require_uniform=(cache == "auto"), progress=progress and rank == 0,
-                                device=augment_device)
+                                device=augment_device, report=rank == 0)
         if bundle is not None:
             return bundle
     train_tf = build_train_transform(img_size, mean=mean, std=std, **cfg.__dict__)
@@ -721,25 +816,27 @@ def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batc
                   collate_fn=_collate_skipping)
     train_loader = DataLoader(_TrainFiles(train_ds.samples, train_tf), batch_sampler=train_sampler, **common)
     val_loader = DataLoader(_ValFiles(val_ds.samples, val_tf), batch_sampler=val_sampler, **common)
-    return DataBundle(SkippingLoader(train_loader), SkippingLoader(val_loader), list(train_ds.classes),
-                      len(train_ds), len(val_ds), cache="none")
+    return DataBundle(SkippingLoader(train_loader, min_size=min(2, batch_size),
+                                                 keep_steps=world > 1), SkippingLoader(val_loader),
+                      list(train_ds.classes), len(train_ds), len(val_ds), cache="none")
 
 
 def _memory_bundle(train_ds, val_ds, train_sampler, val_sampler, img_size, resize_size, cfg, mean, std, pin,
-                   require_uniform: bool, progress: bool, device: torch.device | None = None) -> DataBundle | None:
-    """Decode both splits into RAM; None (caller falls back to disk) if ``require_uniform`` and sizes differ."""
+                   require_uniform: bool, progress: bool, device: torch.device | None = None,
+                   report: bool = True) -> DataBundle | None:
+    """Decode both splits into RAM; None (caller falls back to disk) if ``require_uniform`` and sizes differ.
+    Corrupt files are dropped here, each named in one line when ``report`` (rank 0: every process decodes all)."""
     parts = {}
-    skipped: list[str] = []
+    skipped: list[tuple[str, str]] = []
     for name, ds in (("train", train_ds), ("val", val_ds)):
         decoded, bad = _decode_all(ds.samples, f"caching {name} images", progress)
-        for b in bad:
-            warnings.warn(f"skipped unreadable image {b}", stacklevel=3)
         skipped += bad
         keep = [i for i, t in enumerate(decoded) if t is not None]
         tensors = [decoded[i] for i in keep]
         labels = torch.tensor([ds.samples[i][1] for i in keep], dtype=torch.int64)
         if not tensors:
-            raise UserError(f"{ds.root}: no image could be decoded")
+            raise UserError(f"{ds.root}: none of its {len(ds.samples)} images could be decoded (first: "
+                            f"{unreadable_line(*bad[0])}); fix or remove them")
         stacked = _stack_uniform(tensors)
         if stacked is None:
             if require_uniform:
@@ -747,6 +844,7 @@ def _memory_bundle(train_ds, val_ds, train_sampler, val_sampler, img_size, resiz
             side = max(resize_size, img_size)
             stacked = torch.stack([to_rgb(_square(t, side)) for t in tensors])
         parts[name] = (stacked, labels)
+    SkippedFiles(report).add(skipped)  # reported only now: after a None above, the disk path meets them
     train_x, train_y = parts["train"]
     val_x, val_y = parts["val"]
     # Val: exactly build_eval_transform's uint8 ops (resize shorter side, center crop), done once.
@@ -754,4 +852,5 @@ def _memory_bundle(train_ds, val_ds, train_sampler, val_sampler, img_size, resiz
     train_sampler.n, val_sampler.n = len(train_y), len(val_y)
     return DataBundle(MemoryTrainLoader(train_x, train_y, train_sampler, img_size, cfg, mean, std, pin, device),
                       MemoryValLoader(val_x.contiguous(), val_y, val_sampler, mean, std, pin, device),
-                      list(train_ds.classes), len(train_y), len(val_y), cache="memory", skipped_at_load=skipped)
+                      list(train_ds.classes), len(train_y), len(val_y), cache="memory",
+                      skipped_at_load=[path for path, _ in skipped])

@@ -101,21 +101,42 @@ def evenly_spaced(items: list, limit: int) -> list:
     return [items[i] for i in idx]
 
 
-def load_images(paths: Sequence[str], preprocess: dict[str, Any]) -> torch.Tensor:
-    """Decode and preprocess images exactly like evaluation does: (N, 3, S, S) float32."""
-    from PIL import Image
+@dataclass
+class ReadImages:
+    """What :func:`read_images` decoded: ``x`` (N, 3, S, S) float32 for the readable files, ``kept`` their
+    positions in the input list, ``failed`` the others as ``[(path, error)]``."""
 
+    x: torch.Tensor
+    kept: list[int]
+    failed: list[tuple[str, str]]
+
+
+def read_images(paths: Sequence[str], preprocess: dict[str, Any], chunk: int = 64) -> ReadImages:
+    """Decode and preprocess images exactly like evaluation does (utils.inference.ImageFiles), skipping the
+    unreadable ones (not reported here: callers pass ``failed`` to a utils.data.SkippedFiles)."""
     from utils.data import build_eval_transform
+    from utils.inference import ImageFiles, collate_readable
 
-    transform = build_eval_transform(preprocess)
-    out = []
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                out.append(transform(im))
-        except OSError as e:
-            raise UserError(f"cannot read image {p} ({e}); remove or replace the file") from None
-    return torch.stack(out)
+    files = ImageFiles(paths, build_eval_transform(preprocess))
+    xs, kept, failed = [], [], []
+    for start in range(0, len(files), chunk):
+        x, idx, bad = collate_readable([files[i] for i in range(start, min(start + chunk, len(files)))])
+        if x is not None:
+            xs.append(x)
+            kept += idx.tolist()
+        failed += [(files.paths[i], err) for i, err in bad]
+    size = int(preprocess["img_size"])
+    return ReadImages(torch.cat(xs) if xs else torch.empty(0, 3, size, size), kept, failed)
+
+
+def load_images(paths: Sequence[str], preprocess: dict[str, Any]) -> torch.Tensor:
+    """:func:`read_images` for callers that need every image: (N, 3, S, S) float32, or a UserError naming the
+    first unreadable file."""
+    read = read_images(paths, preprocess)
+    if read.failed:
+        path, error = read.failed[0]
+        raise UserError(f"cannot read image {path} ({error}); remove or replace the file")
+    return read.x
 
 
 # --------------------------------------------------------------------------------------------- exporters

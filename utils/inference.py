@@ -16,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from utils.data import IMAGE_EXTENSIONS, build_eval_transform
+from utils.data import IMAGE_EXTENSIONS, build_eval_transform, describe_error, unreadable_line
 from utils.errors import UserError
 from utils.runtime import LoadedModel
 
@@ -99,7 +99,7 @@ class ImageFiles(Dataset):
                 im.load()
                 return self.transform(im), i, None
         except Exception as e:  # any decode failure: report it and carry on with the other images
-            return None, i, f"{type(e).__name__}: {e}".strip()
+            return None, i, describe_error(e)
 
 
 def collate_readable(batch: list[tuple[torch.Tensor | None, int, str | None]]):
@@ -188,8 +188,9 @@ def run_on_files(model: LoadedModel, paths: Sequence[str], batch_size: int = 64,
 
 
 def summarize_failures(failed: list[tuple[str, str]], limit: int = 5) -> list[str]:
-    """Human lines for unreadable files (first ``limit`` shown, then a count)."""
-    lines = [f"skipped unreadable image {p} ({err.splitlines()[0][:120]})" for p, err in failed[:limit]]
+    """Human lines for unreadable files (first ``limit`` shown, then a count); the tools themselves name every
+    file (utils.data.SkippedFiles)."""
+    lines = [unreadable_line(p, err) for p, err in failed[:limit]]
     if len(failed) > limit:
         lines.append(f"... and {len(failed) - limit} more unreadable images")
     return lines

@@ -24,7 +24,7 @@ import json
 import os
 import tempfile
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from utils.errors import UserError, run_main
 
 if TYPE_CHECKING:
     from utils.config import TrainConfig
+    from utils.data import SkippedFiles
 
 
 # --------------------------------------------------------------------------------------------- pruning
@@ -99,13 +100,17 @@ def shrink_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn
 # ------------------------------------------------------------------------------------------- fine-tune
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, items: list[tuple[str, int]], preprocess: dict[str, Any],
-                          images: int = 512, batch_size: int = 64) -> int:
+                          images: int = 512, batch_size: int = 64, skipped: Optional["SkippedFiles"] = None) -> int:
     """Re-estimate BatchNorm running statistics on real training images (forward passes only).
 
     Pruning changes what each projection conv sums, so the BatchNorm after it holds stale statistics;
-    re-estimating them recovers much of the accuracy before any gradient step. Returns images used.
+    re-estimating them recovers much of the accuracy before any gradient step. Unreadable images are left out
+    (named and counted by ``skipped``). Returns images used.
     """
-    from utils.export import evenly_spaced, load_images
+    from utils.data import SkippedFiles
+    from utils.export import evenly_spaced, read_images
+
+    skipped = SkippedFiles() if skipped is None else skipped
 
     chosen = evenly_spaced(items, images)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -116,18 +121,25 @@ def recalibrate_batchnorm(model: nn.Module, items: list[tuple[str, int]], prepro
     was_training = model.training
     model.train()
     device = next(model.parameters()).device
+    used = 0
     for i in range(0, len(chosen), batch_size):
-        model(load_images([p for p, _ in chosen[i:i + batch_size]], preprocess).to(device))
+        read = read_images([p for p, _ in chosen[i:i + batch_size]], preprocess)
+        skipped.add(read.failed)
+        if len(read.x):  # a batch of unreadable files only: nothing to run
+            model(read.x.to(device))
+            used += len(read.x)
     for m, mom in zip(norms, saved):
         m.momentum = mom
     model.train(was_training)
-    return len(chosen)
+    return used
 
 
 def fine_tune(model: nn.Module, data_dir: str, cfg: "TrainConfig", preprocess: dict[str, Any], steps: int, lr: float,
-              batch_size: int, device: torch.device, workers: int = 2) -> dict[str, Any]:
+              batch_size: int, device: torch.device, workers: int = 2,
+              skipped: Optional["SkippedFiles"] = None) -> dict[str, Any]:
     """Recover the accuracy pruning removed: ``steps`` optimizer steps with train.py's own data pipeline and
     step, the checkpoint's preprocessing, augmentation and optimizer, with a cosine decay from ``lr`` to 0.
+    The unreadable files its data pipeline skipped (and named) are added to ``skipped``.
     """
     from utils.config import augment_settings
     from utils.data import load_data
@@ -153,6 +165,8 @@ def fine_tune(model: nn.Module, data_dir: str, cfg: "TrainConfig", preprocess: d
             raise UserError(f"{data_dir}/train gave no training batch (every image unreadable?); check it with "
                             "split_dataset.py's report.csv")
         step, epoch = progress.step, epoch + 1
+    if skipped is not None:
+        skipped.merge(data.skipped_paths(), "unreadable (skipped by the fine-tune's data loader)")
     model.to(memory_format=torch.contiguous_format).eval()
     return {"steps": steps, "lr": lr, "batch_size": batch_size, "images_seen": steps * batch_size,
             "last_epoch_train_loss": round(last.get("train_loss", float("nan")), 4),
@@ -222,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
     from utils.config import from_checkpoint
-    from utils.export import atomic_write, evenly_spaced, list_labelled_images, load_images
+    from utils.data import SkippedFiles
+    from utils.export import atomic_write, evenly_spaced, list_labelled_images, read_images
     from utils.timing import load_average
 
     args = build_parser().parse_args(argv)
@@ -239,8 +254,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     val = evenly_spaced(list_labelled_images(os.path.join(data, "val"), classes), args.val_limit)
-    images = load_images([p for p, _ in val], preprocess)
-    labels = torch.tensor([y for _, y in val])
+    skipped = SkippedFiles()  # unreadable images of every pass below: named once each, counted in prune.json
+    read = read_images([p for p, _ in val], preprocess)
+    skipped.add(read.failed)
+    if not read.kept:
+        raise UserError(f"none of the {len(val)} validation images in {os.path.join(data, 'val')} could be read")
+    images, labels = read.x, torch.tensor([val[k][1] for k in read.kept])
 
     original = model_from_checkpoint(ckpt)
     pruned = model_from_checkpoint(ckpt)
@@ -248,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     before = measure(original, images, labels, img_size)
     after_prune = measure(pruned, images, labels, img_size)
     train_items = list_labelled_images(os.path.join(data, "train"), classes)
-    after_prune["bn_images"] = recalibrate_batchnorm(pruned, train_items, preprocess, args.bn_images)
+    after_prune["bn_images"] = recalibrate_batchnorm(pruned, train_items, preprocess, args.bn_images,
+                                                     skipped=skipped)
     after_prune["val_top1_bn_recalibrated"] = measure(pruned, images, labels, img_size)["val_top1"]
     tune = None
     if args.steps > 0:
@@ -257,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         kept = copy.deepcopy(pruned.state_dict())
         lr = args.lr if args.lr is not None else cfg.lr / 10
         tune = fine_tune(pruned, data, cfg, preprocess, args.steps, lr, args.batch_size or cfg.batch_size, device,
-                         args.workers)
+                         args.workers, skipped=skipped)
         pruned.cpu()
         tune["val_top1"] = measure(pruned, images, labels, img_size)["val_top1"]
         if tune["val_top1"] < after_prune["val_top1_bn_recalibrated"]:
@@ -280,7 +300,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  "fine_tune_steps": args.steps})
     state["versions"] = {"torch": str(torch.__version__), **{k: v for k, v in (ckpt.get("versions") or {}).items()
                                                         if k != "torch"}}
-    report = {"checkpoint": os.path.abspath(args.checkpoint), "ratio": args.ratio, "val_images": len(val),
+    report = {"checkpoint": os.path.abspath(args.checkpoint), "ratio": args.ratio, "val_images": len(labels),
+              "skipped_images": len(skipped), "skipped_files": skipped.records(),
               "before": before, "after_prune": after_prune, "after_fine_tune": after, "fine_tune": tune,
               "uptime": "load average " + load_average()}
     os.makedirs(out, exist_ok=True)
@@ -288,6 +309,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     atomic_write(os.path.join(out, "prune.json"),
                  lambda tmp: open(tmp, "w").write(json.dumps(report, indent=2) + "\n"))
     print(format_report(report))
+    if len(skipped):
+        print(f"skipped {len(skipped)} unreadable image(s) (listed in prune.json)")
     print(f"wrote {out}/pruned.pt and {out}/prune.json; export it with: python export.py {out}/pruned.pt")
     return report
 

@@ -415,47 +415,45 @@ class FeatureBundle:
     num_train: int
     num_val: int
     engine: Optional[Choice] = None  # what ran the backbone over the images, and why (utils/engine.py)
+    skipped: int = 0  # unreadable train + val images left out, counted over all processes (same on each)
 
     def set_epoch(self, epoch: int) -> None:
         self.train_loader.set_epoch(epoch)
 
-
-class _EvalImages(torch.utils.data.Dataset):
-    def __init__(self, samples: list, transform: Callable) -> None:
-        self.samples, self.transform = samples, transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int):
-        from PIL import Image
-
-        path, target = self.samples[i]
-        with Image.open(path) as im:
-            return self.transform(im), target
+    def skipped_total(self) -> int:
+        """Unreadable images skipped by all processes: already global (the feature pass gathers them)."""
+        return self.skipped
 
 
 @torch.no_grad()
 def encode_pooled(model: nn.Module, samples: list, transform: Callable, batch_size: int, workers: int, *,
                   fwd=None, engine: str = "auto", threads: Optional[int] = None, desc: str = "",
-                  bar: bool = False) -> tuple[torch.Tensor, object]:
-    """Pooled backbone features (float32, CPU) of the image files ``samples`` ([(path, label)]), in order
-    (``torch.empty(0)`` when there are none), and the forward engine that computed them: ``fwd`` when given,
-    else the one utils.engine.fast_forward picks on the first real batch."""
+                  bar: bool = False) -> tuple[torch.Tensor, object, torch.Tensor, list[tuple[str, str]]]:
+    """Pooled backbone features (float32, CPU) of the readable image files among ``samples`` ([(path, label)]),
+    in order (``torch.empty(0)`` when there are none); the forward engine that computed them (``fwd`` when
+    given, else the one utils.engine.fast_forward picks on the first real batch); a bool mask over ``samples``
+    of the files that were read; and ``[(path, error)]`` of the unreadable ones (utils.inference.ImageFiles)."""
     from tqdm import tqdm
 
     from utils.engine import fast_forward
+    from utils.inference import ImageFiles, collate_readable
 
-    loader = torch.utils.data.DataLoader(_EvalImages(samples, transform), batch_size=batch_size, num_workers=workers)
-    feats = []
-    for x, _ in tqdm(loader, desc=desc, disable=not bar, leave=False):
+    paths = [p for p, _ in samples]
+    loader = torch.utils.data.DataLoader(ImageFiles(paths, transform), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=collate_readable)
+    feats, read, failed = [], torch.zeros(len(paths), dtype=torch.bool), []
+    for x, idx, bad in tqdm(loader, desc=desc, disable=not bar, leave=False):
+        failed += [(paths[i], err) for i, err in bad]
+        if x is None:  # every file of this batch was unreadable
+            continue
+        read[idx] = True
         if fwd is None:
             fwd = fast_forward(model, x, method="forward_features", images=len(samples), engine=engine,
                                threads=threads)
             feats.append(fwd.first.float().cpu())
         else:
             feats.append(fwd.run(x).float().cpu())
-    return (torch.cat(feats) if feats else torch.empty(0)), fwd
+    return (torch.cat(feats) if feats else torch.empty(0)), fwd, read, failed
 
 
 @torch.no_grad()
@@ -466,13 +464,15 @@ def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, bat
     pooled features, so a frozen-backbone run trains only the classifier, on tensors, in seconds.
 
     Under torchrun each process encodes only its :func:`utils.distributed.shard_indices` rows and
-    :func:`utils.distributed.gather_rows` gives every process the full tensors, in file order. The backbone runs
+    :func:`utils.distributed.gather_rows` gives every process the full tensors, in file order. Unreadable files
+    are named in one line by the process that met them and left out; the bundle's ``skipped`` counts them over
+    all processes (the same number on each). The backbone runs
     on the fastest engine this machine has (utils/engine.py: onnxruntime on a CPU when it matches PyTorch on the
     first batch; ``engine`` forces ``pytorch`` or ``onnxruntime``); the bundle's ``engine`` says which and why.
     """
     import os
 
-    from utils.data import build_eval_transform, load_image_folder
+    from utils.data import SkippedFiles, build_eval_transform, load_image_folder, unreadable_line
     from utils.distributed import gather_rows, shard_indices
 
     transform = build_eval_transform(preprocess)
@@ -481,6 +481,7 @@ def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, bat
     fwd = None  # chosen on the first real batch
     out = {}
     classes = None
+    skipped = 0
     for split in ("train", "val"):
         ds = load_image_folder(os.path.join(data_dir, split))
         if classes is not None and list(ds.classes) != classes:
@@ -488,12 +489,28 @@ def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, bat
         classes = list(ds.classes)
         samples = list(ds.samples)
         mine = [samples[i] for i in shard_indices(len(samples), rank, world_size)]
-        feats, fwd = encode_pooled(model, mine, transform, batch_size, workers, fwd=fwd, engine=engine,
-                                   threads=threads.value, desc=f"caching {split} features", bar=bar)
+        feats, fwd, read, failed = encode_pooled(model, mine, transform, batch_size, workers, fwd=fwd,
+                                                 engine=engine, threads=threads.value,
+                                                 desc=f"caching {split} features", bar=bar)
+        SkippedFiles().add(failed)  # each process names the files of its own share
+        # Every process contributes all its rows (zeros where unreadable) plus a mask, so the gather stays aligned.
+        if len(feats) < len(mine):
+            row = feats.shape[1:] if len(feats) else model.forward_features(
+                torch.zeros(1, 3, preprocess["img_size"], preprocess["img_size"],
+                            device=next(model.parameters()).device)).shape[1:]
+            full = torch.zeros((len(mine), *row))
+            full[read] = feats
+            feats = full
+        keep = gather_rows(read.float(), len(samples)) > 0
         labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
-        out[split] = (gather_rows(feats, len(samples)), labels)
+        if not keep.any():
+            first = f" (first: {unreadable_line(*failed[0])})" if failed else ""
+            raise UserError(f"{os.path.join(data_dir, split)}: none of its {len(samples)} images could be "
+                            f"read{first}; fix or remove them")
+        skipped += int((~keep).sum())
+        out[split] = (gather_rows(feats, len(samples))[keep], labels[keep])
     return FeatureBundle(
         FeatureBatches(*out["train"], batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size),
         FeatureBatches(*out["val"], batch_size, shuffle=False, rank=rank, world_size=world_size),
         classes, len(out["train"][1]), len(out["val"][1]),
-        fwd.choice if fwd else None)
+        fwd.choice if fwd else None, skipped=skipped)
