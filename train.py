@@ -273,11 +273,6 @@ def main(argv: list[str] | None = None) -> dict:
     for i, phase in enumerate(phases):
         if start_epoch >= phase.end:
             continue
-        if phase.name == "full" and i > 0 and run.best_acc >= 100.0:  # nothing left for the whole network to win
-            if main_proc:
-                print(f"the classifier alone reached {run.best_acc:.2f}% val top-1: the whole-network epochs are "
-                      "skipped (best.pt is the classifier-only model)")
-            break
         # the checkpoint's optimizer state belongs to this phase only if it was saved inside it
         inside = ckpt is not None and ckpt.get("phase", phase.name) == phase.name and (
             start_epoch > phase.first or bool(ckpt.get("partial_epoch")))
