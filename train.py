@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from torch import nn
 
 from models import build_model, count_params, load_pretrained
+from utils import balance as ballib
 from utils import config as cfglib
 from utils import machine
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -62,6 +63,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[cfglib.TrainConfig, dict |
         if args.config is None:
             recipe, source = dict(ckpt.get("config") or {}), f"{flags['resume']} (its config)"
             recipe.pop("resume", None)
+            for key in ("class_balance", "select_metric"):  # a run from before these keys: continue as it trained
+                recipe.setdefault(key, {"class_balance": "none", "select_metric": "top1"}[key])
             flags.setdefault("out", os.path.dirname(os.path.abspath(flags["resume"])))
         else:
             recipe, source = cfglib.read_yaml(args.config), args.config
@@ -143,8 +146,20 @@ def resumed_feature_engine(resumed: dict | None) -> str:
     return used if same_machine and used in ("onnxruntime", "pytorch") else "auto"
 
 
+def class_balance_plan(cfg: cfglib.TrainConfig, labels: torch.Tensor, classes: list[str]) -> dict:
+    """The imbalance of the training folder and the class_balance / select_metric actually used, with reasons
+    (utils/balance.py); printed in the run header, saved in config.yaml and the checkpoints."""
+    counts = ballib.class_counts(labels, len(classes))
+    balance = ballib.decide_class_balance(cfg.class_balance, counts)
+    select = ballib.decide_select_metric(cfg.select_metric, counts)
+    return {"train_counts": dict(zip(classes, counts)), "ratio": ballib.imbalance(counts)[2],
+            "imbalanced": ballib.is_imbalanced(counts), "described": ballib.describe_counts(counts, classes),
+            "class_balance": balance.value, "class_balance_reason": balance.reason,
+            "select_metric": select.value, "select_metric_reason": select.reason}
+
+
 def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, step, best_acc, classes,
-                     plan: machine.SpeedPlan, partial: EpochProgress | None = None) -> dict:
+                     plan: machine.SpeedPlan, partial: EpochProgress | None = None, balance: dict | None = None) -> dict:
     """The checkpoint dict (format in the README): everything needed to continue bit for bit."""
     import torchvision
 
@@ -159,6 +174,7 @@ def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, step, 
         "preprocess": {"img_size": cfg.img_size, "resize_size": cfg.resize_size, "mean": list(cfg.mean),
                        "std": list(cfg.std)},
         "arch": dict(model.arch), "rng": rng, "speed": plan.record(),
+        "class_balance_used": balance, "best_metric": (balance or {}).get("select_metric", "top1"),
         "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
         # Set only when Ctrl-C stopped an epoch half-way: where to pick it up again (every process's state).
         "partial_epoch": None if partial is None else partial_epoch_entry(partial),
@@ -227,6 +243,10 @@ def main(argv: list[str] | None = None) -> dict:
                                      engine=resumed_feature_engine(ckpt))
         plan.feature_engine = data.engine  # printed in the header, saved in config.yaml and the checkpoint
     train_loader, val_loader = data.train_loader, data.val_loader
+    labels = ballib.train_labels(train_loader)
+    balance = class_balance_plan(cfg, labels, classes)
+    if balance["class_balance"] == "sampler":  # the draw is a function of (seed, epoch): resume stays exact
+        ballib.use_balanced_sampler(train_loader, labels, len(classes))
     steps_per_epoch = len(train_loader)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -265,7 +285,11 @@ def main(argv: list[str] | None = None) -> dict:
                   file=sys.stderr)
         net, head = torch.compile(net), torch.compile(head)
     trainable = Trainable(model, net, frozen=frozen, head=head, inputs_are_features=cfg.cache_features)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    val_criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)  # unweighted: comparable across runs
+    criterion = val_criterion
+    if balance["class_balance"] == "loss":
+        criterion = ballib.WeightedCrossEntropy(ballib.class_weights(list(balance["train_counts"].values())),
+                                                cfg.label_smoothing)
     ctx = StepContext(trainable, optimizer, criterion, device, amp_dtype, scaler, ema,
                       build_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, len(classes)), cfg.clip_grad_norm,
                       channels_last, [p for p in model.parameters() if p.requires_grad])
@@ -275,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
     logger = None
     if main_proc:
         os.makedirs(out, exist_ok=True)
-        cfglib.save_config(cfg, os.path.join(out, "config.yaml"), record={"speed": plan.record()})
+        cfglib.save_config(cfg, os.path.join(out, "config.yaml"), record={"speed": plan.record(),
+                                                                               "class_balance_used": balance})
         logger = CSVLogger(os.path.join(out, "log.csv"), keep_epochs_upto=start_epoch)
         amp_text = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}
         print(f"{cfg.model} x{cfg.width_mult} ({count_params(model) / 1e6:.2f} M params) | {len(classes)} classes | "
@@ -284,18 +309,22 @@ def main(argv: list[str] | None = None) -> dict:
               f"{' channels_last' if channels_last else ''} | {cfg.epochs} epochs x {steps_per_epoch} steps"
               f" | run folder {out}")
         print(f"speed choices on {plan.machine} (also in config.yaml):\n" + "\n".join(plan.lines()))
+        print(f"class balance of train: {balance['described']}\n  class_balance {balance['class_balance']} "
+              f"({balance['class_balance_reason']})\n  select_metric {balance['select_metric']}: best.pt = best "
+              f"{ballib.SELECT_NAMES[balance['select_metric']]} ({balance['select_metric_reason']})")
         if start_epoch:
             print(f"resuming after epoch {start_epoch} (global step {step}) from {cfg.resume}")
 
     def save(name: str, epoch_done: int, part: EpochProgress | None = None) -> None:
         state = checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch_done, progress.step,
-                                 best_acc, classes, plan, part)
+                                 best_acc, classes, plan, part, balance)
         save_checkpoint(os.path.join(out, name), state)
 
     # ---- loop
     eval_model = (ema.module if ema is not None else model)
     eval_fn = eval_model.classifier if cfg.cache_features else eval_model
     row = None
+    select_key = {"top1": "val_top1", "balanced_acc": "val_bal_acc"}[balance["select_metric"]]
     stop = StopRequest(device).install() if dist.enabled else None  # Ctrl-C: all processes stop after one step
     for epoch in range(start_epoch, cfg.epochs):
         data.set_epoch(epoch)
@@ -328,8 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
             barrier()  # no process exits before the file is written (torchrun would stop the others)
             raise
         step = progress.step
-        val = evaluate(eval_fn, val_loader, criterion, device, amp_dtype=amp_dtype,
-                       channels_last=ctx.channels_last, bar=main_proc and cfg.progress)
+        val = evaluate(eval_fn, val_loader, val_criterion, device, amp_dtype=amp_dtype,
+                       channels_last=ctx.channels_last, bar=main_proc and cfg.progress, num_classes=len(classes))
         row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"],
                "train_acc": stats["train_acc"], **val, "epoch_seconds": time.perf_counter() - t_epoch,
                "images_per_s": stats["images"] / max(progress.seconds, 1e-9),
@@ -340,14 +369,14 @@ def main(argv: list[str] | None = None) -> dict:
             if getattr(data, "skipped", 0):
                 print(f"  skipped {data.skipped} unreadable image(s) so far; split_dataset.py's report.csv lists "
                       "bad files (re-split to drop them)", flush=True)
-            is_best = val["val_top1"] > best_acc
-            best_acc = max(best_acc, val["val_top1"])
+            is_best = val[select_key] > best_acc
+            best_acc = max(best_acc, val[select_key])
             save("last.pt", epoch + 1)
             if is_best:
                 save("best.pt", epoch + 1)
             _plot(out)
         else:
-            best_acc = max(best_acc, val["val_top1"])
+            best_acc = max(best_acc, val[select_key])
         if stop is not None and stop.requested_anywhere():  # Ctrl-C after the epoch's last check: stop here
             if main_proc:
                 print(f"interrupted after epoch {epoch + 1}; saved {os.path.join(out, 'last.pt')} (continue with "
@@ -356,7 +385,8 @@ def main(argv: list[str] | None = None) -> dict:
     if stop is not None:
         stop.uninstall()
     if main_proc:
-        print(f"done: best val top-1 {best_acc:.2f}% -> {os.path.join(out, 'best.pt')}")
+        print(f"done: best {ballib.SELECT_NAMES[balance['select_metric']]} {best_acc:.2f}% -> "
+              f"{os.path.join(out, 'best.pt')}")
     barrier()
     cleanup()
     return {"best_acc": best_acc, "last": row, "out": out}
