@@ -3,8 +3,9 @@
     python evaluate.py runs/fmnist/best.pt val                 # split name of the run -> runs/fmnist/eval/
     python evaluate.py runs/fmnist/export/model.onnx DATA/test --out eval_onnx
 
-Reports top-1, top-5, mean loss and per-class precision/recall/F1/support, and writes metrics.json,
-per_class.csv, confusion_matrix.csv/.png, mistakes.csv and mistakes.png into the output folder.
+Reports top-1, top-5, balanced accuracy (mean per-class recall), macro-F1, mean loss and per-class
+precision/recall/F1/support, and writes metrics.json, per_class.csv, confusion_matrix.csv/.png, mistakes.csv
+and mistakes.png into the output folder.
 Class names and preprocessing always come from the model file itself.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from utils.checkpoint import atomic_write
 from utils.data import SkippedFiles
 from utils.errors import UserError, run_main
 from utils.inference import as_records, default_workers, run_on_files, scan_class_folders
-from utils.metrics import confusion_matrix, macro_average, per_class_report, topk_correct
+from utils.metrics import class_summary, confusion_matrix, macro_average, per_class_report, topk_correct
 from utils.plots import plot_confusion_matrix, plot_mistakes
 from utils.runtime import LoadedModel, open_model
 
@@ -142,6 +143,7 @@ def evaluate(model: LoadedModel, data_dir: str, batch_size: int = 64, workers: i
     cm = confusion_matrix(target.tolist(), pred.tolist(), labels)
     rows = per_class_report(target.tolist(), pred.tolist(), labels, model.classes)
     macro = macro_average(rows)
+    balanced = class_summary(cm)  # the same computation as train.py's val_bal_acc / val_macro_f1
 
     wrong = (pred != target).nonzero().flatten().tolist()
     mistakes = [{"file": paths[int(res.indices[k])], "true": model.classes[int(target[k])],
@@ -155,6 +157,7 @@ def evaluate(model: LoadedModel, data_dir: str, batch_size: int = 64, workers: i
         "images": n, "skipped": len(res.failed),
         "top1": 100.0 * top1 / n, "top5": 100.0 * top5 / n, "loss": loss,
         "label_smoothing": smoothing, "loss_label_smoothed": loss_smoothed,
+        "balanced_acc": balanced["balanced_acc"],
         "macro_precision": macro["precision"], "macro_recall": macro["recall"], "macro_f1": macro["f1"],
         "mistakes": len(mistakes),
         "classes_in_data": list(per_class), "model_classes_not_in_data": [c for c in model.classes if c not in per_class],
@@ -223,7 +226,8 @@ def summary_line(m: dict[str, Any]) -> str:
     smoothed = (f" ({m['loss_label_smoothed']:.4f} with label smoothing {m['label_smoothing']:g}, as train.py logs it)"
                 if m["label_smoothing"] else "")
     return (f"{m['kind']} {m['model']} on {m['data']}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  "
-            f"loss {m['loss']:.4f}{smoothed}  macro-F1 {m['macro_f1']:.4f}  | {m['images']} images{skipped} in "
+            f"loss {m['loss']:.4f}{smoothed}  balanced accuracy {m['balanced_acc']:.2f}%  macro-F1 {m['macro_f1']:.4f}  "
+            f"| {m['images']} images{skipped} in "
             f"{m['seconds']:.1f} s, {m['images_per_s']:.0f} images/s (model alone {m['model_images_per_s']:.0f} images/s, "
             f"{m['engine']} on {m['runs_on']})")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from utils.balance import imbalance_paragraph
 from utils.errors import run_main
 from utils.split import format_report, split_dataset
 
@@ -34,6 +35,9 @@ def main() -> None:
     result = split_dataset(args.raw, args.out, val=args.val, test=args.test, seed=args.seed, mode=args.mode,
                            overwrite=args.overwrite, progress=not args.quiet)
     print(format_report(result))
+    train = {c: n["train"] for c, n in result.counts().items()}
+    if train and min(train.values()) > 0:  # what train.py will do about the imbalance (utils/balance.py)
+        print(imbalance_paragraph(list(train.values()), list(train)))
     print(f"wrote {args.out} (split.csv: every kept image; report.csv: every skipped or noted file)")
 
 

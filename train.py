@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from torch import nn
 
 from models import build_model, count_params, load_pretrained
+from utils import balance as ballib
 from utils import config as cfglib
 from utils import machine
 from utils.checkpoint import load_checkpoint, save_checkpoint
@@ -63,6 +64,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[cfglib.TrainConfig, dict |
         if args.config is None:
             recipe, source = dict(ckpt.get("config") or {}), f"{flags['resume']} (its config)"
             recipe.pop("resume", None)
+            for key in ("class_balance", "select_metric"):  # a run from before these keys: continue as it trained
+                recipe.setdefault(key, {"class_balance": "none", "select_metric": "top1"}[key])
             flags.setdefault("out", os.path.dirname(os.path.abspath(flags["resume"])))
         else:
             recipe, source = cfglib.read_yaml(args.config), args.config
@@ -157,8 +160,20 @@ def resumed_feature_engine(resumed: dict | None) -> str:
     return used if same_machine and used in ("onnxruntime", "pytorch") else "auto"
 
 
+def class_balance_plan(cfg: cfglib.TrainConfig, labels: torch.Tensor, classes: list[str]) -> dict:
+    """The imbalance of the training folder and the class_balance / select_metric actually used, with reasons
+    (utils/balance.py); printed in the run header, saved in config.yaml and the checkpoints."""
+    counts = ballib.class_counts(labels, len(classes))
+    balance = ballib.decide_class_balance(cfg.class_balance, counts)
+    select = ballib.decide_select_metric(cfg.select_metric, counts)
+    return {"train_counts": dict(zip(classes, counts)), "ratio": ballib.imbalance(counts)[2],
+            "imbalanced": ballib.is_imbalanced(counts), "described": ballib.describe_counts(counts, classes),
+            "class_balance": balance.value, "class_balance_reason": balance.reason,
+            "select_metric": select.value, "select_metric_reason": select.reason}
+
+
 def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, step, best_acc, classes,
-                     plan: machine.SpeedPlan, partial: EpochProgress | None = None) -> dict:
+                     plan: machine.SpeedPlan, partial: EpochProgress | None = None, balance: dict | None = None) -> dict:
     """The checkpoint dict (format in the README): everything needed to continue bit for bit."""
     import torchvision
 
@@ -173,6 +188,7 @@ def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, step, 
         "preprocess": {"img_size": cfg.img_size, "resize_size": cfg.resize_size, "mean": list(cfg.mean),
                        "std": list(cfg.std)},
         "arch": dict(model.arch), "rng": rng, "speed": plan.record(),
+        "class_balance_used": balance, "best_metric": (balance or {}).get("select_metric", "top1"),
         "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
         # Set only when Ctrl-C stopped an epoch half-way: where to pick it up again (every process's state).
         "partial_epoch": None if partial is None else partial_epoch_entry(partial),
@@ -216,6 +232,7 @@ class Run:
     best_acc: float = 0.0
     step: int = 0
     row: dict | None = None
+    best_name: str = "val top-1"  # what best_acc measures (select_metric)
     budget_fit: dict | None = None  # what --time-budget decided (kept in the checkpoint)
 
     def elapsed(self) -> float:
@@ -281,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     if stop is not None:
         stop.uninstall()
     if main_proc:
-        print(f"done: best val top-1 {run.best_acc:.2f}% -> {os.path.join(run.out, 'best.pt')}")
+        print(f"done: best {run.best_name} {run.best_acc:.2f}% -> {os.path.join(run.out, 'best.pt')}")
     barrier()
     cleanup()
     return {"best_acc": run.best_acc, "last": run.row, "out": run.out}
@@ -319,6 +336,12 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
                          cache=cfg.cache, distributed=dist.enabled, seed=cfg.seed,
                          pin_memory=device.type == "cuda", progress=cfg.progress, augment_device=device)
     train_loader, val_loader = data.train_loader, data.val_loader
+    labels = ballib.train_labels(train_loader)
+    balance = class_balance_plan(cfg, labels, run.classes)
+    if balance["class_balance"] == "sampler":  # the draw is a function of (seed, epoch): resume stays exact
+        ballib.use_balanced_sampler(train_loader, labels, len(run.classes))
+    run.best_name = ballib.SELECT_NAMES[balance["select_metric"]]
+    select_key = {"top1": "val_top1", "balanced_acc": "val_bal_acc"}[balance["select_metric"]]
     steps_per_epoch = len(train_loader)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -373,14 +396,18 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
         compiled_batch = cfg.batch_size
     trainable = Trainable(model, net, frozen=frozen, head=head, inputs_are_features=cached,
                           compiled_batch=compiled_batch)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    val_criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)  # unweighted: comparable across runs
+    criterion = val_criterion
+    if balance["class_balance"] == "loss":
+        criterion = ballib.WeightedCrossEntropy(ballib.class_weights(list(balance["train_counts"].values())),
+                                                cfg.label_smoothing)
     ctx = StepContext(trainable, optimizer, criterion, device, amp_dtype, scaler, ema,
                       build_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, len(run.classes)), cfg.clip_grad_norm,
                       channels_last, [p for p in model.parameters() if p.requires_grad])
 
     def record() -> dict:
         phases_rec = [{"name": p.name, "epochs": [p.first + 1, p.end], "lr": p.cfg.lr} for p in phases]
-        rec = {"speed": plan.record(), "phases": phases_rec}
+        rec = {"speed": plan.record(), "phases": phases_rec, "class_balance_used": balance}
         if run.budget_fit:
             rec["time_budget_fit"] = run.budget_fit
         return rec
@@ -393,10 +420,13 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
               f"{steps_per_epoch} steps per epoch | lr {cfg.lr:g}"
               f"{f' (backbone x{cfg.backbone_lr_mult:g})' if not frozen and cfg.backbone_lr_mult != 1 else ''}")
         print(f"speed choices on {plan.machine} (also in config.yaml):\n" + "\n".join(plan.lines()))
+        print(f"class balance of train: {balance['described']}\n  class_balance {balance['class_balance']} "
+              f"({balance['class_balance_reason']})\n  select_metric {balance['select_metric']}: best.pt = best "
+              f"{run.best_name} ({balance['select_metric_reason']})")
 
     def save(name: str, epoch_done: int, part: EpochProgress | None = None) -> None:
         state = checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch_done, progress.step,
-                                 run.best_acc, run.classes, plan, part)
+                                 run.best_acc, run.classes, plan, part, balance)
         state["config"] = cfglib.to_dict(run.cfg)  # the whole run's settings (every phase), not this phase's
         state.update(phase=phase.name, elapsed_s=run.elapsed(), time_budget_fit=run.budget_fit)
         save_checkpoint(os.path.join(run.out, name), state)
@@ -436,8 +466,8 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
             barrier()  # no process exits before the file is written (torchrun would stop the others)
             raise
         run.step = progress.step
-        val = evaluate(eval_fn, val_loader, criterion, device, amp_dtype=amp_dtype,
-                       channels_last=ctx.channels_last, bar=main_proc and cfg.progress)
+        val = evaluate(eval_fn, val_loader, val_criterion, device, amp_dtype=amp_dtype,
+                       channels_last=ctx.channels_last, bar=main_proc and cfg.progress, num_classes=len(run.classes))
         seconds = time.perf_counter() - t_epoch
         skipped = data.skipped_total()  # every process calls it: under torchrun it unites their skipped files
         run.row = row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"],
@@ -458,14 +488,14 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
             if skipped:
                 print(f"  skipped {skipped} unreadable image(s) so far; split_dataset.py's report.csv lists "
                       "bad files (re-split to drop them)", flush=True)
-            is_best = val["val_top1"] > run.best_acc
-            run.best_acc = max(run.best_acc, val["val_top1"])
+            is_best = val[select_key] > run.best_acc
+            run.best_acc = max(run.best_acc, val[select_key])
             save("last.pt", epoch + 1)
             if is_best:
                 save("best.pt", epoch + 1)
             _plot(run.out)
         else:
-            run.best_acc = max(run.best_acc, val["val_top1"])
+            run.best_acc = max(run.best_acc, val[select_key])
         if stop is not None and stop.requested_anywhere():  # Ctrl-C after the epoch's last check: stop here
             if main_proc:
                 print(f"interrupted after epoch {epoch + 1}; saved {os.path.join(run.out, 'last.pt')} (continue with "

@@ -86,6 +86,8 @@ def test_metrics_match_hand_computed_values(table_data, tmp_path):
     assert m["loss"] == pytest.approx(-sum(math.log(p) for p in p_true) / 9, rel=1e-5)
     assert m["label_smoothing"] == 0.0 and m["loss_label_smoothed"] == pytest.approx(m["loss"])
     assert m["macro_f1"] == pytest.approx((4 / 7 + 2 / 3 + 0.8) / 3)
+    assert m["balanced_acc"] == pytest.approx(100 * (2 / 4 + 2 / 3 + 2 / 2) / 3)  # mean per-class recall
+    assert "balanced accuracy 72.22%  macro-F1 0.6794" in evaluate.summary_line(m)
     # mistakes, most confident first
     assert [(os.path.basename(r["file"]), r["true"], r["predicted"]) for r in res["mistakes"]] == [
         ("goldfish.jpg", "animal", "object"), ("hourglass.jpg", "object", "animal"), ("ibex.jpg", "animal", "scene")]
@@ -233,7 +235,7 @@ def test_fashion_mnist_sample_greyscale_pngs_with_workers(tmp_path):
     assert sum(int(v) for r in rows for v in r[1:]) == 180
 
 
-def test_reproduces_train_py_validation(tmp_path):
+def test_reproduces_train_py_validation(tmp_path, capsys):
     """evaluate.py on a real train.py checkpoint gives the val numbers train.py logged for that epoch."""
     import train
 
@@ -253,3 +255,7 @@ def test_reproduces_train_py_validation(tmp_path):
     assert m["loss_label_smoothed"] == pytest.approx(float(logged["val_loss"]), abs=1e-3)
     assert m["top1"] == pytest.approx(float(logged["val_top1"]), abs=0.51)  # at most one near-tie flips
     assert m["top5"] == pytest.approx(float(logged["val_top5"]), abs=0.51)
+    # balanced accuracy / macro-F1: the same function as train.py's val_bal_acc / val_macro_f1
+    assert m["balanced_acc"] == pytest.approx(float(logged["val_bal_acc"]), abs=0.51)
+    assert m["macro_f1"] == pytest.approx(float(logged["val_macro_f1"]), abs=0.01)
+    assert f"balanced accuracy {m['balanced_acc']:.2f}%" in capsys.readouterr().out

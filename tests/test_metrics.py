@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import confusion_matrix, macro_average, per_class_report, row_normalize, topk_correct
+from utils.metrics import (class_summary, confusion_matrix, macro_average, per_class_from_confusion, per_class_report,
+                           row_normalize, topk_correct)
 
 # 9 samples, classes 0..2. True/pred pairs: (0,0) (0,0) (0,1) (0,2) (1,1) (1,1) (1,0) (2,2) (2,2)
 TARGET = [0, 0, 0, 0, 1, 1, 1, 2, 2]
@@ -62,3 +63,30 @@ def test_topk_correct_counts():
     # sample 0: top-1 hit; sample 1: target ranked 2nd (tie broken) or 3rd; sample 2: target ranked 3rd
     assert topk_correct(logits, target, ks=(1, 3)) == [1, 3]
     assert topk_correct(logits, target, ks=(1, 5)) == [1, 3]  # k capped at the class count
+
+
+def test_balanced_accuracy_and_macro_f1_by_hand_and_against_sklearn():
+    cm = confusion_matrix(TARGET, PRED, labels=[0, 1, 2])  # [[2, 1, 1], [1, 2, 0], [0, 0, 2]]
+    s = class_summary(cm)
+    # recalls 2/4, 2/3, 2/2; F1s 4/7, 2/3, 0.8 (see above)
+    assert s["balanced_acc"] == pytest.approx(100 * (2 / 4 + 2 / 3 + 1) / 3)
+    assert s["macro_f1"] == pytest.approx((4 / 7 + 2 / 3 + 0.8) / 3)
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 5, 300)
+    p = np.where(rng.random(300) < 0.6, t, rng.integers(0, 5, 300))
+    s = class_summary(confusion_matrix(t, p, labels=range(5)))
+    assert s["balanced_acc"] == pytest.approx(100 * balanced_accuracy_score(t, p))
+    assert s["macro_f1"] == pytest.approx(f1_score(t, p, average="macro"))
+
+
+def test_class_summary_skips_classes_without_samples():
+    # class 2 never occurs (only predicted once): it does not count as a zero recall / F1
+    cm = np.array([[3, 0, 1], [1, 1, 0], [0, 0, 0]])
+    prec, rec, f1, support = per_class_from_confusion(cm)
+    assert support.tolist() == [4, 2, 0] and rec.tolist() == [0.75, 0.5, 0.0]
+    assert prec.tolist() == [0.75, 1.0, 0.0]
+    assert class_summary(cm)["balanced_acc"] == pytest.approx(62.5)
+    assert class_summary(cm)["macro_f1"] == pytest.approx((0.75 + 2 / 3) / 2)
+    assert class_summary(np.zeros((3, 3))) == {"balanced_acc": 0.0, "macro_f1": 0.0}

@@ -149,10 +149,12 @@ def test_checkpoint_format_log_and_config(data, tmp_path):
     assert ck["config"]["epochs"] == 2 and ck["scaler"] is None
     with open(out / "log.csv") as f:
         header = f.readline().strip()
-    assert header == "epoch,lr,train_loss,train_acc,val_loss,val_top1,val_top5,epoch_seconds,images_per_s,skipped_images"
+    assert header == ("epoch,lr,train_loss,train_acc,val_loss,val_top1,val_top5,val_bal_acc,val_macro_f1,epoch_seconds,"
+                      "images_per_s,skipped_images")
     rows = list(csv.DictReader(open(out / "log.csv")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
-    # best.pt holds the epoch with the best val top-1, and validation used the EMA weights it stores
+    # best.pt holds the epoch with the best val top-1 (a balanced folder: select_metric auto -> top1), and
+    # validation used the EMA weights it stores
     best = load_checkpoint(str(out / "best.pt"))
     assert float(best["best_acc"]) == max(float(r["val_top1"]) for r in rows)
     model = model_from_checkpoint(best)

@@ -30,6 +30,8 @@ CHOICES = {
     "compile": ("auto", "on", "off"),
     "cache": ("auto", "memory", "none"),
     "auto_augment": ("none", "trivial"),
+    "class_balance": ("auto", "none", "loss", "sampler"),
+    "select_metric": ("auto", "top1", "balanced_acc"),
 }
 
 
@@ -82,6 +84,9 @@ class TrainConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     ema_decay: float = 0.0  # EMA of weights, e.g. 0.999 (0 = off); validation then uses the EMA weights
     clip_grad_norm: float = 0.0  # clip the gradient norm to this value (0 = off)
+    # imbalanced classes (utils/balance.py; imbalanced = largest/smallest train class count >= 1.5)
+    class_balance: str = "auto"  # none | loss (class-weighted CE) | sampler (classes drawn evenly) | auto (none if balanced, else the measured winner, docs/imbalance.md)
+    select_metric: str = "auto"  # what picks best.pt: top1 | balanced_acc | auto (balanced_acc if imbalanced, else top1)
     # speed
     channels_last: str = "auto"  # NHWC memory format: auto (measured on a CPU, by GPU kind on CUDA) | on | off
     amp: str = "auto"  # mixed precision: auto (CPU: bf16 only where a probe measures it faster; CUDA: bf16 on sm_80+, else fp16) | on | off
@@ -283,7 +288,7 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 # Keys of a run's config.yaml that record what happened (e.g. the automatic speed choices), not settings:
 # a run's config.yaml given back as --config ignores them.
-RECORD_KEYS = ("speed", "phases", "time_budget_fit")
+RECORD_KEYS = ("speed", "phases", "time_budget_fit", "class_balance_used")
 
 
 def save_config(cfg: TrainConfig, path: str, record: Optional[dict[str, Any]] = None) -> None:

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2 as T
 
+from utils.balance import epoch_order
 from utils.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -289,6 +290,8 @@ class EpochBatchSampler:
     2 images (BatchNorm cannot train on one); then it is dropped. Items are ``(index, augmentation seed)``.
     Val (``shuffle=False``): indices in order, rank ``r`` takes ``r::world`` (no padding, so metrics summed
     over ranks count each image exactly once); items are plain indices.
+    ``weights`` (train, set by utils.balance.use_balanced_sampler): the epoch's order is ``n`` draws with
+    replacement in proportion to them instead of the permutation, cut the same way.
     """
 
     def __init__(self, n: int, batch_size: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1):
@@ -296,6 +299,7 @@ class EpochBatchSampler:
             raise UserError(f"batch_size={batch_size}: use a positive batch size")
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
         self.rank, self.world, self.epoch = rank, world, 0
+        self.weights: torch.Tensor | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -324,7 +328,7 @@ class EpochBatchSampler:
                 yield mine[i:i + self.batch_size]
             return
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        perm = torch.randperm(self.n, generator=g)
+        perm = epoch_order(self.n, g, self.weights)
         wrapped = perm.repeat(2 + self._global_batch() // max(1, self.n))  # source for the wrap-round
         start, chunks = 0, []
         for size in self._chunk_sizes():

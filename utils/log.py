@@ -8,8 +8,11 @@ from typing import Any
 
 from utils.checkpoint import atomic_write
 
-COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "epoch_seconds", "images_per_s",
+COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "val_bal_acc", "val_macro_f1",
+           "epoch_seconds", "images_per_s",
            "skipped_images"]  # skipped_images: unreadable images skipped so far in this run
+# val_bal_acc: balanced accuracy (mean per-class recall, percent); val_macro_f1: macro-F1 (0-1); both over the val
+# classes that have images (utils.metrics.class_summary, as evaluate.py)
 
 
 class CSVLogger:
@@ -52,7 +55,9 @@ def _fmt(v: Any) -> str:
 
 
 def summary_line(row: dict[str, Any], epochs: int) -> str:
-    """``epoch 3/10  lr 0.0812  train loss 0.412 acc 85.1%  val loss 0.351 top1 87.9% top5 99.6%  41.2s 1456 img/s``."""
+    """``epoch 3/10  lr 0.0812  train loss 0.412 acc 85.1%  val loss 0.351 top1 87.9% top5 99.6% bal-acc 86.0%
+    macro-F1 0.857  41.2s 1456 img/s``."""
     return (f"epoch {row['epoch']}/{epochs}  lr {row['lr']:.4g}  train loss {row['train_loss']:.4f} "
             f"acc {row['train_acc']:.2f}%  val loss {row['val_loss']:.4f} top1 {row['val_top1']:.2f}% "
-            f"top5 {row['val_top5']:.2f}%  {row['epoch_seconds']:.1f}s {row['images_per_s']:.0f} img/s")
+            f"top5 {row['val_top5']:.2f}% bal-acc {row['val_bal_acc']:.2f}% macro-F1 {row['val_macro_f1']:.3f}  "
+            f"{row['epoch_seconds']:.1f}s {row['images_per_s']:.0f} img/s")

@@ -1,4 +1,8 @@
-"""Classification metrics: top-k hits, confusion matrix, per-class precision/recall/F1 (scikit-learn)."""
+"""Classification metrics: top-k hits, confusion matrix, per-class precision/recall/F1 and their macro averages.
+
+Per-class precision/recall/F1 are computed in one place, :func:`per_class_from_confusion`, from a confusion
+matrix: train.py's validation (balanced accuracy and macro-F1 per epoch) and evaluate.py use the same code.
+"""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -28,13 +32,41 @@ def row_normalize(cm: np.ndarray) -> np.ndarray:
     return np.divide(cm, sums, out=np.zeros(cm.shape, dtype=np.float64), where=sums > 0)
 
 
+def per_class_from_confusion(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall, F1 and support of each class of a square confusion matrix (rows = true class).
+
+    precision = TP / column sum, recall = TP / row sum, F1 = 2 TP / (2 TP + FP + FN); 0 where a denominator is 0
+    (scikit-learn's ``zero_division=0``).
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+
+    def ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+    return (ratio(tp, predicted), ratio(tp, support), ratio(2 * tp, support + predicted),
+            support.astype(np.int64))
+
+
+def class_summary(cm: np.ndarray) -> dict[str, float]:
+    """Balanced accuracy (percent: mean per-class recall) and macro-F1 (0-1) of a confusion matrix.
+
+    Both average over the classes that have samples (support > 0), as :func:`macro_average` does, so a class
+    absent from the data does not count as a zero; an all-zero matrix gives 0.
+    """
+    _, recall, f1, support = per_class_from_confusion(cm)
+    present = support > 0
+    if not present.any():
+        return {"balanced_acc": 0.0, "macro_f1": 0.0}
+    return {"balanced_acc": 100.0 * float(recall[present].mean()), "macro_f1": float(f1[present].mean())}
+
+
 def per_class_report(target: Sequence[int], pred: Sequence[int], labels: Sequence[int],
                      names: Sequence[str]) -> list[dict[str, Any]]:
-    """Precision, recall, F1 and support for each class in ``labels`` (scikit-learn; 0 where undefined)."""
-    from sklearn.metrics import precision_recall_fscore_support
-
-    p, r, f, s = precision_recall_fscore_support(np.asarray(target), np.asarray(pred), labels=list(labels),
-                                                 zero_division=0)
+    """Precision, recall, F1 and support for each class in ``labels`` (0 where undefined), from the confusion
+    matrix over ``labels`` (samples whose true or predicted class is not in ``labels`` are left out)."""
+    p, r, f, s = per_class_from_confusion(confusion_matrix(target, pred, labels))
     return [{"class": names[i], "precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]),
              "support": int(s[k])} for k, i in enumerate(labels)]
 

@@ -13,10 +13,11 @@ from typing import Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from utils.balance import epoch_order
 from utils.distributed import CPUSyncBatchNorm, all_reduce_sum
 from utils.errors import UserError
 from utils.machine import Choice, decide_forward_threads
-from utils.metrics import topk_correct
+from utils.metrics import class_summary, topk_correct
 from utils.schedule import WarmupCosine
 
 
@@ -353,13 +354,18 @@ def train_one_epoch(ctx: StepContext, loader: Iterable, schedule: WarmupCosine, 
 @torch.no_grad()
 def evaluate(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, criterion: nn.Module,
              device: torch.device, *, amp_dtype: Optional[torch.dtype] = None, channels_last: bool = True,
-             bar: bool = False, desc: str = "val") -> dict[str, float]:
-    """Mean loss and top-1/top-5 accuracy (percent) over ``loader``, summed over all processes."""
+             bar: bool = False, desc: str = "val", num_classes: int = 0) -> dict[str, float]:
+    """Mean loss, top-1/top-5 accuracy, balanced accuracy (percent) and macro-F1 (0-1) over ``loader``, summed over
+    all processes. The last two come from the confusion matrix through utils.metrics.class_summary, as in
+    evaluate.py. Pass ``num_classes`` under torchrun (a process without val images must all-reduce as many
+    counts as the others); else it is read from the logits."""
+    import numpy as np
     from tqdm import tqdm
 
     if isinstance(model, nn.Module):
         model.eval()  # BatchNorm/dropout in inference mode (train_one_epoch switches back via Trainable.train)
     loss_sum, top1, top5, n = 0.0, 0, 0, 0
+    cm = torch.zeros(num_classes ** 2, dtype=torch.int64, device=device) if num_classes else None  # flattened
     for images, targets in tqdm(loader, desc=desc, disable=not bar, leave=False, dynamic_ncols=True):
         images = to_device(images, device, channels_last)
         targets = targets.to(device, non_blocking=True)
@@ -369,19 +375,28 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, cr
         loss_sum += float(criterion(logits, targets)) * targets.shape[0]
         c1, c5 = topk_correct(logits, targets, (1, 5))
         top1, top5, n = top1 + c1, top5 + c5, n + targets.shape[0]
-    loss_sum, top1, top5, n = all_reduce_sum([loss_sum, top1, top5, n], device)
+        k = logits.shape[1]
+        counts = torch.bincount(targets * k + logits.argmax(1), minlength=k * k)
+        cm = counts if cm is None else cm + counts
+    k = int(round(len(cm) ** 0.5)) if cm is not None else 0
+    cells = cm.tolist() if cm is not None else []
+    loss_sum, top1, top5, n, *cells = all_reduce_sum([loss_sum, top1, top5, n, *cells], device)
     n = max(n, 1)
-    return {"val_loss": loss_sum / n, "val_top1": 100.0 * top1 / n, "val_top5": 100.0 * top5 / n}
+    summary = class_summary(np.asarray(cells, dtype=np.float64).reshape(k, k))
+    return {"val_loss": loss_sum / n, "val_top1": 100.0 * top1 / n, "val_top5": 100.0 * top5 / n,
+            "val_bal_acc": summary["balanced_acc"], "val_macro_f1": summary["macro_f1"]}
 
 
 class FeatureBatches:
-    """Batches of cached (features, label) tensors; shuffled per epoch from (seed, epoch), sharded by rank."""
+    """Batches of cached (features, label) tensors; shuffled per epoch from (seed, epoch), sharded by rank; with
+    ``weights``, each epoch is ``n`` draws with replacement in proportion to them (utils.balance.epoch_order)."""
 
     def __init__(self, feats: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool, seed: int = 0,
                  rank: int = 0, world_size: int = 1) -> None:
         self.feats, self.labels, self.batch_size = feats, labels, batch_size
         self.shuffle, self.seed, self.rank, self.world = shuffle, seed, rank, world_size
         self.epoch = 0
+        self.weights: Optional[torch.Tensor] = None  # class-balanced draw (utils.balance.use_balanced_sampler)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -391,7 +406,7 @@ class FeatureBatches:
         if not self.shuffle:
             return torch.arange(self.rank, n, self.world)  # every sample exactly once over all ranks
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(n, generator=g)
+        order = epoch_order(n, g, self.weights)
         usable = n - n % self.world  # equal share per rank for the gradient all-reduce
         return order[:usable][self.rank::self.world]
 
