@@ -88,8 +88,8 @@ def lr_sweep(ctx, loader: Iterable, lrs: list[float], *, diverge: float = DIVERG
              bar: bool = False) -> LRFindResult:
     """Run one :func:`train_step` per learning rate in ``lrs`` on ``loader``'s batches.
 
-    The model's parameters and buffers and the optimizer state are put back afterwards (also on an error), and
-    the EMA, if any, is left alone: the caller's objects look as if the sweep never ran.
+    The model's parameters and buffers, the optimizer state and the GradScaler's state are put back afterwards
+    (also on an error), and the EMA, if any, is left alone: the caller's objects look as if the sweep never ran.
     """
     from tqdm import tqdm
 
@@ -98,6 +98,7 @@ def lr_sweep(ctx, loader: Iterable, lrs: list[float], *, diverge: float = DIVERG
     model, optimizer = ctx.trainable.model, ctx.optimizer
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(optimizer.state_dict())
+    saved_scaler = ctx.scaler.state_dict() if ctx.scaler is not None else None  # fp16 on CUDA: its loss scale
     step_ctx = dataclasses.replace(ctx, ema=None)
     losses: list[float] = []
     smoothed: list[float] = []
@@ -124,6 +125,8 @@ def lr_sweep(ctx, loader: Iterable, lrs: list[float], *, diverge: float = DIVERG
     finally:
         model.load_state_dict(saved_model)
         optimizer.load_state_dict(saved_opt)
+        if saved_scaler is not None:
+            ctx.scaler.load_state_dict(saved_scaler)
     if not losses:
         raise UserError(f"the learning-rate sweep recorded no finite loss ({stopped}); lower the START of "
                         "--lr-find-range")
