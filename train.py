@@ -52,12 +52,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.add_argument(flag, dest=key, type=tp, default=argparse.SUPPRESS, help=text)
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                         help="set any config key, e.g. --set label_smoothing=0.1 --set nesterov=true (repeatable)")
+    parser.add_argument("--lr-find", action="store_true",
+                        help="instead of training, sweep the learning rate exponentially over --lr-find-range on this "
+                             "recipe's real data, model and pipeline, write RUN/lr_find.csv and RUN/lr_find.png and "
+                             "print a suggested --lr (smoothed-loss minimum / 10); no checkpoint is written or changed. "
+                             "It sweeps the recipe's first phase: with head epochs (finetune.yaml) the classifier on "
+                             "cached features (its lr is head_lr); --set head_epochs=0 sweeps the whole network")
+    parser.add_argument("--lr-find-steps", type=int, default=100,
+                        help="steps of the --lr-find sweep, at most one epoch (default 100); it stops earlier when "
+                             "the smoothed loss exceeds 4x its minimum")
+    parser.add_argument("--lr-find-range", type=float, nargs=2, default=[1e-6, 1.0], metavar=("START", "END"),
+                        help="first and last learning rate of the --lr-find sweep (default 1e-6 1)")
     return parser.parse_args(argv)
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[cfglib.TrainConfig, dict | None]:
     """Recipe (or the resumed run's config) <- flags <- --set. Returns the config and the resume checkpoint."""
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "sets")}
+    flags = {k: v for k, v in vars(args).items() if k not in ("config", "sets") and not k.startswith("lr_find")}
     ckpt = None
     if flags.get("resume"):
         ckpt = load_checkpoint(flags["resume"])
@@ -234,6 +245,7 @@ class Run:
     row: dict | None = None
     best_name: str = "val top-1"  # what best_acc measures (select_metric)
     budget_fit: dict | None = None  # what --time-budget decided (kept in the checkpoint)
+    lr_find: dict | None = None  # --lr-find: run_lr_find's settings, then its summary (the first phase is swept)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -277,7 +289,9 @@ def main(argv: list[str] | None = None) -> dict:
     if ckpt is not None:
         run.step, run.best_acc = int(ckpt["step"]), float(ckpt["best_acc"])
     phases = plan_phases(cfg)
-    if main_proc:
+    if args.lr_find:  # no log.csv either: the run folder may hold a real run
+        run.lr_find = {"steps": args.lr_find_steps, "lr_range": tuple(args.lr_find_range)}
+    elif main_proc:
         os.makedirs(run.out, exist_ok=True)
         run.logger = CSVLogger(os.path.join(run.out, "log.csv"), keep_epochs_upto=start_epoch)
         print(f"{cfg.model} x{cfg.width_mult} ({count_params(model) / 1e6:.2f} M params) | {len(classes)} classes | "
@@ -295,6 +309,8 @@ def main(argv: list[str] | None = None) -> dict:
             start_epoch > phase.first or bool(ckpt.get("partial_epoch")))
         run_phase(run, phase, phases, model, device, dist, ckpt if inside else None, max(start_epoch, phase.first),
                   stop, last=i == len(phases) - 1)
+        if run.lr_find:
+            return run.lr_find
     if stop is not None:
         stop.uninstall()
     if main_proc:
@@ -404,6 +420,12 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
     ctx = StepContext(trainable, optimizer, criterion, device, amp_dtype, scaler, ema,
                       build_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, len(run.classes)), cfg.clip_grad_norm,
                       channels_last, [p for p in model.parameters() if p.requires_grad])
+    if run.lr_find:  # the sweep only: writes RUN/lr_find.{csv,png}, no config.yaml, log or checkpoint
+        from utils.lr_find import run_lr_find
+
+        run.lr_find = run_lr_find(ctx, data, run.out, steps=min(run.lr_find["steps"], steps_per_epoch),
+                                  lr_range=run.lr_find["lr_range"], seed=cfg.seed, bar=main_proc and cfg.progress)
+        return
 
     def record() -> dict:
         phases_rec = [{"name": p.name, "epochs": [p.first + 1, p.end], "lr": p.cfg.lr} for p in phases]

@@ -401,13 +401,3 @@ def verify_parity(name: str, path: str, reference: torch.Tensor, got: torch.Tens
 def top1_percent(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy in percent."""
     return 100.0 * float((logits.argmax(1) == labels).float().mean())
-
-
-def check_int8_drop(fp32_top1: float, int8_top1: float, max_drop: float, path: str) -> None:
-    """Refuse an int8 model that loses more than ``max_drop`` top-1 points against the fp32 model."""
-    drop = fp32_top1 - int8_top1
-    if drop > max_drop:
-        raise UserError(
-            f"int8 model {path} loses {drop:.2f} top-1 points ({fp32_top1:.2f}% -> {int8_top1:.2f}%), more than "
-            f"--max-drop {max_drop:g}; use more or more representative --calib-data, try --calib-method "
-            "percentile/entropy, or ship the fp32 model.onnx")

@@ -162,6 +162,25 @@ def plot_mistakes(mistakes: list[dict], out_png: str, max_images: int = 25, colu
     _save_figure(fig, out_png)
 
 
+def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], suggestion: float,
+                 min_loss_lr: float, out_png: str) -> None:
+    """Loss against learning rate (log axis) of a ``train.py --lr-find`` sweep: raw loss faint, smoothed loss
+    solid, the smoothed minimum and the suggested learning rate marked."""
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    ax.plot(lrs, losses, color="tab:blue", alpha=0.3, lw=1, label="loss per step")
+    ax.plot(lrs, smoothed, color="tab:blue", lw=2, label="smoothed loss")
+    ax.axvline(min_loss_lr, color="tab:grey", ls=":", label=f"smoothed minimum (lr {min_loss_lr:.2g})")
+    ax.axvline(suggestion, color="tab:red", ls="--", label=f"suggested lr {suggestion:.2g} (minimum / 10)")
+    ax.set_xscale("log")
+    lo, hi = min(smoothed), max(smoothed)  # the raw loss of the last, diverging steps would flatten the curve
+    ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.25 * (hi - lo + 1e-9))
+    ax.set(title="Learning-rate sweep", xlabel="learning rate", ylabel="training loss")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save_figure(fig, out_png)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: re-draw curves.png from one or more log.csv files."""
     p = argparse.ArgumentParser(
