@@ -121,11 +121,11 @@ def make_model(cfg: cfglib.TrainConfig, num_classes: int, resuming: bool, is_mai
 
 def speed_plan(cfg: cfglib.TrainConfig, model: nn.Module, device: torch.device, cache: str, threads: machine.Choice,
                workers: machine.Choice, num_classes: int, resumed: dict | None,
-               run_steps: int = 0) -> machine.SpeedPlan:
+               run_steps: int = 0, run_s: float | None = None) -> machine.SpeedPlan:
     """The run's automatic speed choices (utils/machine.py). On a CPU, precision and memory format come from a
     short probe of this very model's training step; a resumed run on the same machine reuses the probe it
-    recorded, so it continues with the same choices (and bit for bit). ``run_steps`` (optimizer steps left)
-    decides whether torch.compile is worth probing."""
+    recorded, so it continues with the same choices (and bit for bit). ``run_steps`` (optimizer steps left), or
+    ``run_s`` (seconds left under a time budget), decides whether torch.compile is worth probing."""
     frozen = cfg.freeze == "features"
     amp, layout = cfg.amp, cfg.channels_last
     if cfg.cache_features:  # only the linear head trains, on cached features: nothing for bf16 or NHWC to speed up
@@ -159,7 +159,7 @@ def speed_plan(cfg: cfglib.TrainConfig, model: nn.Module, device: torch.device, 
 
     return machine.plan_training(device=device, amp=amp, channels_last=layout, cache=cache, workers=workers,
                                  threads=threads, probe=probe, compile=cfg.compile, run_steps=run_steps,
-                                 batch_scale=cfg.batch_size / batch, images_per_step=cfg.batch_size)
+                                 batch_scale=cfg.batch_size / batch, images_per_step=cfg.batch_size, run_s=run_s)
 
 
 def resumed_feature_engine(resumed: dict | None) -> str:
@@ -363,8 +363,12 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
 
     # ---- speed choices (probed on this very model), precision, memory format
+    budget_left = None  # a time budget not yet fitted fixes how long this (last) phase trains
+    if last and run.cfg.time_budget and run.budget_fit is None:
+        budget_left = max(0.0, run.cfg.time_budget * 60 - run.elapsed())
     plan = speed_plan(cfg, model, device, "features" if cached else data.cache, threads, workers,
-                      len(run.classes), ckpt, 0 if cached else steps_per_epoch * (phase.end - start_epoch))
+                      len(run.classes), ckpt, 0 if cached else steps_per_epoch * (phase.end - start_epoch),
+                      budget_left)
     if cached:
         plan.feature_engine = data.engine  # printed in the header, saved in config.yaml and the checkpoint
     machine.apply_plan(plan, device)
@@ -411,7 +415,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
         net, head = torch.compile(net), torch.compile(head)
         compiled_batch = cfg.batch_size
     trainable = Trainable(model, net, frozen=frozen, head=head, inputs_are_features=cached,
-                          compiled_batch=compiled_batch)
+                          compiled_batch=compiled_batch, freeze_bn=cfg.freeze_bn)
     val_criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)  # unweighted: comparable across runs
     criterion = val_criterion
     if balance["class_balance"] == "loss":

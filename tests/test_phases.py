@@ -105,3 +105,26 @@ def test_time_budget_run_stops_on_time_and_resume_keeps_the_fit(data, tmp_path, 
     assert [r["epoch"] for r in _rows(str(out / "log.csv"))] == ["1", "2"]
     with open(out / "config.yaml") as f:
         assert yaml.safe_load(f)["time_budget_fit"]["epochs"] == 2
+
+
+def test_freeze_bn_keeps_pretrained_statistics_while_the_weights_train():
+    from torch import nn
+
+    from models import build_model
+    from utils.train_loop import StepContext, Trainable, train_step
+
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", num_classes=3, width_mult=0.25, dropout=0.0)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = Trainable(model, freeze_bn=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctx = StepContext(trainable, opt, nn.CrossEntropyLoss(), torch.device("cpu"), None, None)
+    trainable.train()  # what train_one_epoch calls first
+    train_step(ctx, torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0]))
+    assert all(not m.training for m in bns) and model.classifier.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if "running_" in k or "num_batches" in k)
+    assert not torch.equal(before["classifier.1.weight"], after["classifier.1.weight"])
+    bn_weight = dict(model.named_parameters())["features.0.1.weight"]
+    assert bn_weight.grad is not None and bn_weight.grad.abs().sum() > 0  # BN affine parameters still train

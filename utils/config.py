@@ -67,6 +67,7 @@ class TrainConfig:
     head_epochs: int = 0  # with freeze=none: the first N epochs train only the classifier, then the whole network
     head_lr: float = 0.0  # peak learning rate of those head-only epochs (0 = lr)
     cache_features: bool = False  # while the backbone is frozen: compute pooled features once, train the head on them
+    freeze_bn: bool = False  # whole-network training keeps BatchNorm statistics fixed (pretrained ones) and in eval mode
     backbone_lr_mult: float = 1.0  # learning-rate multiplier of the backbone (fine-tuning: e.g. 0.1)
     sync_bn: bool = False  # SyncBatchNorm across torchrun processes
     # optimisation

@@ -437,7 +437,7 @@ COMPILE_MIN_GAIN = 0.05  # compiled steps must be at least this much faster to b
 
 def decide_compile(mode: str, best: Variant, *, features_only: bool, run_steps: int,
                    est_step_s: Optional[float], probe: Optional[Probe],
-                   batch_scale: float = 1.0) -> tuple[Choice, dict[str, float]]:
+                   batch_scale: float = 1.0, run_s: Optional[float] = None) -> tuple[Choice, dict[str, float]]:
     """torch.compile or not, and the probe times behind it.
 
     ``best`` is the eager variant already chosen, ``est_step_s`` its estimated seconds per real training step
@@ -445,7 +445,8 @@ def decide_compile(mode: str, best: Variant, *, features_only: bool, run_steps: 
     the run is long enough to repay it; it is chosen when its measured steps are faster by more than
     ``COMPILE_MIN_GAIN`` and the time they save over the run exceeds twice the measured compile time (once for
     the probe, once for the run). ``probe`` runs at the real batch size when a compiled variant is among those
-    asked for, else at a probe batch ``batch_scale`` times smaller.
+    asked for, else at a probe batch ``batch_scale`` times smaller. ``run_s``: the run's length in seconds when
+    it is known in advance (a time budget) rather than a number of steps.
     """
     if mode != "auto":
         return Choice(mode == "on", "set by the user"), {}
@@ -454,10 +455,10 @@ def decide_compile(mode: str, best: Variant, *, features_only: bool, run_steps: 
     if probe is None or run_steps <= 0:
         return Choice(False, "no probe on this path"), {}
     times: dict[str, float] = {}
-    if est_step_s is None:
+    if est_step_s is None and run_s is None:
         times, _ = probe([best])
         est_step_s = times[variant_name(best)] * batch_scale
-    est_run = est_step_s * run_steps
+    est_run = run_s if run_s is not None else est_step_s * run_steps
     if est_run < COMPILE_MIN_RUN_S:
         return Choice(False, f"not probed: compiling (a minute or more) would hardly pay back in an estimated "
                              f"{est_run / 60:.0f}-minute run (compile: on forces it)"), times
@@ -470,8 +471,8 @@ def decide_compile(mode: str, best: Variant, *, features_only: bool, run_steps: 
     times.update(measured)
     t_eager, t_comp = measured[variant_name(eager)], measured[variant_name(compiled)]
     compile_s = measured.get(first_step_name(compiled), 0.0)
-    est_run = t_eager * run_steps
-    saved = est_run - t_comp * run_steps
+    est_run = run_s if run_s is not None else t_eager * run_steps
+    saved = est_run * (1 - t_comp / t_eager)
     src = "cached probe" if cached else "probe"
     facts = (f"compiled steps {t_eager / t_comp:.2f}x as fast in a {src}; {saved / 60:.0f} of an estimated "
              f"{est_run / 60:.0f} minutes saved against {compile_s:.0f} s of compiling")
@@ -483,13 +484,14 @@ def decide_compile(mode: str, best: Variant, *, features_only: bool, run_steps: 
 def plan_training(*, device: torch.device, amp: str, channels_last: str, cache: str, workers: Choice,
                   threads: Choice, probe: Optional[Probe] = None, cpu: Optional[CpuInfo] = None,
                   gpu: Optional[GpuInfo] = None, compile: str = "off", run_steps: int = 0,
-                  batch_scale: float = 1.0, images_per_step: int = 0) -> SpeedPlan:
+                  batch_scale: float = 1.0, images_per_step: int = 0, run_s: Optional[float] = None) -> SpeedPlan:
     """Every automatic speed choice for training on ``device`` with the data path ``cache`` actually used.
 
     ``probe`` times variants (see :func:`probe_variants`); ``cpu``/``gpu`` may be given to decide for
     another (simulated) machine; ``workers``/``threads`` come from :func:`decide_workers`/:func:`decide_threads`
     (made before the data loaders exist). For the compile decision: ``run_steps`` optimizer steps are left,
-    ``batch_scale`` = real batch / probe batch of eager probes, ``images_per_step`` the real batch.
+    ``batch_scale`` = real batch / probe batch of eager probes, ``images_per_step`` the real batch, ``run_s`` the
+    training seconds left when a time budget fixes them.
     """
     cpu = cpu or cpu_info()
     gpu = gpu or gpu_info(device)
@@ -515,7 +517,7 @@ def plan_training(*, device: torch.device, amp: str, channels_last: str, cache: 
     else:
         est = times[variant_name(best)] * batch_scale if variant_name(best) in times else None
     compile_c, compile_times = decide_compile(compile, best, features_only=cache == "features", run_steps=run_steps,
-                                              est_step_s=est, probe=probe, batch_scale=batch_scale)
+                                              est_step_s=est, probe=probe, batch_scale=batch_scale, run_s=run_s)
     return SpeedPlan(machine, amp_c, cl_c, threads, workers, decide_augment_device(device, cache), bench,
                      decide_openmp(), {**times, **compile_times}, compile=compile_c)
 

@@ -74,7 +74,7 @@ class Trainable:
 
     def __init__(self, model: nn.Module, net: Optional[nn.Module] = None, frozen: bool = False,
                  head: Optional[nn.Module] = None, inputs_are_features: bool = False,
-                 compiled_batch: int = 0) -> None:
+                 compiled_batch: int = 0, freeze_bn: bool = False) -> None:
         self.model = model
         self.net = net if net is not None else model
         self.frozen = frozen
@@ -83,11 +83,18 @@ class Trainable:
         # A compiled ``net`` runs batches of this size; any other size (an epoch's last batch, a batch that lost
         # an unreadable image) runs eagerly instead of paying a recompile, possibly into slower dynamic shapes.
         self.compiled_batch = compiled_batch
+        # BatchNorm layers keep their (pretrained) running statistics and normalise with them while the weights
+        # train: the features the head learned on stay the same when the backbone unfreezes.
+        self.freeze_bn = freeze_bn
 
     def train(self) -> None:
         self.model.train()
         if self.frozen:
             self.model.features.eval()
+        elif self.freeze_bn:
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.inputs_are_features:
