@@ -138,7 +138,16 @@ def run(args: argparse.Namespace) -> None:
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats, data: {data_dir} ({data.cache})\n"
           f"machine: {plan.machine}\ntrain.py's automatic choice for a {cfg.epochs}-epoch run: {auto_desc} "
           f"(amp: {plan.amp.reason}; channels_last: {plan.channels_last.reason}; compile: {plan.compile.reason})")
-    times = interleaved_timings(fns, repeats=args.repeats, warmup=args.warmup, block=args.block)
+    # Emulated bf16 (no oneDNN bf16 kernels) takes 5-10x a normal step and leaves the process slower for a while
+    # (measured: the variant timed right after it 1.16-1.43x slower than the same computation elsewhere in the
+    # cycle), so it is timed on its own after the interleaved ones instead of disturbing them.
+    apart = [n for n, (_, dtype, _) in variants.items() if device.type == "cpu" and dtype == torch.bfloat16
+             and not cpu.onednn_bf16]
+    times = interleaved_timings({n: f for n, f in fns.items() if n not in apart}, repeats=args.repeats,
+                                warmup=args.warmup, block=args.block)
+    for name in apart:
+        times.update(interleaved_timings({name: fns[name]}, repeats=args.repeats, warmup=args.warmup, block=1))
+        print(f"note: {name} is emulated on this CPU and was timed after the others, not interleaved")
     base_med = median(times["plain fp32 NCHW"])
     rows = []
     for name, ts in times.items():
