@@ -42,13 +42,15 @@ def photo_paths() -> list[str]:
     return sorted(os.path.join(PHOTOS, f) for f in os.listdir(PHOTOS) if f.endswith(".jpg"))
 
 
-def link_sample_split(root: str, n_train: int, n_val: int, classes: list[str] | None = None) -> str:
+def link_sample_split(root: str, n_train: "int | dict[str, int]", n_val: int, classes: list[str] | None = None) -> str:
     """``root/{train,val}/<class>/`` of symlinks to the committed real Fashion-MNIST sample PNGs
-    (first ``n_train`` / next ``n_val`` of each class, sorted names); returns ``root``."""
+    (first ``n_train`` / next ``n_val`` of each class, sorted names; ``n_train`` may be a count per class, whose
+    keys are then the classes); returns ``root``."""
     sample = os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample")
-    for c in classes or sorted(os.listdir(sample)):
+    counts = n_train if isinstance(n_train, dict) else {c: n_train for c in classes or sorted(os.listdir(sample))}
+    for c, n in counts.items():
         files = sorted(os.listdir(os.path.join(sample, c)))
-        for part, chosen in (("train", files[:n_train]), ("val", files[n_train:n_train + n_val])):
+        for part, chosen in (("train", files[:n]), ("val", files[n:n + n_val])):
             os.makedirs(os.path.join(root, part, c), exist_ok=True)
             for f in chosen:
                 os.symlink(os.path.join(sample, c, f), os.path.join(root, part, c, f))

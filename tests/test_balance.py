@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import train
+from eval_helpers import link_sample_split
 from utils import balance as B
 from utils.checkpoint import load_checkpoint
 from utils.config import build_config
@@ -29,13 +30,7 @@ TINY = ["--model", "mobilenet_v2", "--width-mult", "0.25", "--img-size", "32", "
 
 def imbalanced_split(root, counts=COUNTS, n_val=4):
     """``root/{train,val}/<class>/`` of symlinks to the real sample PNGs: ``counts[c]`` train, ``n_val`` val."""
-    for c, n in counts.items():
-        files = sorted(os.listdir(os.path.join(SAMPLE, c)))
-        for part, chosen in (("train", files[:n]), ("val", files[n:n + n_val])):
-            os.makedirs(os.path.join(root, part, c), exist_ok=True)
-            for f in chosen:
-                os.symlink(os.path.join(SAMPLE, c, f), os.path.join(root, part, c, f))
-    return str(root)
+    return link_sample_split(str(root), dict(counts), n_val)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import yaml
 
 import train
 from eval_helpers import link_sample_split
-from test_train import TINY, Killed, _max_diff, _rows
+from test_train import TINY, _max_diff, _rows, run_killed_then_resumed
 from utils.checkpoint import load_checkpoint
 
 PHASED = TINY + ["--epochs", "3", "--lr", "0.02", "--pretrained", "none", "--set", "head_epochs=1",
@@ -59,18 +59,7 @@ def test_head_epochs_train_the_classifier_then_the_whole_network(data, tmp_path,
 def test_resume_across_and_inside_the_phases_is_exact(data, tmp_path, monkeypatch, cut_after):
     args = PHASED + ["--data", data]
     train.main(args + ["--out", str(tmp_path / "full")])
-    real_plot = train._plot
-
-    def plot_then_die(out):
-        real_plot(out)
-        if len(_rows(os.path.join(out, "log.csv"))) == cut_after:
-            raise Killed
-
-    monkeypatch.setattr(train, "_plot", plot_then_die)
-    with pytest.raises(Killed):
-        train.main(args + ["--out", str(tmp_path / "cut")])
-    monkeypatch.setattr(train, "_plot", real_plot)
-    train.main(["--resume", str(tmp_path / "cut" / "last.pt")])
+    run_killed_then_resumed(args, tmp_path / "cut", monkeypatch, cut_after)
     a, b = load_checkpoint(str(tmp_path / "full" / "last.pt")), load_checkpoint(str(tmp_path / "cut" / "last.pt"))
     assert _max_diff(a["model"], b["model"]) == 0
     assert a["step"] == b["step"] and a["scheduler"] == b["scheduler"]

@@ -47,24 +47,30 @@ class Killed(Exception):
     pass
 
 
+def run_killed_then_resumed(args, out, monkeypatch, cut_after=1):
+    """``train.main(args + --out out)`` "killed" right after the epoch that makes log.csv ``cut_after`` rows long
+    was logged and checkpointed, then continued with ``--resume out/last.pt``."""
+    real_plot = train._plot
+
+    def plot_then_die(folder):
+        real_plot(folder)
+        if len(_rows(os.path.join(folder, "log.csv"))) == cut_after:
+            raise Killed
+
+    monkeypatch.setattr(train, "_plot", plot_then_die)
+    with pytest.raises(Killed):
+        train.main(args + ["--out", str(out)])
+    monkeypatch.setattr(train, "_plot", real_plot)
+    assert load_checkpoint(os.path.join(str(out), "last.pt"))["epoch"] == cut_after
+    train.main(["--resume", os.path.join(str(out), "last.pt")])  # config, data and out come from the checkpoint
+
+
 def test_kill_after_epoch_then_resume_is_exact(data, tmp_path, monkeypatch):
     full = train.main(TINY + RECIPE + ["--data", data, "--out", str(tmp_path / "full")])
     assert full["last"]["epoch"] == 3
 
     # "kill" the second run right after epoch 1 was logged and checkpointed
-    real_plot = train._plot
-
-    def plot_then_die(out):
-        real_plot(out)
-        if len(_rows(os.path.join(out, "log.csv"))) == 1:
-            raise Killed
-
-    monkeypatch.setattr(train, "_plot", plot_then_die)
-    with pytest.raises(Killed):
-        train.main(TINY + RECIPE + ["--data", data, "--out", str(tmp_path / "cut")])
-    monkeypatch.setattr(train, "_plot", real_plot)
-    assert load_checkpoint(str(tmp_path / "cut" / "last.pt"))["epoch"] == 1
-    train.main(["--resume", str(tmp_path / "cut" / "last.pt")])  # config, data and out come from the checkpoint
+    run_killed_then_resumed(TINY + RECIPE + ["--data", data], tmp_path / "cut", monkeypatch)
 
     a, b = load_checkpoint(str(tmp_path / "full" / "last.pt")), load_checkpoint(str(tmp_path / "cut" / "last.pt"))
     assert _max_diff(a["model"], b["model"]) == 0
@@ -111,17 +117,7 @@ def test_compiled_run_keeps_odd_batches_eager_and_resumes_exactly(data, tmp_path
     full = load_checkpoint(str(tmp_path / "full" / "last.pt"))
     assert full["speed"]["compile"] == {"value": True, "reason": "set by the user"}
 
-    real_plot = train._plot
-
-    def plot_then_die(out):
-        real_plot(out)
-        raise Killed
-
-    monkeypatch.setattr(train, "_plot", plot_then_die)
-    with pytest.raises(Killed):
-        train.main(args + ["--out", str(tmp_path / "cut")])
-    monkeypatch.setattr(train, "_plot", real_plot)
-    train.main(["--resume", str(tmp_path / "cut" / "last.pt")])
+    run_killed_then_resumed(args, tmp_path / "cut", monkeypatch)
     cut = load_checkpoint(str(tmp_path / "cut" / "last.pt"))
     assert cut["step"] == full["step"] == 2 * 8
     assert _max_diff(full["model"], cut["model"]) == 0
