@@ -301,6 +301,23 @@ def main(argv: list[str] | None = None) -> dict:
         if start_epoch:
             print(f"resuming after epoch {start_epoch} (global step {run.step}) from {cfg.resume}")
     stop = StopRequest(device).install() if dist.enabled else None  # Ctrl-C: all processes stop after one step
+    try:
+        run_phases(run, phases, model, device, dist, ckpt, start_epoch, stop)
+    finally:  # SIGINT gets its handler back however the run ends
+        if stop is not None:
+            stop.uninstall()
+    if run.lr_find:
+        return run.lr_find
+    if main_proc:
+        print(f"done: best {run.best_name} {run.best_acc:.2f}% -> {os.path.join(run.out, 'best.pt')}")
+    barrier()
+    cleanup()
+    return {"best_acc": run.best_acc, "last": run.row, "out": run.out}
+
+
+def run_phases(run: Run, phases: list[Phase], model: nn.Module, device: torch.device, dist, ckpt: dict | None,
+               start_epoch: int, stop: StopRequest | None) -> None:
+    """Run the phases not yet done (a resumed run skips the finished ones and continues inside its own)."""
     for i, phase in enumerate(phases):
         if start_epoch >= phase.end:
             continue
@@ -309,15 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
             start_epoch > phase.first or bool(ckpt.get("partial_epoch")))
         run_phase(run, phase, phases, model, device, dist, ckpt if inside else None, max(start_epoch, phase.first),
                   stop, last=i == len(phases) - 1)
-        if run.lr_find:
-            return run.lr_find
-    if stop is not None:
-        stop.uninstall()
-    if main_proc:
-        print(f"done: best {run.best_name} {run.best_acc:.2f}% -> {os.path.join(run.out, 'best.pt')}")
-    barrier()
-    cleanup()
-    return {"best_acc": run.best_acc, "last": run.row, "out": run.out}
+        if run.lr_find:  # the sweep covers the first phase only
+            return
 
 
 PHASE_TEXT = {"head": "classifier-only epochs (backbone frozen)", "full": "whole-network epochs"}

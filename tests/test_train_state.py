@@ -196,14 +196,18 @@ def test_an_interrupt_keeps_the_sums_of_every_batch_done():
 
 
 def test_sigint_with_stop_request_ends_the_epoch_after_the_current_step():
-    before = signal.getsignal(signal.SIGINT)
-    with rs.StopRequest(CPU) as stop:
-        p, e, _ = _epoch(4, stop=stop, signal_at=5)  # the signal arrives while batch 5 is being prepared
-    assert signal.getsignal(signal.SIGINT) is before
-    assert isinstance(e, rs.StopRequested)
-    assert p.batches_done == 8 and p.seen == 8 * 8  # stop is checked (collectively) at the k-step reads
-    p1, e1, _ = _epoch(1, stop=rs.StopRequest(CPU), signal_at=5)  # not installed: SIGINT stays a KeyboardInterrupt
-    assert type(e1) is KeyboardInterrupt and p1.batches_done == 5
+    # start from Python's own Ctrl-C handler, whatever an earlier test (or a library it loaded) installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with rs.StopRequest(CPU) as stop:
+            p, e, _ = _epoch(4, stop=stop, signal_at=5)  # the signal arrives while batch 5 is being prepared
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert isinstance(e, rs.StopRequested)
+        assert p.batches_done == 8 and p.seen == 8 * 8  # stop is checked (collectively) at the k-step reads
+        p1, e1, _ = _epoch(1, stop=rs.StopRequest(CPU), signal_at=5)  # not installed: a KeyboardInterrupt
+        assert type(e1) is KeyboardInterrupt and p1.batches_done == 5
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ------------------------------------------------------------------------------------ EMA

@@ -198,7 +198,11 @@ def make_probe_step(model: nn.Module, *, frozen: bool, device: torch.device, bat
         channels_last, dtype = variant[0], variant[1]
         compiled = len(variant) > 2 and bool(variant[2])
         x, y = inputs[full_batch or batch] if len(variant) > 2 else inputs[batch]
-        net = copy.deepcopy(model).to(device)
+        # process groups of synced BatchNorm cannot be copied (nor should they be): the copy gets None
+        memo = {id(g): None for m in model.modules() for g in (getattr(m, "group", None),
+                                                               getattr(m, "process_group", None))
+                if g is not None and not isinstance(g, (nn.Module, torch.Tensor))}
+        net = copy.deepcopy(model, memo).to(device)
         for m in net.modules():  # the probe runs on one process: no collectives with the others
             if isinstance(m, CPUSyncBatchNorm):
                 m.synced = False
