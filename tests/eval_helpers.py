@@ -134,3 +134,14 @@ def export_onnx(ckpt_path: str, out: str) -> str:
         entry.key, entry.value = key, json.dumps(ckpt[key])
     onnx.save(proto, out)
     return out
+
+
+def fitted_sample_run(root: str, n_train: int, n_val: int, steps: int) -> tuple[str, str]:
+    """A sample split under ``root/data`` and a checkpoint fitted on its train images (``root/run/best.pt``,
+    its config pointing at the split); returns (data folder, checkpoint path)."""
+    data = link_sample_split(os.path.join(root, "data"), n_train=n_train, n_val=n_val)
+    classes = sorted(os.listdir(os.path.join(data, "train")))
+    train = [(os.path.join(data, "train", c, f), i) for i, c in enumerate(classes)
+             for f in sorted(os.listdir(os.path.join(data, "train", c)))]
+    return data, make_checkpoint(os.path.join(root, "run", "best.pt"), classes, train, steps=steps,
+                                 config={"data": data})

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import evaluate  # noqa: E402
 import export  # noqa: E402
 import predict  # noqa: E402
-from eval_helpers import link_sample_split, make_checkpoint  # noqa: E402
+from eval_helpers import fitted_sample_run  # noqa: E402
 from utils import tensorrt_engine as te  # noqa: E402
 from utils.runtime import open_model  # noqa: E402
 
@@ -33,11 +33,7 @@ def deployed(tmp_path_factory):
     if problem:
         pytest.skip(problem)
     root = tmp_path_factory.mktemp("cuda_deploy")
-    data = link_sample_split(str(root / "data"), n_train=12, n_val=8)
-    classes = sorted(os.listdir(os.path.join(data, "train")))
-    train = [(os.path.join(data, "train", c, f), i) for i, c in enumerate(classes)
-             for f in sorted(os.listdir(os.path.join(data, "train", c)))]
-    ckpt = make_checkpoint(str(root / "run" / "best.pt"), classes, train, steps=60, config={"data": data})
+    data, ckpt = fitted_sample_run(str(root), n_train=12, n_val=8, steps=60)
     out = str(root / "export")
     report = export.main([ckpt, "--format", "tensorrt", "--out", out])
     return {"ckpt": ckpt, "val": os.path.join(data, "val"), "out": out, "report": report, "root": root}

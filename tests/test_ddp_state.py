@@ -4,13 +4,13 @@ are encoded once per image across the processes, then gathered identically to a 
 
 The processes run tests/torchrun_driver.py (train.py's main plus test hooks) with one OpenMP thread each.
 """
-import csv
 
 import pytest
 import torch
 
 import train
 from eval_helpers import link_sample_split
+from test_train import _max_diff, _rows
 from torchrun_driver import launch as _run
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
@@ -20,16 +20,6 @@ TINY = ["--model", "mobilenet_v2", "--width-mult", "0.25", "--img-size", "32", "
 # dropout 0.2 (the default) and mixup: both draw from each process's own global RNG every step
 RECIPE = ["--epochs", "3", "--lr", "0.02", "--set", "warmup_epochs=1", "--set", "ema_decay=0.9",
           "--set", "mixup_alpha=0.2", "--set", "label_smoothing=0.1"]
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return [{k: v for k, v in r.items() if k not in ("epoch_seconds", "images_per_s")} for r in csv.DictReader(f)]
-
-
-def _max_diff(a, b):
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import evaluate  # noqa: E402
 import export  # noqa: E402
 import predict  # noqa: E402
-from eval_helpers import link_sample_split, make_checkpoint, one_thread  # noqa: E402
+from eval_helpers import fitted_sample_run, one_thread  # noqa: E402
 from fake_tensorrt import make_cudart, make_plan, make_tensorrt  # noqa: E402
 from utils import export as ex  # noqa: E402
 from utils import tensorrt_engine as te  # noqa: E402
@@ -40,11 +40,8 @@ def _one_thread():
 def run(tmp_path_factory):
     """A small checkpoint fitted on real Fashion-MNIST images, its data split and a verified model.onnx."""
     root = tmp_path_factory.mktemp("trt")
-    data = link_sample_split(str(root / "data"), n_train=4, n_val=4)
+    data, ckpt = fitted_sample_run(str(root), n_train=4, n_val=4, steps=30)
     classes = sorted(os.listdir(os.path.join(data, "train")))
-    train = [(os.path.join(data, "train", c, f), i) for i, c in enumerate(classes)
-             for f in sorted(os.listdir(os.path.join(data, "train", c)))]
-    ckpt = make_checkpoint(str(root / "run" / "best.pt"), classes, train, steps=30, config={"data": data})
     onnx_dir = str(root / "onnx")
     export.main([ckpt, "--format", "onnx", "--out", onnx_dir])
     return {"ckpt": ckpt, "data": data, "classes": classes, "onnx": os.path.join(onnx_dir, "model.onnx")}
