@@ -28,9 +28,10 @@ from models import build_model, count_params, load_pretrained
 from utils import balance as ballib
 from utils import config as cfglib
 from utils import machine
+from utils.bn_adapt import adapt_batchnorm
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.distributed import (barrier, broadcast_object, cleanup, convert_sync_batchnorm, init_distributed,
-                               is_main_process)
+                               is_main_process, local_world_size)
 from utils.errors import UserError, run_main
 from utils.log import CSVLogger, summary_line
 from utils.rank_state import (StopRequest, StopRequested, check_resume_world, gather_rank_states, partial_epoch_entry,
@@ -245,6 +246,7 @@ class Run:
     row: dict | None = None
     best_name: str = "val top-1"  # what best_acc measures (select_metric)
     budget_fit: dict | None = None  # what --time-budget decided (kept in the checkpoint)
+    bn_adapted: dict | None = None  # what bn_adapt did (a fresh run only), for config.yaml
     lr_find: dict | None = None  # --lr-find: run_lr_find's settings, then its summary (the first phase is swept)
 
     def elapsed(self) -> float:
@@ -276,6 +278,17 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"{cfg.resume} was trained on classes {ckpt['classes']}, but {data_dir} has {classes}; "
                         "resume with the same --data")
     model = make_model(cfg, len(classes), resuming=ckpt is not None, is_main=main_proc)
+    bn_adapted = None
+    if cfg.bn_adapt and cfg.pretrained != "none" and ckpt is None:  # before SyncBatchNorm: each process its share
+        preprocess = {"img_size": cfg.img_size, "resize_size": cfg.resize_size, "mean": list(cfg.mean),
+                      "std": list(cfg.std)}
+        bn_adapted = adapt_batchnorm(model.to(device), data_dir, preprocess, cfg.batch_size,
+                                     machine.decide_workers(cfg.workers, device, machine.cpu_info(),
+                                                            local_world_size(dist), feature_pass=True).value,
+                                     device, dist.rank, dist.world_size, bar=main_proc and cfg.progress)
+        if main_proc:
+            print(f"BatchNorm statistics re-estimated on {bn_adapted['images']} training images "
+                  f"({bn_adapted['layers']} layers; bn_adapt, utils/bn_adapt.py)")
     if dist.enabled and cfg.sync_bn:
         model = convert_sync_batchnorm(model, device.type)  # same top module, BN children swapped
     model.to(device)
@@ -284,7 +297,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- run folder and phases
     run = Run(cfg, cfg.out, data_dir, main_proc, classes, time.perf_counter() - float((ckpt or {}).get("elapsed_s", 0.0)),
-              budget_fit=(ckpt or {}).get("time_budget_fit"))
+              budget_fit=(ckpt or {}).get("time_budget_fit"), bn_adapted=bn_adapted)
     start_epoch = int(ckpt["epoch"]) if ckpt is not None else 0
     if ckpt is not None:
         run.step, run.best_acc = int(ckpt["step"]), float(ckpt["best_acc"])
@@ -339,7 +352,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
     cfg, main_proc = phase.cfg, run.main_proc
     frozen = cfg.freeze == "features"
     model.features.requires_grad_(not frozen)
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if dist.enabled else 1
+    local_world = local_world_size(dist)
     cpu = machine.cpu_info()
     threads = machine.decide_threads(cpu, local_world)
     machine.apply_threads(threads)
@@ -446,6 +459,8 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
         rec = {"speed": plan.record(), "phases": phases_rec, "class_balance_used": balance}
         if run.budget_fit:
             rec["time_budget_fit"] = run.budget_fit
+        if run.bn_adapted:
+            rec["bn_adapted"] = run.bn_adapted
         return rec
 
     if main_proc:

@@ -67,6 +67,7 @@ class TrainConfig:
     head_epochs: int = 0  # with freeze=none: the first N epochs train only the classifier, then the whole network
     head_lr: float = 0.0  # peak learning rate of those head-only epochs (0 = lr)
     cache_features: bool = False  # while the backbone is frozen: compute pooled features once, train the head on them
+    bn_adapt: bool = False  # pretrained weights: re-estimate BatchNorm statistics on train/ images first (AdaBN)
     freeze_bn: bool = False  # whole-network training keeps BatchNorm statistics fixed (pretrained ones) and in eval mode
     backbone_lr_mult: float = 1.0  # learning-rate multiplier of the backbone (fine-tuning: e.g. 0.1)
     sync_bn: bool = False  # SyncBatchNorm across torchrun processes
@@ -289,7 +290,7 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 # Keys of a run's config.yaml that record what happened (e.g. the automatic speed choices), not settings:
 # a run's config.yaml given back as --config ignores them.
-RECORD_KEYS = ("speed", "phases", "time_budget_fit", "class_balance_used")
+RECORD_KEYS = ("speed", "phases", "time_budget_fit", "class_balance_used", "bn_adapted")
 
 
 def save_config(cfg: TrainConfig, path: str, record: Optional[dict[str, Any]] = None) -> None:

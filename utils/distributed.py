@@ -181,3 +181,8 @@ def _swap_bn(module: torch.nn.Module, group) -> None:
             setattr(module, name, new)
         else:
             _swap_bn(child, group)
+
+
+def local_world_size(dist: DistInfo) -> int:
+    """Processes sharing this machine's cores (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if dist.enabled else 1
