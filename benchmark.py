@@ -15,10 +15,10 @@ import importlib
 from utils.errors import run_main
 
 MODES = {
-    "data": ("utils.bench_data", "input pipeline throughput (images/s)"),
-    "train": ("utils.bench_train", "training step time: train.py's path vs plain fp32 NCHW"),
-    "infer": ("utils.bench_infer", "inference latency/throughput of deployment variants"),
-    "features": ("utils.bench_features", "frozen fine-tune feature pass (decode + backbone) per engine"),
+    "data": ("utils.bench.data", "input pipeline throughput (images/s)"),
+    "train": ("utils.bench.train", "training step time: train.py's path vs plain fp32 NCHW"),
+    "infer": ("utils.bench.infer", "inference latency/throughput of deployment variants"),
+    "features": ("utils.bench.features", "frozen fine-tune feature pass (decode + backbone) per engine"),
 }
 
 

@@ -30,10 +30,10 @@ import torch
 from utils.checkpoint import atomic_write
 from utils.data import SkippedFiles
 from utils.errors import UserError, run_main
-from utils.inference import as_records, default_workers, run_on_files, scan_class_folders
+from utils.deploy.inference import as_records, default_workers, run_on_files, scan_class_folders
 from utils.metrics import class_summary, confusion_matrix, macro_average, per_class_report, topk_correct
 from utils.plots import plot_confusion_matrix, plot_mistakes
-from utils.runtime import LoadedModel, open_model
+from utils.deploy.runtime import LoadedModel, open_model
 
 SPLIT_NAMES = ("train", "val", "test")
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))

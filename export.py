@@ -13,7 +13,7 @@ PyTorch logits within --tol (1e-4, relative to the largest logit when that excee
 every image; the TensorRT engine (fp16) within --tol-fp16 (same top-1 except near-ties); the int8 file is compared
 with model.onnx image by image: top-1 accuracy on the validation images, with a 95% interval of the change (paired,
 Newcombe), and top-1 agreement on those plus the calibration images. It is refused only when the loss is real: the
-whole interval lies below -MAX_DROP, or agreement is significantly below --min-agreement (utils/int8_check.py), so
+whole interval lies below -MAX_DROP, or agreement is significantly below --min-agreement (utils/deploy/int8_check.py), so
 one flipped image on a small validation folder does not fail the export. A failed check is an error and leaves no
 file behind (--int8-fallback: a refused int8 file is reported in one line and the fp32 files are kept).
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from utils import int8, int8_check
+from utils.deploy import int8, int8_check
 from utils.data import SkippedFiles
 from utils.errors import UserError, run_main
 
@@ -42,7 +42,7 @@ FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "int8": "m
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint written by train.py or python -m utils.prune (e.g. RUN/best.pt)")
+    p.add_argument("checkpoint", help="checkpoint written by train.py or python -m utils.deploy.prune (e.g. RUN/best.pt)")
     p.add_argument("--format", nargs="+", choices=FORMATS, default=["onnx", "torchscript", "int8"],
                    help="what to write (default: onnx torchscript int8); int8 and tensorrt also write model.onnx")
     p.add_argument("--out", help="output folder (default: the checkpoint's folder + /export)")
@@ -106,7 +106,7 @@ def _data_folder(args: argparse.Namespace, config: dict[str, Any], sub: str, fla
 
 
 def _read(ex, paths: list[str], preprocess: dict[str, Any], skipped: SkippedFiles, what: str):
-    """Decode ``paths`` (utils.export.read_images); unreadable files are named once and counted in ``skipped``;
+    """Decode ``paths`` (utils.deploy.export.read_images); unreadable files are named once and counted in ``skipped``;
     a UserError when none could be read."""
     read = ex.read_images(paths, preprocess)
     skipped.add(read.failed)
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import onnx
     import onnxruntime
 
-    from utils import export as ex
+    from utils.deploy import export as ex
     from utils.machine import describe_machine
 
     args = build_parser().parse_args(argv)
@@ -289,7 +289,7 @@ def _int8_accuracy(args, src, fp32_path: str, int8_path: str, val, calib: torch.
 
 def _export_tensorrt(args, src, paths, report, verify_x, reference, ex) -> dict[str, Any]:
     """Build the engine under a temporary name, check it on the verification images, then publish it + sidecar."""
-    from utils.tensorrt_engine import sidecar_path
+    from utils.deploy.tensorrt_engine import sidecar_path
 
     tmp, final = paths["tensorrt"] + ".unverified", paths["tensorrt"]
     facts = ex.build_tensorrt_engine(paths["onnx"], tmp, int(src.preprocess["img_size"]), src.classes, src.preprocess)

@@ -25,8 +25,8 @@ from typing import Any
 from utils.checkpoint import atomic_write
 from utils.data import SkippedFiles
 from utils.errors import UserError, run_main
-from utils.inference import as_records, default_workers, expand_image_args, run_on_files
-from utils.runtime import LoadedModel, open_model
+from utils.deploy.inference import as_records, default_workers, expand_image_args, run_on_files
+from utils.deploy.runtime import LoadedModel, open_model
 
 
 def predict_files(model: LoadedModel, paths: list[str], topk: int = 5, batch_size: int = 64,

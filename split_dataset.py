@@ -15,7 +15,7 @@ import sys
 
 from utils.balance import imbalance_paragraph
 from utils.errors import run_main
-from utils.split import format_report, split_dataset
+from utils.data.split import format_report, split_dataset
 
 
 def main() -> None:

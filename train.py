@@ -164,7 +164,7 @@ def speed_plan(cfg: cfglib.TrainConfig, model: nn.Module, device: torch.device, 
 
 def resumed_feature_engine(resumed: dict | None) -> str:
     """The engine for the cached feature pass: a run resumed on the same machine recomputes its features with the
-    engine it used before (so it continues bit for bit); anything else lets utils/engine.py decide."""
+    engine it used before (so it continues bit for bit); anything else lets utils/deploy/engine.py decide."""
     speed = (resumed or {}).get("speed") or {}
     used = (speed.get("feature_engine") or {}).get("value")
     same_machine = speed.get("machine") == machine.cpu_info().describe()
@@ -349,7 +349,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
     preprocess = {"img_size": cfg.img_size, "resize_size": cfg.resize_size, "mean": list(cfg.mean),
                   "std": list(cfg.std)}
 
-    # ---- data (cached features: the frozen backbone reads every image once, see utils/engine.py)
+    # ---- data (cached features: the frozen backbone reads every image once, see utils/deploy/engine.py)
     if cached:
         data = cache_pooled_features(model, data_dir, preprocess, cfg.batch_size, workers.value, device, cfg.seed,
                                      dist.rank, dist.world_size, bar=main_proc and cfg.progress,

@@ -22,8 +22,8 @@ import evaluate  # noqa: E402
 import export  # noqa: E402
 import predict  # noqa: E402
 from eval_helpers import fitted_sample_run  # noqa: E402
-from utils import tensorrt_engine as te  # noqa: E402
-from utils.runtime import open_model  # noqa: E402
+from utils.deploy import tensorrt_engine as te  # noqa: E402
+from utils.deploy.runtime import open_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

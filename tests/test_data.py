@@ -10,7 +10,7 @@ from PIL import Image
 from utils.data import (IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment_batch, build_eval_transform,
                         build_train_transform, load_data, load_image_folder, sample_seeds)
 from utils.errors import UserError
-from utils.split import split_dataset
+from utils.data.split import split_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample")

@@ -15,7 +15,7 @@ import evaluate
 from eval_helpers import one_thread, PHOTOS, PREPROCESS, make_checkpoint, make_class_folders, photo_paths
 from utils.data import build_eval_transform
 from utils.errors import UserError
-from utils.runtime import LoadedModel
+from utils.deploy.runtime import LoadedModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

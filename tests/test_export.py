@@ -16,10 +16,11 @@ import subprocess  # noqa: E402
 import export  # noqa: E402
 from export_helpers import make_run  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
-from utils import export as ex  # noqa: E402
-from utils import int8, machine  # noqa: E402
+from utils.deploy import export as ex  # noqa: E402
+from utils import machine  # noqa: E402
+from utils.deploy import int8  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.runtime import open_model  # noqa: E402
+from utils.deploy.runtime import open_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AVX2_CPU = machine.CpuInfo("AMD Ryzen 5 3600 6-Core Processor", 2, ("avx2",), "AVX2", False)  # Zen 2: no VNNI
@@ -175,7 +176,7 @@ def _quantized_weights(path):
 
 
 def _fake_timing(fp32_ms, int8_ms):
-    """Stand-in for utils.int8.time_int8_vs_fp32 with fixed numbers (real files and images are still checked)."""
+    """Stand-in for utils.deploy.int8.time_int8_vs_fp32 with fixed numbers (real files and images are still checked)."""
     def fake(fp32_path, int8_path, images, batch=32, budget_s=4.0):
         assert os.path.isfile(fp32_path) and os.path.isfile(int8_path) and images.shape[1:] == (3, 32, 32)
         return {"batch1_p50_ms": {"fp32": fp32_ms, "int8": int8_ms}, "batch32_img_s": {"fp32": 100.0, "int8": 114.0},

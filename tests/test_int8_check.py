@@ -1,4 +1,4 @@
-"""export.py's int8 check (utils/int8_check.py): exact interval numbers, and real exports on the Fashion-MNIST sample
+"""export.py's int8 check (utils/deploy/int8_check.py): exact interval numbers, and real exports on the Fashion-MNIST sample
 where one flipped image on 40 validation images passes and a blank-calibrated (broken) int8 model is refused."""
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 import export  # noqa: E402
 from export_helpers import SAMPLE, make_run  # noqa: E402
-from utils import export as ex  # noqa: E402
+from utils.deploy import export as ex  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.int8_check import judge_int8, paired_difference_interval, wilson_interval  # noqa: E402
+from utils.deploy.int8_check import judge_int8, paired_difference_interval, wilson_interval  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------- the intervals

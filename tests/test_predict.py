@@ -14,7 +14,7 @@ import predict
 from eval_helpers import one_thread, PHOTOS, export_onnx, make_checkpoint, photo_paths
 from utils.data import build_eval_transform
 from utils.errors import UserError
-from utils.runtime import open_model
+from utils.deploy.runtime import open_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

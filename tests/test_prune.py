@@ -1,4 +1,4 @@
-"""utils/prune.py: real structured pruning (fewer channels, fewer MACs), save/load, fine-tune CLI, export."""
+"""utils/deploy/prune.py: real structured pruning (fewer channels, fewer MACs), save/load, fine-tune CLI, export."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import export  # noqa: E402
 from export_helpers import make_run  # noqa: E402
 from models import build_model, count_macs, count_params  # noqa: E402
-from utils import prune  # noqa: E402
+from utils.deploy import prune  # noqa: E402
 from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 

@@ -22,10 +22,10 @@ import export  # noqa: E402
 import predict  # noqa: E402
 from eval_helpers import fitted_sample_run, one_thread  # noqa: E402
 from fake_tensorrt import make_cudart, make_plan, make_tensorrt  # noqa: E402
-from utils import export as ex  # noqa: E402
-from utils import tensorrt_engine as te  # noqa: E402
+from utils.deploy import export as ex  # noqa: E402
+from utils.deploy import tensorrt_engine as te  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.runtime import detect_kind, open_model  # noqa: E402
+from utils.deploy.runtime import detect_kind, open_model  # noqa: E402
 
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 

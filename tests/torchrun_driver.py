@@ -57,7 +57,7 @@ def hook_sigint(rank: int, at_step: int) -> None:
 
 
 def hook_feature_dump(folder: str) -> None:
-    from utils.inference import ImageFiles  # the feature pass's dataset
+    from utils.deploy.inference import ImageFiles  # the feature pass's dataset
 
     real_cache, real_getitem, encoded = train.cache_pooled_features, ImageFiles.__getitem__, {"n": 0}
 

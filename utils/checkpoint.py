@@ -41,8 +41,8 @@ def model_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = True) -> torch.n
         raise UserError("checkpoint has no 'arch' entry (model name, classes, width); re-save it with train.py")
     model = build_model(**arch)
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
-    if ckpt.get("pruned"):  # utils/prune.py removed channels: give the fresh model the stored (smaller) shapes
-        from utils.prune import shrink_to_state_dict
+    if ckpt.get("pruned"):  # utils/deploy/prune.py removed channels: give the fresh model the stored (smaller) shapes
+        from utils.deploy.prune import shrink_to_state_dict
 
         shrink_to_state_dict(model, weights)
     model.load_state_dict(weights, strict=True)

@@ -172,7 +172,7 @@ class SpeedPlan:
     cudnn_benchmark: Choice
     openmp: Choice
     probe: dict[str, float] = field(default_factory=dict)  # variant -> measured s/step (empty: no probe)
-    feature_engine: Optional[Choice] = None  # what ran the frozen backbone's cached feature pass (utils/engine.py)
+    feature_engine: Optional[Choice] = None  # what ran the frozen backbone's cached feature pass (utils/deploy/engine.py)
     compile: Choice = field(default_factory=lambda: Choice(False, "not decided"))  # torch.compile of the model
 
     @property
@@ -536,12 +536,12 @@ def apply_plan(plan: SpeedPlan, device: torch.device) -> None:
 
 
 def decide_forward_threads(workers: int, budget: Optional[int] = None) -> Choice:
-    """onnxruntime intra-op thread counts for a forward-only pass (utils/engine.py) beside ``workers`` DataLoader
+    """onnxruntime intra-op thread counts for a forward-only pass (utils/deploy/engine.py) beside ``workers`` DataLoader
     decode processes, out of ``budget`` threads (default: PyTorch's, i.e. this process's share of the cores).
 
     Without workers (train.py's choice for the feature pass on <= 2 cores) the engine gets them all. With decode
     workers on the same cores, ``budget`` and ``budget - workers`` threads are both candidates and the pass
-    itself compares them (utils.engine.ThreadProbe): which wins depends on the load (2-core VM, 224 px, 1 worker,
+    itself compares them (utils.deploy.engine.ThreadProbe): which wins depends on the load (2-core VM, 224 px, 1 worker,
     benchmark.py features: 2 threads 155 img/s vs 1 thread 134 when quiet, 59 vs 82 with other jobs running).
     """
     budget = budget or torch.get_num_threads()

@@ -440,7 +440,7 @@ class FeatureBundle:
     classes: list
     num_train: int
     num_val: int
-    engine: Optional[Choice] = None  # what ran the backbone over the images, and why (utils/engine.py)
+    engine: Optional[Choice] = None  # what ran the backbone over the images, and why (utils/deploy/engine.py)
     skipped: int = 0  # unreadable train + val images left out, counted over all processes (same on each)
 
     def set_epoch(self, epoch: int) -> None:
@@ -457,12 +457,12 @@ def encode_pooled(model: nn.Module, samples: list, transform: Callable, batch_si
                   bar: bool = False) -> tuple[torch.Tensor, object, torch.Tensor, list[tuple[str, str]]]:
     """Pooled backbone features (float32, CPU) of the readable image files among ``samples`` ([(path, label)]),
     in order (``torch.empty(0)`` when there are none); the forward engine that computed them (``fwd`` when
-    given, else the one utils.engine.fast_forward picks on the first real batch); a bool mask over ``samples``
-    of the files that were read; and ``[(path, error)]`` of the unreadable ones (utils.inference.ImageFiles)."""
+    given, else the one utils.deploy.engine.fast_forward picks on the first real batch); a bool mask over ``samples``
+    of the files that were read; and ``[(path, error)]`` of the unreadable ones (utils.deploy.inference.ImageFiles)."""
     from tqdm import tqdm
 
-    from utils.engine import fast_forward
-    from utils.inference import ImageFiles, collate_readable
+    from utils.deploy.engine import fast_forward
+    from utils.deploy.inference import ImageFiles, collate_readable
 
     paths = [p for p, _ in samples]
     loader = torch.utils.data.DataLoader(ImageFiles(paths, transform), batch_size=batch_size, num_workers=workers,
@@ -493,7 +493,7 @@ def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, bat
     :func:`utils.distributed.gather_rows` gives every process the full tensors, in file order. Unreadable files
     are named in one line by the process that met them and left out; the bundle's ``skipped`` counts them over
     all processes (the same number on each). The backbone runs
-    on the fastest engine this machine has (utils/engine.py: onnxruntime on a CPU when it matches PyTorch on the
+    on the fastest engine this machine has (utils/deploy/engine.py: onnxruntime on a CPU when it matches PyTorch on the
     first batch; ``engine`` forces ``pytorch`` or ``onnxruntime``); the bundle's ``engine`` says which and why.
     """
     import os

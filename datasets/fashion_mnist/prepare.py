@@ -120,7 +120,7 @@ def ensure_default_dataset(root: str = "datasets/fashion_mnist") -> str:
     A relative ``root`` is taken relative to the repository, so ``python train.py`` works from any directory.
     Split: val = 1/7 (1,000 of each class's 7,000), seed 0, hard links (fall back to copies).
     """
-    from utils.split import split_dataset
+    from utils.data.split import split_dataset
 
     root_path = Path(root) if os.path.isabs(root) else ROOT / root
     split_dir = root_path / "split"

@@ -3,7 +3,7 @@ features, the loop utils.train_loop.cache_pooled_features runs, per engine and p
 decode workers and engine threads.
 
 Variants are ``ENGINE/wWORKERS/tTHREADS[/spin]``: ``pytorch`` = eager fp32 channels_last, ``onnxruntime`` =
-utils/engine.py forced to onnxruntime (idle threads sleep unless ``/spin``), ``auto`` = what train.py's
+utils/deploy/engine.py forced to onnxruntime (idle threads sleep unless ``/spin``), ``auto`` = what train.py's
 cache_pooled_features chooses on this machine for a long pass, workers and threads included. Engines are built once per variant
 (their one-time cost, export + first-batch check, is reported beside); each timed call is a fresh DataLoader
 over ``--images`` photos, as each split of the real pass is. Calls are interleaved (A B C A B C ...) and reported
@@ -63,7 +63,7 @@ def parse_variant(text: str) -> tuple[str, int, int, bool]:
 
 
 def _images(folder: str, n: int) -> list[tuple[str, int]]:
-    from utils.inference import images_under
+    from utils.deploy.inference import images_under
 
     found = images_under(folder) if os.path.isdir(folder) else []
     if not found:
@@ -84,10 +84,10 @@ def run(args: argparse.Namespace) -> None:
     from models import build_model, load_pretrained
     from utils import machine
     from utils.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
-    from utils.engine import ThreadProbe, fast_forward
+    from utils.deploy.engine import ThreadProbe, fast_forward
     from utils.machine import Choice
     from utils.timing import interleaved_timings, load_average, median
-    from utils.inference import ImageFiles, collate_readable
+    from utils.deploy.inference import ImageFiles, collate_readable
 
     if args.images < 1 or args.repeats < 1:
         raise UserError("--images and --repeats must be at least 1")

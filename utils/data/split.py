@@ -25,10 +25,9 @@ import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+from utils.data.images import IMAGE_EXTENSIONS
 from utils.errors import UserError
 
-# torchvision's ImageFolder extensions (compared lower-case), so every kept file is loadable for training.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")
 
 

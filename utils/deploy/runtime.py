@@ -9,7 +9,7 @@ and prediction never guess them::
     logits = m.predict_batch(torch.stack([tf(img) for img in images]))
     names = [m.classes[i] for i in logits.argmax(1)]
 
-A checkpoint on a CPU runs on onnxruntime when that computes the same logits faster (utils/engine.py, checked
+A checkpoint on a CPU runs on onnxruntime when that computes the same logits faster (utils/deploy/engine.py, checked
 on its first batch); ``m.engine`` says which runtime ran and why.
 """
 from __future__ import annotations
@@ -81,7 +81,7 @@ class LoadedModel:
 
     def expect_images(self, n: int) -> None:
         """Say how many images the coming pass has: a checkpoint on a CPU exports itself to onnxruntime only when
-        the pass is long enough to repay it (utils/engine.py). Other formats ignore it."""
+        the pass is long enough to repay it (utils/deploy/engine.py). Other formats ignore it."""
         if isinstance(self._run, _FastCheckpoint):
             self._run.images = n
 
@@ -132,7 +132,7 @@ def detect_kind(path: str) -> str:
 
     A TensorRT plan has no signature of its own (its layout changes between TensorRT versions), hence the name.
     """
-    from utils.tensorrt_engine import ENGINE_EXTENSIONS
+    from utils.deploy.tensorrt_engine import ENGINE_EXTENSIONS
 
     if not os.path.exists(path):
         raise UserError(f"model file {path} not found; pass {ACCEPTED}")
@@ -156,7 +156,7 @@ def detect_kind(path: str) -> str:
 
 
 class _FastCheckpoint:
-    """A checkpoint's network on the fastest engine of this machine (utils/engine.py: onnxruntime on a CPU when it
+    """A checkpoint's network on the fastest engine of this machine (utils/deploy/engine.py: onnxruntime on a CPU when it
     matches PyTorch's logits, else PyTorch eager), chosen on the first batch it is given."""
 
     def __init__(self, model: torch.nn.Module, threads: int = 0) -> None:
@@ -171,7 +171,7 @@ class _FastCheckpoint:
         return self._engine.choice
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from utils.engine import fast_forward
+        from utils.deploy.engine import fast_forward
 
         if self._engine is None:
             # Same onnxruntime settings as an ONNX file gets in open_model: idle threads sleep (decode workers).
@@ -327,7 +327,7 @@ def _open_onnx(path: str, device: torch.device, threads: int | None = None) -> L
 
 def _open_engine(path: str, device: str | torch.device | None) -> LoadedModel:
     """A TensorRT engine with its sidecar (classes, preprocessing); runs on a CUDA GPU only."""
-    from utils import tensorrt_engine as te
+    from utils.deploy import tensorrt_engine as te
 
     plan, meta = te.read_engine(path)
     classes, pre = _validate_meta(te.sidecar_path(path), meta.get("classes"), meta.get("preprocess"))

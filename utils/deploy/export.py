@@ -7,9 +7,9 @@
 - int8: onnxruntime static post-training quantization, QDQ format, per-channel s8 weights and u8
   activations (u8 activations hit the fast u8s8 kernels on x86; s8 activations gave no speed-up here and
   dynamic quantization was 17x slower, see README), calibrated on real training images. Weights are 7-bit
-  by default (``reduce_range``): exact on x86 CPUs without VNNI too (see utils/int8.py).
+  by default (``reduce_range``): exact on x86 CPUs without VNNI too (see utils/deploy/int8.py).
 - TensorRT: an engine built from the verified ONNX file (fp16 where GPU and TensorRT version allow it) when
-  TensorRT can use a GPU here; see utils.tensorrt_engine for the TensorRT 8/10/11 differences.
+  TensorRT can use a GPU here; see utils.deploy.tensorrt_engine for the TensorRT 8/10/11 differences.
 
 Class names and preprocessing travel inside every file (ONNX ``metadata_props``, TorchScript
 ``_extra_files``), so a single file is enough for inference; a TensorRT plan cannot hold them, so they travel
@@ -30,7 +30,7 @@ from torch import nn
 
 from utils.checkpoint import atomic_write, load_checkpoint
 from utils.errors import UserError
-from utils.runtime import onnx_session  # noqa: F401  (re-exported: bench_infer, prune, tests)
+from utils.deploy.runtime import onnx_session  # noqa: F401  (re-exported: bench_infer, prune, tests)
 
 ONNX_OPSET = 17
 INPUT_NAME = "input"
@@ -51,7 +51,7 @@ class ExportSource:
 
 
 def load_export_source(path: str) -> ExportSource:
-    """Read a train.py (or utils.prune) checkpoint into an eval-mode fp32 CPU model plus its metadata."""
+    """Read a train.py (or utils.deploy.prune) checkpoint into an eval-mode fp32 CPU model plus its metadata."""
     from utils.checkpoint import model_from_checkpoint  # handles pruned (shrunk) checkpoints too
 
     ckpt = load_checkpoint(path)
@@ -67,30 +67,11 @@ def load_export_source(path: str) -> ExportSource:
 # ----------------------------------------------------------------------------------------------- images
 def list_images(root: str) -> list[str]:
     """Every image file under ``root`` (recursive), sorted so runs are reproducible."""
-    from utils.inference import images_under
+    from utils.deploy.inference import images_under
 
     if not os.path.isdir(root):
         raise UserError(f"image folder {root} not found; pass an existing folder of images")
     return images_under(root)
-
-
-def list_labelled_images(root: str, classes: Sequence[str]) -> list[tuple[str, int]]:
-    """``root/<class>/*`` images with the checkpoint's class index; a folder the model doesn't know is an error."""
-    if not os.path.isdir(root):
-        raise UserError(f"validation folder {root} not found; pass --val-data DIR with one sub-folder per class")
-    index = {c: i for i, c in enumerate(classes)}
-    items: list[tuple[str, int]] = []
-    for name in sorted(os.listdir(root)):
-        sub = os.path.join(root, name)
-        if not os.path.isdir(sub):
-            continue
-        if name not in index:
-            raise UserError(f"{sub}: class '{name}' is not one of the checkpoint's classes ({', '.join(classes)}); "
-                            "pass the validation folder of the data the model was trained on (--val-data)")
-        items += [(p, index[name]) for p in list_images(sub)]
-    if not items:
-        raise UserError(f"no images found in {root}/<class>/; pass --val-data DIR with one sub-folder per class")
-    return items
 
 
 def evenly_spaced(items: list, limit: int) -> list:
@@ -112,10 +93,10 @@ class ReadImages:
 
 
 def read_images(paths: Sequence[str], preprocess: dict[str, Any], chunk: int = 64) -> ReadImages:
-    """Decode and preprocess images exactly like evaluation does (utils.inference.ImageFiles), skipping the
+    """Decode and preprocess images exactly like evaluation does (utils.deploy.inference.ImageFiles), skipping the
     unreadable ones (not reported here: callers pass ``failed`` to a utils.data.SkippedFiles)."""
     from utils.data import build_eval_transform
-    from utils.inference import ImageFiles, collate_readable
+    from utils.deploy.inference import ImageFiles, collate_readable
 
     files = ImageFiles(paths, build_eval_transform(preprocess))
     xs, kept, failed = [], [], []
@@ -240,7 +221,7 @@ def quantize_int8(fp32_path: str, out_path: str, calib: torch.Tensor, per_channe
     """Static post-training int8 quantization (QDQ, s8 weights, u8 activations) calibrated on ``calib``.
 
     ``reduce_range`` (default) keeps weights within [-64, 64]: no int16 saturation on x86 CPUs without VNNI;
-    False gives full 8-bit weights for VNNI/AMX and ARM targets (utils.int8.TARGETS).
+    False gives full 8-bit weights for VNNI/AMX and ARM targets (utils.deploy.int8.TARGETS).
 
     ``quant_pre_process`` first runs shape inference and graph optimisation, so every Conv/Gemm gets
     quantization parameters (BatchNorm is already folded into the convolutions by the exporter).
@@ -302,7 +283,7 @@ def require_tensorrt(cmd: str, first: str = "") -> None:
     CPU-only torch) and a CUDA memory API to run the engine on the verification images (torch with CUDA, or
     cuda-python). ``first`` is prepended to the trtexec line, e.g. the export.py call that writes its ONNX file.
     """
-    from utils import tensorrt_engine as te
+    from utils.deploy import tensorrt_engine as te
 
     todo = f"{first}then {cmd}" if first else cmd
     trt = te.import_tensorrt()
@@ -321,10 +302,10 @@ def build_tensorrt_engine(onnx_path: str, engine_path: str, img_size: int, class
                           preprocess: dict[str, Any], max_batch: int = 32) -> dict[str, Any]:
     """Build a TensorRT engine from the ONNX file and write it with its sidecar ``<engine_path>.json``.
 
-    fp16 where the GPU and TensorRT version allow it (see utils.tensorrt_engine); returns the facts
+    fp16 where the GPU and TensorRT version allow it (see utils.deploy.tensorrt_engine); returns the facts
     (precision and how it was obtained, network flags, TensorRT version, equivalent trtexec line).
     """
-    from utils import tensorrt_engine as te
+    from utils.deploy import tensorrt_engine as te
 
     cmd = trtexec_command(onnx_path, engine_path, img_size, max_batch)
     require_tensorrt(cmd)
@@ -338,7 +319,7 @@ def build_tensorrt_engine(onnx_path: str, engine_path: str, img_size: int, class
 
 def engine_predictor(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """``predict(x) -> logits`` for an engine file and its sidecar, whatever the file is named (e.g. unverified)."""
-    from utils import tensorrt_engine as te
+    from utils.deploy import tensorrt_engine as te
 
     plan, meta = te.read_engine(path)
     runner, _ = te.open_engine(path, meta, plan)
@@ -347,8 +328,8 @@ def engine_predictor(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 # -------------------------------------------------------------------------------------------- inference
 def file_predictor(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``predict(x) -> logits`` for an exported file, through the loader evaluate/predict use (utils.runtime)."""
-    from utils.runtime import open_model
+    """``predict(x) -> logits`` for an exported file, through the loader evaluate/predict use (utils.deploy.runtime)."""
+    from utils.deploy.runtime import open_model
 
     return open_model(path, device="cpu").predict_batch
 

@@ -86,7 +86,7 @@ def time_int8_vs_fp32(fp32_path: str, int8_path: str, images: np.ndarray, batch:
     """
     import time
 
-    from utils.runtime import onnx_session
+    from utils.deploy.runtime import onnx_session
     from utils.timing import interleaved_timings, median
 
     sessions = {"fp32": onnx_session(fp32_path), "int8": onnx_session(int8_path)}

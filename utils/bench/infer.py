@@ -33,7 +33,7 @@ VARIANTS = ("eager", "channels_last", "torchscript", "onnxruntime", "onnxruntime
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``benchmark.py infer``."""
     parser.add_argument("checkpoint", nargs="?",
-                        help="checkpoint to benchmark (train.py or utils.prune); omit it to use --model")
+                        help="checkpoint to benchmark (train.py or utils.deploy.prune); omit it to use --model")
     parser.add_argument("--model", default="mobilenet_v2",
                         help="architecture when no checkpoint is given (default mobilenet_v2)")
     parser.add_argument("--width-mult", type=float, default=1.0, help="width multiplier for --model (default 1.0)")
@@ -72,7 +72,7 @@ def _model_and_meta(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str
     """The fp32 eval model, its preprocess dict (for calibration images) and a label for the table."""
     from models import build_model, load_pretrained
     from utils.data import IMAGENET_MEAN, IMAGENET_STD
-    from utils.export import load_export_source
+    from utils.deploy.export import load_export_source
 
     if args.checkpoint:
         src = load_export_source(args.checkpoint)
@@ -100,7 +100,7 @@ def _state_dict_bytes(model: torch.nn.Module) -> int:
 def build_variants(model: torch.nn.Module, pre: dict[str, Any], args: argparse.Namespace, tmp: str
                    ) -> dict[str, tuple[Any, str, int]]:
     """name -> (callable taking an NCHW fp32 tensor, input layout, file bytes)."""
-    from utils import export as ex
+    from utils.deploy import export as ex
 
     size = int(pre["img_size"])
     out: dict[str, tuple[Any, str, int]] = {}
@@ -148,7 +148,7 @@ def _clone(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _ort_fn(sess):
-    from utils.export import INPUT_NAME
+    from utils.deploy.export import INPUT_NAME
 
     return lambda x: sess.run(None, {INPUT_NAME: x})
 
