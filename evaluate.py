@@ -10,18 +10,16 @@ Class names and preprocessing always come from the model file itself.
 """
 from __future__ import annotations
 
-import os
+from utils.process import configure_process
 
-# Idle OpenMP threads sleep instead of busy-waiting, so DataLoader decode workers (and other jobs) get the
-# cores: measured 20 vs 3 images/s (predict, 224 px) and 1134 vs 753 (evaluate, 32 px) on a busy 2-core CPU.
-# Only takes effect before torch is imported; a value the user set wins; importing this module changes nothing.
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    configure_process("infer")  # idle OpenMP threads sleep (utils/process.py); must precede torch
 
-import argparse  # noqa: E402
+import argparse
 import csv
 import io
 import json
+import os
 from typing import Any
 
 import numpy as np
@@ -169,13 +167,6 @@ def evaluate(model: LoadedModel, data_dir: str, batch_size: int = 64, workers: i
             "failed": res.failed, "notes": notes}
 
 
-def _write_text(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
 def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -190,17 +181,17 @@ def write_outputs(result: dict[str, Any], out_dir: str) -> dict[str, str]:
     files = {k: os.path.join(out_dir, k) for k in ("metrics.json", "per_class.csv", "confusion_matrix.csv",
                                                     "confusion_matrix.png", "mistakes.csv", "mistakes.png")}
     m = result["metrics"]
-    _write_text(files["metrics.json"], json.dumps(m, indent=2) + "\n")
-    _write_text(files["per_class.csv"], _csv_text(
+    write_text(files["metrics.json"], json.dumps(m, indent=2) + "\n")
+    write_text(files["per_class.csv"], _csv_text(
         ["class", "precision", "recall", "f1", "support"],
         [[r["class"], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]]
          for r in result["per_class"]]))
     names, cm = result["cm_names"], np.asarray(result["cm"])
-    _write_text(files["confusion_matrix.csv"], _csv_text(
+    write_text(files["confusion_matrix.csv"], _csv_text(
         ["true\\predicted"] + names, [[names[i]] + cm[i].tolist() for i in range(len(names))]))
     title = f"{os.path.basename(m['model'])} on {m['data']}: top-1 {m['top1']:.2f}% ({m['images']} images)"
     plot_confusion_matrix(cm, names, files["confusion_matrix.png"], title=title)
-    _write_text(files["mistakes.csv"], _csv_text(
+    write_text(files["mistakes.csv"], _csv_text(
         ["file", "true", "predicted", "confidence", "true_class_prob"],
         [[r["file"], r["true"], r["predicted"], f"{r['confidence']:.4f}", f"{r['true_class_prob']:.4f}"]
          for r in result["mistakes"]]))

@@ -42,7 +42,7 @@ FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "int8": "m
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint written by train.py or python -m utils.deploy.prune (e.g. RUN/best.pt)")
+    p.add_argument("checkpoint", help="checkpoint written by train.py or python -m utils.pruning (e.g. RUN/best.pt)")
     p.add_argument("--format", nargs="+", choices=FORMATS, default=["onnx", "torchscript", "int8"],
                    help="what to write (default: onnx torchscript int8); int8 and tensorrt also write model.onnx")
     p.add_argument("--out", help="output folder (default: the checkpoint's folder + /export)")
@@ -332,12 +332,7 @@ def _int8_speed(fp32_path: str, int8_path: str, images: torch.Tensor) -> dict[st
 def _write_report(out: str, report: dict[str, Any]) -> None:
     from utils.checkpoint import atomic_write
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-
-    atomic_write(os.path.join(out, "export.json"), write)
+    write_json(os.path.join(out, "export.json"), report)
 
 
 if __name__ == "__main__":

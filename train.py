@@ -17,11 +17,12 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-from utils.omp import short_openmp_spin
+from utils.process import configure_process
 
-short_openmp_spin()  # idle OpenMP threads spin briefly, then sleep (measured in utils/omp.py); must precede torch
+if __name__ == "__main__":
+    configure_process("train")  # idle OpenMP threads spin briefly, then sleep (utils/process.py); must precede torch
 
-import torch  # noqa: E402
+import torch
 from torch import nn
 
 from models import build_model, count_params, load_pretrained
@@ -86,25 +87,6 @@ def resolve_config(args: argparse.Namespace) -> tuple[cfglib.TrainConfig, dict |
     return cfglib.build_config(recipe, source, flags, args.sets), ckpt
 
 
-def resolve_data_dir(cfg: cfglib.TrainConfig, is_main: bool) -> str:
-    """The data folder; the default Fashion-MNIST split is prepared on first use."""
-    default = cfglib.TrainConfig().data
-    if cfg.data == default and not os.path.isdir(cfg.data):
-        path = os.path.join(cfglib.REPO_ROOT, default)
-        if not os.path.isdir(os.path.join(path, "train")):
-            from datasets.fashion_mnist.prepare import ensure_default_dataset
-
-            if is_main:
-                print("preparing the default dataset (Fashion-MNIST class folders, train/val split) ...")
-                ensure_default_dataset(os.path.join(cfglib.REPO_ROOT, "datasets", "fashion_mnist"))
-            barrier()
-        return path
-    if not os.path.isdir(cfg.data):
-        raise UserError(f"data folder {cfg.data} not found; pass --data DIR with train/ and val/ class folders "
-                        "(make one with split_dataset.py)")
-    return cfg.data
-
-
 def make_model(cfg: cfglib.TrainConfig, num_classes: int, resuming: bool, is_main: bool) -> nn.Module:
     """Build the network, load pretrained weights (fresh runs only) and freeze the backbone if asked."""
     torch.manual_seed(cfg.seed)  # same initial weights whatever ran before (data loading, process group setup)
@@ -117,49 +99,6 @@ def make_model(cfg: cfglib.TrainConfig, num_classes: int, resuming: bool, is_mai
     if cfg.freeze == "features":
         model.features.requires_grad_(False)
     return model
-
-
-def speed_plan(cfg: cfglib.TrainConfig, model: nn.Module, device: torch.device, cache: str, threads: machine.Choice,
-               workers: machine.Choice, num_classes: int, resumed: dict | None,
-               run_steps: int = 0, run_s: float | None = None) -> machine.SpeedPlan:
-    """The run's automatic speed choices (utils/machine.py). On a CPU, precision and memory format come from a
-    short probe of this very model's training step; a resumed run on the same machine reuses the probe it
-    recorded, so it continues with the same choices (and bit for bit). ``run_steps`` (optimizer steps left), or
-    ``run_s`` (seconds left under a time budget), decides whether torch.compile is worth probing."""
-    frozen = cfg.freeze == "features"
-    amp, layout = cfg.amp, cfg.channels_last
-    if cfg.cache_features:  # only the linear head trains, on cached features: nothing for bf16 or NHWC to speed up
-        amp, layout = "off", "off"
-    recorded = (resumed or {}).get("speed") or {}
-    batch = machine.probe_batch(cfg.batch_size, cfg.img_size)
-
-    def measure(variants):
-        old = recorded.get("probe_s_per_step") or {}
-        if recorded.get("machine") == machine.cpu_info().describe() and all(machine.variant_name(v) in old
-                                                                            for v in variants):
-            return old, True
-        factory = make_probe_step(model, frozen=frozen, device=device, batch=batch, img_size=cfg.img_size,
-                                  num_classes=num_classes, full_batch=cfg.batch_size)
-        full = any(len(v) > 2 for v in variants)  # the compile probe runs at the real batch size
-        what = {"model": dict(model.arch), "img_size": cfg.img_size, "batch": cfg.batch_size if full else batch,
-                "frozen": frozen, "small_input": cfg.small_input}
-        return machine.probe_variants(factory, variants, machine.cpu_info(), what)
-
-    def probe(variants):  # rank 0 measures, every torchrun process trains with its choice
-        result = None
-        if is_main_process():
-            try:
-                result = measure(variants)
-            except Exception as e:  # e.g. torch.compile without a C++ compiler: every rank must hear of it
-                result = RuntimeError(f"{type(e).__name__}: {e}")
-        result = broadcast_object(result)
-        if isinstance(result, Exception):
-            raise result
-        return result
-
-    return machine.plan_training(device=device, amp=amp, channels_last=layout, cache=cache, workers=workers,
-                                 threads=threads, probe=probe, compile=cfg.compile, run_steps=run_steps,
-                                 batch_scale=cfg.batch_size / batch, images_per_step=cfg.batch_size, run_s=run_s)
 
 
 def resumed_feature_engine(resumed: dict | None) -> str:
@@ -185,25 +124,11 @@ def class_balance_plan(cfg: cfglib.TrainConfig, labels: torch.Tensor, classes: l
 
 def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, step, best_acc, classes,
                      plan: machine.SpeedPlan, partial: EpochProgress | None = None, balance: dict | None = None) -> dict:
-    """The checkpoint dict (format in the README): everything needed to continue bit for bit."""
-    import torchvision
-
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "ema": ema.state_dict() if ema is not None else None,
-        "epoch": epoch, "step": step, "best_acc": best_acc, "config": cfglib.to_dict(cfg), "classes": list(classes),
-        "preprocess": {"img_size": cfg.img_size, "resize_size": cfg.resize_size, "mean": list(cfg.mean),
-                       "std": list(cfg.std)},
-        "arch": dict(model.arch), "rng": rng, "speed": plan.record(),
-        "class_balance_used": balance, "best_metric": (balance or {}).get("select_metric", "top1"),
-        "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
-        # Set only when Ctrl-C stopped an epoch half-way: where to pick it up again (every process's state).
-        "partial_epoch": None if partial is None else partial_epoch_entry(partial),
-    }
+    """The checkpoint dict (format in utils/checkpoint.py): everything needed to continue bit for bit."""
+    return training_state(model=model, optimizer=optimizer, scheduler=schedule, scaler=scaler, ema=ema, epoch=epoch,
+                          step=step, best_acc=best_acc, config=cfglib.to_dict(cfg), classes=classes,
+                          preprocess=Preprocess.from_config(cfg), speed=plan.record(), balance=balance,
+                          partial_epoch=None if partial is None else partial_epoch_entry(partial))
 
 
 @dataclass
@@ -346,8 +271,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
     cached = frozen and cfg.cache_features
     workers = machine.decide_workers(cfg.workers, device, cpu, local_world, feature_pass=cached)
     data_dir = run.data_dir
-    preprocess = {"img_size": cfg.img_size, "resize_size": cfg.resize_size, "mean": list(cfg.mean),
-                  "std": list(cfg.std)}
+    preprocess = Preprocess.from_config(cfg).as_dict()
 
     # ---- data (cached features: the frozen backbone reads every image once, see utils/deploy/engine.py)
     if cached:

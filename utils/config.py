@@ -297,12 +297,7 @@ def save_config(cfg: TrainConfig, path: str, record: Optional[dict[str, Any]] = 
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if record:
         text += yaml.safe_dump(record, sort_keys=False)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(path, write)
+    write_text(path, text)
 
 
 def describe_keys() -> str:

@@ -39,13 +39,7 @@ class CSVLogger:
         w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", restval="", extrasaction="ignore")
         w.writeheader()
         w.writerows(self.rows)
-        text = buf.getvalue()
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", newline="") as f:
-                f.write(text)
-
-        atomic_write(self.path, write)
+        write_text(self.path, buf.getvalue())
 
 
 def _fmt(v: Any) -> str:

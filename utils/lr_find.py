@@ -137,16 +137,9 @@ def lr_sweep(ctx, loader: Iterable, lrs: list[float], *, diverge: float = DIVERG
 
 def write_csv(result: LRFindResult, path: str) -> None:
     """``step,lr,loss,smoothed_loss``, one row per step, written atomically."""
-    from utils.files import atomic_write
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "lr", "loss", "smoothed_loss"])
-            for i, (lr, loss, sm) in enumerate(zip(result.lrs, result.losses, result.smoothed)):
-                w.writerow([i, f"{lr:.6g}", f"{loss:.6g}", f"{sm:.6g}"])
-
-    atomic_write(path, write)
+    rows = [[i, f"{lr:.6g}", f"{loss:.6g}", f"{sm:.6g}"]
+            for i, (lr, loss, sm) in enumerate(zip(result.lrs, result.losses, result.smoothed))]
+    write_text(path, csv_text(["step", "lr", "loss", "smoothed_loss"], rows))
 
 
 def run_lr_find(ctx, data: Any, out: str, *, steps: int, lr_range: tuple[float, float] = (1e-6, 1.0),

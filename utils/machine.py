@@ -214,12 +214,12 @@ def decide_threads(cpu: CpuInfo, local_world: int) -> Choice:
 
 
 def decide_openmp() -> Choice:
-    """How idle OpenMP threads wait (set by utils.omp before torch started; recorded here)."""
+    """How idle OpenMP threads wait (set by utils.process before torch started; recorded here)."""
     if "OMP_WAIT_POLICY" in os.environ:
         return Choice(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}", "set in the environment")
     if "GOMP_SPINCOUNT" in os.environ:
         return Choice(f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}",
-                      "short spin, then sleep: fast on a quiet machine, fair on a shared one (utils/omp.py)")
+                      "short spin, then sleep: fast on a quiet machine, fair on a shared one (utils/process.py)")
     return Choice("libgomp default", "not set before torch started")
 
 
@@ -298,8 +298,6 @@ def _load_cached(key: str) -> Optional[dict[str, float]]:
 
 
 def _store_cached(key: str, result: dict[str, float]) -> None:
-    from utils.files import atomic_write
-
     path = os.path.join(cache_dir(), "probe.json")
     try:
         with open(path) as f:
@@ -307,12 +305,8 @@ def _store_cached(key: str, result: dict[str, float]) -> None:
     except (OSError, ValueError):
         table = {}
     table[key] = result
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(table, f, indent=1)
-
     try:
-        atomic_write(path, write)
+        write_json(path, table, indent=1)
     except OSError:  # read-only home: the probe simply runs again next time
         pass
 

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from utils.balance import epoch_order
-from utils.distributed import CPUSyncBatchNorm, all_reduce_sum
+from utils import machine
+from utils.config import TrainConfig
+from utils.distributed import CPUSyncBatchNorm, all_reduce_sum, broadcast_object, is_main_process
 from utils.errors import UserError
 from utils.machine import Choice, decide_forward_threads
 from utils.metrics import class_summary, topk_correct
@@ -540,3 +542,46 @@ def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, bat
         FeatureBatches(*out["val"], batch_size, shuffle=False, rank=rank, world_size=world_size),
         classes, len(out["train"][1]), len(out["val"][1]),
         fwd.choice if fwd else None, skipped=skipped)
+
+
+def speed_plan(cfg: TrainConfig, model: nn.Module, device: torch.device, cache: str, threads: machine.Choice,
+               workers: machine.Choice, num_classes: int, resumed: dict | None,
+               run_steps: int = 0, run_s: float | None = None) -> machine.SpeedPlan:
+    """The run's automatic speed choices (utils/machine.py). On a CPU, precision and memory format come from a
+    short probe of this very model's training step; a resumed run on the same machine reuses the probe it
+    recorded, so it continues with the same choices (and bit for bit). ``run_steps`` (optimizer steps left), or
+    ``run_s`` (seconds left under a time budget), decides whether torch.compile is worth probing."""
+    frozen = cfg.freeze == "features"
+    amp, layout = cfg.amp, cfg.channels_last
+    if cfg.cache_features:  # only the linear head trains, on cached features: nothing for bf16 or NHWC to speed up
+        amp, layout = "off", "off"
+    recorded = (resumed or {}).get("speed") or {}
+    batch = machine.probe_batch(cfg.batch_size, cfg.img_size)
+
+    def measure(variants):
+        old = recorded.get("probe_s_per_step") or {}
+        if recorded.get("machine") == machine.cpu_info().describe() and all(machine.variant_name(v) in old
+                                                                            for v in variants):
+            return old, True
+        factory = make_probe_step(model, frozen=frozen, device=device, batch=batch, img_size=cfg.img_size,
+                                  num_classes=num_classes, full_batch=cfg.batch_size)
+        full = any(len(v) > 2 for v in variants)  # the compile probe runs at the real batch size
+        what = {"model": dict(model.arch), "img_size": cfg.img_size, "batch": cfg.batch_size if full else batch,
+                "frozen": frozen, "small_input": cfg.small_input}
+        return machine.probe_variants(factory, variants, machine.cpu_info(), what)
+
+    def probe(variants):  # rank 0 measures, every torchrun process trains with its choice
+        result = None
+        if is_main_process():
+            try:
+                result = measure(variants)
+            except Exception as e:  # e.g. torch.compile without a C++ compiler: every rank must hear of it
+                result = RuntimeError(f"{type(e).__name__}: {e}")
+        result = broadcast_object(result)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    return machine.plan_training(device=device, amp=amp, channels_last=layout, cache=cache, workers=workers,
+                                 threads=threads, probe=probe, compile=cfg.compile, run_steps=run_steps,
+                                 batch_scale=cfg.batch_size / batch, images_per_step=cfg.batch_size, run_s=run_s)

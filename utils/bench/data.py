@@ -148,17 +148,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"(medians of {args.repeats} interleaved calls; {torch.get_num_threads()} torch threads, "
           f"{os.cpu_count()} CPUs; memory = batched augmentation of images decoded once)")
     os.makedirs(args.out, exist_ok=True)
-    from utils.checkpoint import atomic_write
-
-    def write_csv(path: str) -> None:
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=header + ["machine"])
-            w.writeheader()
-            for r in rows:
-                w.writerow({h: r.get(h, "") for h in header + ["machine"]})
-    atomic_write(os.path.join(args.out, "data_bench.csv"), write_csv)
-    def write_md(path: str) -> None:
-        with open(path, "w") as f:
-            f.write(text + "\n")
-    atomic_write(os.path.join(args.out, "data_bench.md"), write_md)
+    header = header + ["machine"]
+    write_text(os.path.join(args.out, "data_bench.csv"), csv_text(header, rows))
+    write_text(os.path.join(args.out, "data_bench.md"), text + "\n")
     print(f"wrote {os.path.join(args.out, 'data_bench.csv')} and data_bench.md")

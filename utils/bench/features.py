@@ -149,14 +149,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"(medians of {args.repeats} interleaved calls; setup = export + first-batch check, once per pass)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=header + ["machine"])
-            w.writeheader()
-            for r in rows:
-                w.writerow({**r, "machine": machine.describe_machine()})
-
-    atomic_write(args.out, write)
+    write_text(args.out, csv_text(header + ["machine"], [{**r, "machine": machine.describe_machine()} for r in rows]))
     print(f"wrote {args.out}")
 
 

@@ -33,7 +33,7 @@ VARIANTS = ("eager", "channels_last", "torchscript", "onnxruntime", "onnxruntime
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``benchmark.py infer``."""
     parser.add_argument("checkpoint", nargs="?",
-                        help="checkpoint to benchmark (train.py or utils.deploy.prune); omit it to use --model")
+                        help="checkpoint to benchmark (train.py or utils.pruning); omit it to use --model")
     parser.add_argument("--model", default="mobilenet_v2",
                         help="architecture when no checkpoint is given (default mobilenet_v2)")
     parser.add_argument("--width-mult", type=float, default=1.0, help="width multiplier for --model (default 1.0)")
@@ -224,17 +224,5 @@ def format_table(rows: list[dict[str, Any]], batch: int) -> str:
 
 
 def _save(path: str, rows: list[dict[str, Any]], table: str) -> None:
-    from utils.checkpoint import atomic_write
-
-    def write_csv(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-
-    def write_md(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(table + "\n")
-
-    atomic_write(path, write_csv)
-    atomic_write(os.path.splitext(path)[0] + ".md", write_md)
+    write_text(path, csv_text(list(rows[0]), rows))
+    write_text(os.path.splitext(path)[0] + ".md", table + "\n")

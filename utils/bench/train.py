@@ -161,14 +161,5 @@ def run(args: argparse.Namespace) -> None:
     for r in rows:
         print(f"| {r['variant']} | {r['median_s_per_step']:.3f} | {r['images_per_s']:.0f} | {r['speedup_vs_plain']:.2f}x "
               f"| {best / r['median_s_per_step']:.2f} |")
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(buf.getvalue())
-
-    atomic_write(args.out, write)
+    write_text(args.out, csv_text(list(rows[0]), rows, lineterminator="\n"))
     print(f"\nsaved {args.out}")

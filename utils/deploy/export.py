@@ -51,7 +51,7 @@ class ExportSource:
 
 
 def load_export_source(path: str) -> ExportSource:
-    """Read a train.py (or utils.deploy.prune) checkpoint into an eval-mode fp32 CPU model plus its metadata."""
+    """Read a train.py (or utils.pruning) checkpoint into an eval-mode fp32 CPU model plus its metadata."""
     from utils.checkpoint import model_from_checkpoint  # handles pruned (shrunk) checkpoints too
 
     ckpt = load_checkpoint(path)

@@ -206,19 +206,13 @@ def build_plan(trt, onnx_path: str, input_name: str, img_size: int, max_batch: i
 # ----------------------------------------------------------------------------------------- plan + sidecar
 def write_engine(engine_path: str, plan: bytes, meta: dict[str, Any]) -> None:
     """Write the plan and its sidecar (with the plan's SHA-256), each atomically; the sidecar goes first."""
-    from utils.files import atomic_write
-
     doc = {**meta, "engine_sha256": hashlib.sha256(plan).hexdigest()}
-
-    def write_sidecar(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(doc, indent=2) + "\n")
 
     def write_plan(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(plan)
 
-    atomic_write(sidecar_path(engine_path), write_sidecar)
+    write_json(sidecar_path(engine_path), doc)
     atomic_write(engine_path, write_plan)
 
 

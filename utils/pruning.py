@@ -1,6 +1,6 @@
 """Structured channel pruning of the expanded layers, a short fine-tune, and a before/after report.
 
-    python -m utils.deploy.prune RUN/best.pt --ratio 0.4 --steps 300      # -> RUN/pruned/{pruned.pt, prune.json}
+    python prune.py RUN/best.pt --ratio 0.4 --steps 300      # -> RUN/pruned/{pruned.pt, prune.json}
     python export.py RUN/pruned/pruned.pt                           # export/verify it like any checkpoint
 
 What is removed: whole channels of every 1x1 convolution that feeds a depthwise convolution (the expanded
@@ -8,7 +8,7 @@ What is removed: whole channels of every 1x1 convolution that feeds a depthwise 
 everything that depends on them (BatchNorm, the depthwise conv, squeeze-excitation, the projection's input).
 ``torch-pruning`` traces those dependencies; channels are ranked by the L2 norm of their weights and kept in
 multiples of 8 so the smaller convolutions stay on fast kernels. The result has really fewer MACs and
-parameters (unlike ``torch.nn.utils.deploy.prune`` masks, which keep every multiply).
+parameters (unlike ``torch.nn.utils.prune`` masks, which keep every multiply).
 
 How a pruned network is stored: a normal checkpoint (COMMON format) whose state dict has the smaller shapes
 plus a ``"pruned"`` entry. ``build_model(**arch)`` still builds the full-width network; loading resizes each
@@ -193,3 +193,73 @@ def format_report(r: dict[str, Any]) -> str:
                      f"{m.get('eager_ms', '')} | {m.get('onnxruntime_ms', '')} |")
     return "\n".join(lines)
 
+
+def prune_checkpoint(checkpoint: str, *, ratio: float = 0.4, steps: int = 300, lr: float | None = None,
+                     batch_size: int | None = None, data: str | None = None, bn_images: int = 512,
+                     val_limit: int = 2000, repeats: int = 30, workers: int = 2,
+                     out: str | None = None) -> dict[str, Any]:
+    """Prune ``checkpoint`` (see the module docstring), write OUT/pruned.pt and OUT/prune.json, print the
+    before/after table; returns the report. OUT defaults to the checkpoint's folder + /pruned."""
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.get("pruned"):
+        raise UserError(f"{checkpoint} is already pruned; prune the original checkpoint with a larger --ratio")
+    data = data or (ckpt.get("config") or {}).get("data")
+    if not data:
+        raise UserError(f"{checkpoint} does not say where its data is; pass --data DIR (with train/ and val/)")
+    classes, preprocess = list(ckpt["classes"]), dict(ckpt["preprocess"])
+    cfg = from_checkpoint(ckpt.get("config"), checkpoint)
+    img_size = int(preprocess["img_size"])
+    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "pruned")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    val = evenly_spaced(list_labelled_images(os.path.join(data, "val"), classes), val_limit)
+    skipped = SkippedFiles()  # unreadable images of every pass below: named once each, counted in prune.json
+    read = read_images([p for p, _ in val], preprocess)
+    skipped.add(read.failed)
+    if not read.kept:
+        raise UserError(f"none of the {len(val)} validation images in {os.path.join(data, 'val')} could be read")
+    images, labels = read.x, torch.tensor([val[k][1] for k in read.kept])
+
+    original = model_from_checkpoint(ckpt)
+    pruned = model_from_checkpoint(ckpt)
+    prune_expanded_channels(pruned, ratio, img_size)
+    before = measure(original, images, labels, img_size)
+    after_prune = measure(pruned, images, labels, img_size)
+    train_items = list_labelled_images(os.path.join(data, "train"), classes)
+    after_prune["bn_images"] = recalibrate_batchnorm(pruned, train_items, preprocess, bn_images,
+                                                     skipped=skipped)
+    after_prune["val_top1_bn_recalibrated"] = measure(pruned, images, labels, img_size)["val_top1"]
+    tune = None
+    if steps > 0:
+        kept = copy.deepcopy(pruned.state_dict())
+        lr = lr if lr is not None else cfg.lr / 10
+        tune = fine_tune(pruned, data, cfg, preprocess, steps, lr, batch_size or cfg.batch_size, device,
+                         workers, skipped=skipped)
+        pruned.cpu()
+        tune["val_top1"] = measure(pruned, images, labels, img_size)["val_top1"]
+        if tune["val_top1"] < after_prune["val_top1_bn_recalibrated"]:
+            # A fine-tune that hurts (learning rate too high for this model) must not replace better weights.
+            pruned.load_state_dict(kept)
+            tune["kept"] = "BatchNorm re-estimated weights (the fine-tune lowered val top-1; try a smaller --lr)"
+            print(f"fine-tune lowered val top-1 to {tune['val_top1']:.2f}%; keeping the weights from before it "
+                  "(try a smaller --lr or more --steps)")
+        else:
+            tune["kept"] = "fine-tuned weights"
+    after = measure(pruned, images, labels, img_size)
+    lat = latencies({"original": original, "pruned": pruned}, img_size, repeats)
+    before.update(lat["original"])
+    after.update(lat["pruned"])
+
+    state = pruned_state(ckpt, pruned, after["val_top1"], checkpoint, ratio, steps)
+    report = {"checkpoint": os.path.abspath(checkpoint), "ratio": ratio, "val_images": len(labels),
+              "skipped_images": len(skipped), "skipped_files": skipped.records(),
+              "before": before, "after_prune": after_prune, "after_fine_tune": after, "fine_tune": tune,
+              "uptime": "load average " + load_average()}
+    os.makedirs(out, exist_ok=True)
+    save_checkpoint(os.path.join(out, "pruned.pt"), state)
+    write_json(os.path.join(out, "prune.json"), report)
+    print(format_report(report))
+    if len(skipped):
+        print(f"skipped {len(skipped)} unreadable image(s) (listed in prune.json)")
+    print(f"wrote {out}/pruned.pt and {out}/prune.json; export it with: python export.py {out}/pruned.pt")
+    return report
