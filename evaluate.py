@@ -10,6 +10,7 @@ Class names and preprocessing always come from the model file itself.
 """
 from __future__ import annotations
 
+from utils.files import REPO_ROOT, write_text
 from utils.process import configure_process
 
 if __name__ == "__main__":
@@ -24,17 +25,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
-from utils.checkpoint import atomic_write
-from utils.data import SkippedFiles
+from utils.data import SkippedFiles, scan_class_folders
+from utils.deploy.inference import as_records, default_workers, run_on_files
+from utils.deploy.runtime import LoadedModel, open_model
 from utils.errors import UserError, run_main
-from utils.deploy.inference import as_records, default_workers, run_on_files, scan_class_folders
 from utils.metrics import class_summary, confusion_matrix, macro_average, per_class_report, topk_correct
 from utils.plots import plot_confusion_matrix, plot_mistakes
-from utils.deploy.runtime import LoadedModel, open_model
 
 SPLIT_NAMES = ("train", "val", "test")
-REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+
 
 
 def training_config(model: LoadedModel) -> dict[str, Any]:
@@ -44,7 +45,6 @@ def training_config(model: LoadedModel) -> dict[str, Any]:
     folder = os.path.dirname(os.path.abspath(model.path))
     for cfg_path in (os.path.join(folder, "config.yaml"), os.path.join(os.path.dirname(folder), "config.yaml")):
         if os.path.isfile(cfg_path):
-            import yaml
 
             try:
                 with open(cfg_path) as f:

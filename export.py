@@ -24,25 +24,28 @@ when int8 is not faster here, one line says so and names the missing CPU feature
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from typing import Any
 
 import torch
 
-from utils.deploy import int8, int8_check
 from utils.data import SkippedFiles
+from utils.deploy import export as ex
+from utils.deploy import int8, int8_check
+from utils.deploy.tensorrt_engine import sidecar_path
 from utils.errors import UserError, run_main
+from utils.files import write_json
+from utils.machine import cpu_info, describe_machine
 
 FORMATS = ("onnx", "torchscript", "int8", "tensorrt")
 FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "int8": "model.int8.onnx",
          "tensorrt": "model.engine"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint written by train.py or python -m utils.pruning (e.g. RUN/best.pt)")
+    p.add_argument("checkpoint", help="checkpoint written by train.py or prune.py (e.g. RUN/best.pt)")
     p.add_argument("--format", nargs="+", choices=FORMATS, default=["onnx", "torchscript", "int8"],
                    help="what to write (default: onnx torchscript int8); int8 and tensorrt also write model.onnx")
     p.add_argument("--out", help="output folder (default: the checkpoint's folder + /export)")
@@ -140,13 +143,11 @@ def int8_target(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import onnx
-    import onnxruntime
+    import onnx  # noqa: PLC0415  (lazy: heavy optional dependency)
+    import onnxruntime  # noqa: PLC0415  (lazy: heavy optional dependency)
 
-    from utils.deploy import export as ex
-    from utils.machine import describe_machine
 
-    args = build_parser().parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     args.int8_target = int8_target(args)
     formats = list(dict.fromkeys(args.format))
     if ("int8" in formats or "tensorrt" in formats) and "onnx" not in formats:
@@ -254,7 +255,6 @@ def _export_int8(args, src, paths, report, val, verify_x, ex, skipped: SkippedFi
 
 
 def _cpu():
-    from utils.machine import cpu_info
 
     return cpu_info()
 
@@ -289,7 +289,6 @@ def _int8_accuracy(args, src, fp32_path: str, int8_path: str, val, calib: torch.
 
 def _export_tensorrt(args, src, paths, report, verify_x, reference, ex) -> dict[str, Any]:
     """Build the engine under a temporary name, check it on the verification images, then publish it + sidecar."""
-    from utils.deploy.tensorrt_engine import sidecar_path
 
     tmp, final = paths["tensorrt"] + ".unverified", paths["tensorrt"]
     facts = ex.build_tensorrt_engine(paths["onnx"], tmp, int(src.preprocess["img_size"]), src.classes, src.preprocess)
@@ -315,7 +314,6 @@ def _export_tensorrt(args, src, paths, report, verify_x, reference, ex) -> dict[
 
 def _int8_speed(fp32_path: str, int8_path: str, images: torch.Tensor) -> dict[str, Any]:
     """Time int8 against fp32 on this machine (a few seconds); print it, and one line when int8 is not faster."""
-    from utils.machine import describe_machine
 
     speed = int8.time_int8_vs_fp32(fp32_path, int8_path, images.numpy())
     speed = {"machine": describe_machine("cpu"), **speed}
@@ -330,7 +328,6 @@ def _int8_speed(fp32_path: str, int8_path: str, images: torch.Tensor) -> dict[st
 
 
 def _write_report(out: str, report: dict[str, Any]) -> None:
-    from utils.checkpoint import atomic_write
 
     write_json(os.path.join(out, "export.json"), report)
 

@@ -7,24 +7,21 @@ Class names and preprocessing come from the model file. Unreadable files are rep
 """
 from __future__ import annotations
 
+from utils.files import csv_text, write_json, write_text
 from utils.process import configure_process
 
 if __name__ == "__main__":
     configure_process("infer")  # idle OpenMP threads sleep (utils/process.py); must precede torch
 
 import argparse
-import csv
-import io
-import json
 import os
 import sys
 from typing import Any
 
-from utils.checkpoint import atomic_write
 from utils.data import SkippedFiles
-from utils.errors import UserError, run_main
 from utils.deploy.inference import as_records, default_workers, expand_image_args, run_on_files
 from utils.deploy.runtime import LoadedModel, open_model
+from utils.errors import UserError, run_main
 
 
 def predict_files(model: LoadedModel, paths: list[str], topk: int = 5, batch_size: int = 64,

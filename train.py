@@ -17,7 +17,10 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
+from datasets import resolve_data_dir
+from utils.checkpoint import Preprocess, training_state
 from utils.process import configure_process
+from utils.train_loop import speed_plan
 
 if __name__ == "__main__":
     configure_process("train")  # idle OpenMP threads spin briefly, then sleep (utils/process.py); must precede torch
@@ -30,19 +33,42 @@ from utils import balance as ballib
 from utils import config as cfglib
 from utils import machine
 from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.distributed import (barrier, broadcast_object, cleanup, convert_sync_batchnorm, init_distributed,
-                               is_main_process)
+from utils.data import load_data, load_split
+from utils.distributed import (
+    barrier,
+    broadcast_object,
+    cleanup,
+    convert_sync_batchnorm,
+    init_distributed,
+)
 from utils.errors import UserError, run_main
 from utils.log import CSVLogger, summary_line
-from utils.rank_state import (StopRequest, StopRequested, check_resume_world, gather_rank_states, partial_epoch_entry,
-                              restore_partial)
+from utils.lr_find import run_lr_find
+from utils.rank_state import (
+    StopRequest,
+    StopRequested,
+    check_resume_world,
+    gather_rank_states,
+    partial_epoch_entry,
+    restore_partial,
+)
 from utils.schedule import WarmupCosine, build_optimizer
-from utils.train_loop import (EMA, EpochProgress, NonFiniteLoss, StepContext, Trainable, build_mixup,
-                              cache_pooled_features, epoch_seed, evaluate, make_probe_step, pick_device,
-                              train_one_epoch)
+from utils.train_loop import (
+    EMA,
+    EpochProgress,
+    NonFiniteLoss,
+    StepContext,
+    Trainable,
+    build_mixup,
+    cache_pooled_features,
+    epoch_seed,
+    evaluate,
+    pick_device,
+    train_one_epoch,
+)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys for --set (and YAML recipes):\n" + cfglib.describe_keys())
@@ -64,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the smoothed loss exceeds 4x its minimum")
     parser.add_argument("--lr-find-range", type=float, nargs=2, default=[1e-6, 1.0], metavar=("START", "END"),
                         help="first and last learning rate of the --lr-find sweep (default 1e-6 1)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[cfglib.TrainConfig, dict | None]:
@@ -177,7 +203,7 @@ class Run:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     cfg, ckpt = resolve_config(args)
     device = pick_device(cfg.device)
     dist = init_distributed(device.type)
@@ -193,7 +219,6 @@ def main(argv: list[str] | None = None) -> dict:
             cfg = replace(cfg, epochs=int(ckpt["time_budget_fit"]["epochs"]))
 
     # ---- data folder, classes, model
-    from utils.data import load_split
 
     data_dir = resolve_data_dir(cfg, main_proc)
     classes = list(load_split(data_dir)[0].classes)
@@ -279,7 +304,6 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
                                      dist.rank, dist.world_size, bar=main_proc and cfg.progress,
                                      engine=resumed_feature_engine(ckpt))
     else:
-        from utils.data import load_data
 
         data = load_data(data_dir, img_size=cfg.img_size, resize_size=cfg.resize_size, mean=cfg.mean, std=cfg.std,
                          batch_size=cfg.batch_size, workers=workers.value, augment=cfglib.augment_settings(cfg),
@@ -359,7 +383,6 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
                       build_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, len(run.classes)), cfg.clip_grad_norm,
                       channels_last, [p for p in model.parameters() if p.requires_grad])
     if run.lr_find:  # the sweep only: writes RUN/lr_find.{csv,png}, no config.yaml, log or checkpoint
-        from utils.lr_find import run_lr_find
 
         run.lr_find = run_lr_find(ctx, data, run.out, steps=min(run.lr_find["steps"], steps_per_epoch),
                                   lr_range=run.lr_find["lr_range"], seed=cfg.seed, bar=main_proc and cfg.progress)
@@ -488,7 +511,7 @@ def fit_to_budget(run: Run, phase: Phase, epoch: int, seconds: float) -> int:
 def _plot(out: str) -> None:
     """Redraw RUN/curves.png from RUN/log.csv (skipped quietly if the plotting module is unavailable)."""
     try:
-        from utils.plots import plot_curves
+        from utils.plots import plot_curves  # noqa: PLC0415  (lazy: heavy optional dependency)
     except ImportError:
         return
     plot_curves([os.path.join(out, "log.csv")], os.path.join(out, "curves.png"))

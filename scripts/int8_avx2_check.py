@@ -92,8 +92,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     from utils.deploy import export as ex
     from utils.deploy.int8 import weight_range
-    from utils.machine import describe_machine
     from utils.deploy.runtime import open_model
+    from utils.machine import describe_machine
 
     if shutil.which("qemu-x86_64") is None:
         raise UserError("qemu-x86_64 not found; install it with `apt-get install qemu-user` (Debian/Ubuntu)")

@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 
-from utils.bench import data as bench_data, infer as bench_infer
+from utils.bench import data as bench_data
+from utils.bench import infer as bench_infer
 from utils.machine import describe_machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

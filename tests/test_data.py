@@ -7,10 +7,19 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.data import (IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment_batch, build_eval_transform,
-                        build_train_transform, load_data, load_image_folder, sample_seeds)
-from utils.errors import UserError
+from utils.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentConfig,
+    augment_batch,
+    build_eval_transform,
+    build_train_transform,
+    load_data,
+    load_image_folder,
+    sample_seeds,
+)
 from utils.data.split import split_dataset
+from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample")
@@ -221,6 +230,7 @@ def _ddp_worker(rank: int, data_dir: str, port: str, out: str) -> None:
 
 def test_real_torch_distributed_process_group(fm, tmp_path):
     import socket
+
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

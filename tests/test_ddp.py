@@ -17,8 +17,8 @@ import subprocess
 import sys
 
 import pytest
-
 from eval_helpers import link_sample_split
+
 from utils.checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,11 +7,11 @@ The processes run tests/torchrun_driver.py (train.py's main plus test hooks) wit
 
 import pytest
 import torch
-
-import train
 from eval_helpers import link_sample_split
 from test_train import _max_diff, _rows
 from torchrun_driver import launch as _run
+
+import train
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
 

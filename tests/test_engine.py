@@ -9,14 +9,21 @@ import time
 import pytest
 import torch
 import yaml
+from eval_helpers import (
+    PREPROCESS,
+    export_onnx,
+    link_sample_split,
+    make_checkpoint,
+    make_class_folders,
+    one_thread,
+    photo_paths,
+)
 from PIL import Image
 
 import evaluate
 import predict
 import train
 import utils.deploy.engine as engine_mod
-from eval_helpers import (PREPROCESS, export_onnx, link_sample_split, make_checkpoint, make_class_folders, one_thread,
-                          photo_paths)
 from models import build_model, load_pretrained
 from utils import machine
 from utils.checkpoint import load_checkpoint

@@ -13,14 +13,16 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import subprocess  # noqa: E402
 
-import export  # noqa: E402
 from export_helpers import make_run  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
-from utils.deploy import export as ex  # noqa: E402
+
+import export  # noqa: E402
 from utils import machine  # noqa: E402
+from utils.deploy import export as ex
 from utils.deploy import int8  # noqa: E402
-from utils.errors import UserError  # noqa: E402
+from utils.deploy.onnx_io import onnx_session  # noqa: E402
 from utils.deploy.runtime import open_model  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AVX2_CPU = machine.CpuInfo("AMD Ryzen 5 3600 6-Core Processor", 2, ("avx2",), "AVX2", False)  # Zen 2: no VNNI
@@ -73,7 +75,7 @@ def test_onnx_graph_metadata_and_parity(run):
     model = ex.load_export_source(ckpt).model
     with torch.no_grad():
         ref = model(x).numpy()
-    sess = ex.onnx_session(os.path.join(out, "model.onnx"))
+    sess = onnx_session(os.path.join(out, "model.onnx"))
     for n in (1, 7):
         got = sess.run(["logits"], {"input": x[:n].numpy()})[0]
         assert got.shape == (n, 10)

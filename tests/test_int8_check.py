@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
-import export  # noqa: E402
 from export_helpers import SAMPLE, make_run  # noqa: E402
+
+import export  # noqa: E402
 from utils.deploy import export as ex  # noqa: E402
-from utils.errors import UserError  # noqa: E402
 from utils.deploy.int8_check import judge_int8, paired_difference_interval, wilson_interval  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------- the intervals

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-import export  # noqa: E402
 from export_helpers import make_run  # noqa: E402
-from models import build_model, count_macs, count_params  # noqa: E402
+
+import export  # noqa: E402
 import prune  # noqa: E402
+from models import build_model, count_macs, count_params  # noqa: E402
 from utils import pruning  # noqa: E402
 from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.errors import UserError  # noqa: E402

@@ -11,8 +11,8 @@ from PIL import Image
 
 import utils.data.split as split_mod
 from utils.data import load_image_folder
-from utils.errors import UserError
 from utils.data.split import scan_folder, split_dataset
+from utils.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample")

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
+from eval_helpers import link_sample_split
 
 import train
 from utils import config as C
-from eval_helpers import link_sample_split
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.errors import UserError
 
@@ -138,7 +138,7 @@ def test_checkpoint_format_log_and_config(data, tmp_path):
     assert recipe["crop_pct"] == 1.0 and "resize_size" not in recipe
     args = [a for a in TINY if a != "resize_size=32"]
     args.remove("--set")  # the "--set" that went with resize_size=32
-    cfg, _ = train.resolve_config(train.parse_args(args + ["--img-size", "40"]))
+    cfg, _ = train.resolve_config(train.get_args_parser().parse_args(args + ["--img-size", "40"]))
     assert (cfg.img_size, cfg.resize_size) == (40, 40)
     assert ck["arch"] == {"name": "mobilenet_v2", "num_classes": 10, "width_mult": 0.25, "dropout": 0.2,
                           "small_input": False}

@@ -23,8 +23,9 @@ import sys
 if os.path.dirname(os.path.dirname(os.path.abspath(__file__))) not in sys.path:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import train  # noqa: E402  (first: it sets the OpenMP environment before torch loads)
 import torch  # noqa: E402
+
+import train  # noqa: E402  (first: it sets the OpenMP environment before torch loads)
 import utils.train_loop as tl  # noqa: E402
 from utils.errors import run_main  # noqa: E402
 

@@ -122,7 +122,6 @@ def model_from_checkpoint(ckpt: dict[str, Any], use_ema: bool = True) -> torch.n
     model = build_model(**arch)
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     if ckpt.get("pruned"):  # utils/pruning.py removed channels: give the fresh model the stored (smaller) shapes
-        from utils.pruning import shrink_to_state_dict
 
         shrink_to_state_dict(model, weights)
     model.load_state_dict(weights, strict=True)

@@ -14,11 +14,15 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+import torchvision
+
+from utils.files import write_json
 
 # CPU features that matter for speed, by the names Linux's /proc/cpuinfo uses.
 FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimd",
@@ -282,7 +286,6 @@ def cache_dir() -> str:
 
 
 def _probe_key(cpu: CpuInfo, what: dict[str, Any]) -> str:
-    import torchvision
 
     ident = {"cpu": asdict(cpu), "torch": torch.__version__, "torchvision": torchvision.__version__,
              "threads": torch.get_num_threads(), **what}
@@ -330,7 +333,6 @@ def probe_variants(make_step: Callable[[Variant], Callable[[], None]], variants:
     ``make_step(variant)`` returns a function running one real step. Results are cached per CPU, library
     versions, thread count and ``what`` (model, image size, batch); returns (times, came_from_cache).
     """
-    import statistics
 
     key = _probe_key(cpu, {**what, "variants": [variant_name(v) for v in variants]})
     if use_cache:

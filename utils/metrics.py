@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
@@ -21,7 +22,6 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...]
 
 def confusion_matrix(target: Sequence[int], pred: Sequence[int], labels: Sequence[int]) -> np.ndarray:
     """Counts ``cm[i, j]`` of samples whose true class is ``labels[i]`` and predicted class ``labels[j]``."""
-    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
 
     return sk_confusion_matrix(np.asarray(target), np.asarray(pred), labels=list(labels)).astype(np.int64)
 

@@ -19,8 +19,7 @@ exports are self-contained.
 """
 from __future__ import annotations
 
-import argparse
-import json
+import copy
 import os
 import tempfile
 import time
@@ -29,7 +28,17 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 
-from utils.errors import UserError, run_main
+from models import count_macs, count_params
+from utils.checkpoint import load_checkpoint, model_from_checkpoint, pruned_state, save_checkpoint
+from utils.config import augment_settings, from_checkpoint
+from utils.data import SkippedFiles, list_labelled_images, load_data
+from utils.deploy.export import batched_logits, evenly_spaced, export_onnx, read_images, top1_percent
+from utils.deploy.onnx_io import INPUT_NAME, onnx_session
+from utils.errors import UserError
+from utils.files import write_json
+from utils.schedule import WarmupCosine, build_optimizer
+from utils.timing import interleaved_timings, load_average, median
+from utils.train_loop import EpochProgress, StepContext, Trainable, epoch_seed, train_one_epoch
 
 if TYPE_CHECKING:
     from utils.config import TrainConfig
@@ -47,7 +56,7 @@ def expansion_convs(model: nn.Module) -> list[nn.Conv2d]:
 
 def prune_expanded_channels(model: nn.Module, ratio: float, img_size: int, round_to: int = 8) -> nn.Module:
     """Remove ``ratio`` of the channels of every expansion conv (and all dependent channels), in place."""
-    import torch_pruning as tp
+    import torch_pruning as tp  # noqa: PLC0415  (lazy: heavy optional dependency)
 
     if not 0.0 < ratio < 1.0:
         raise UserError(f"--ratio must be between 0 and 1 (fraction of expanded channels removed), got {ratio}")
@@ -76,8 +85,6 @@ def recalibrate_batchnorm(model: nn.Module, items: list[tuple[str, int]], prepro
     re-estimating them recovers much of the accuracy before any gradient step. Unreadable images are left out
     (named and counted by ``skipped``). Returns images used.
     """
-    from utils.data import SkippedFiles
-    from utils.deploy.export import evenly_spaced, read_images
 
     skipped = SkippedFiles() if skipped is None else skipped
 
@@ -110,10 +117,6 @@ def fine_tune(model: nn.Module, data_dir: str, cfg: "TrainConfig", preprocess: d
     step, the checkpoint's preprocessing, augmentation and optimizer, with a cosine decay from ``lr`` to 0.
     The unreadable files its data pipeline skipped (and named) are added to ``skipped``.
     """
-    from utils.config import augment_settings
-    from utils.data import load_data
-    from utils.schedule import WarmupCosine, build_optimizer
-    from utils.train_loop import EpochProgress, StepContext, Trainable, epoch_seed, train_one_epoch
 
     data = load_data(data_dir, img_size=int(preprocess["img_size"]), resize_size=int(preprocess["resize_size"]),
                      mean=preprocess["mean"], std=preprocess["std"], batch_size=batch_size, workers=workers, augment=augment_settings(cfg), cache=cfg.cache,
@@ -145,8 +148,6 @@ def fine_tune(model: nn.Module, data_dir: str, cfg: "TrainConfig", preprocess: d
 # ------------------------------------------------------------------------------------------ reporting
 def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, img_size: int) -> dict[str, Any]:
     """MACs, params and validation top-1 of ``model`` (fp32, CPU)."""
-    from models import count_macs, count_params
-    from utils.deploy.export import batched_logits, top1_percent
 
     model = model.cpu().eval()
     return {"macs": count_macs(model, img_size), "params": count_params(model),
@@ -155,8 +156,6 @@ def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, img_si
 
 def latencies(models: dict[str, nn.Module], img_size: int, repeats: int) -> dict[str, dict[str, float]]:
     """Batch-1 latency (ms, median) of each model in eager PyTorch and in onnxruntime fp32, interleaved."""
-    from utils.deploy.export import INPUT_NAME, export_onnx, onnx_session
-    from utils.timing import interleaved_timings, median
 
     x = torch.zeros(1, 3, img_size, img_size)
     fns = {}

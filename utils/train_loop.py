@@ -6,17 +6,31 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
+import numpy as np
 import torch
 from torch import nn
+from torchvision.transforms import v2
+from tqdm import tqdm
 
-from utils.balance import epoch_order
 from utils import machine
+from utils.balance import epoch_order
 from utils.config import TrainConfig
-from utils.distributed import CPUSyncBatchNorm, all_reduce_sum, broadcast_object, is_main_process
+from utils.data import SkippedFiles, build_eval_transform, load_image_folder, unreadable_line
+from utils.deploy.engine import fast_forward
+from utils.deploy.inference import ImageFiles, collate_readable
+from utils.distributed import (
+    CPUSyncBatchNorm,
+    all_reduce_sum,
+    broadcast_object,
+    gather_rows,
+    is_main_process,
+    shard_indices,
+)
 from utils.errors import UserError
 from utils.machine import Choice, decide_forward_threads
 from utils.metrics import class_summary, topk_correct
@@ -112,7 +126,6 @@ class Trainable:
 
 def build_mixup(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> Optional[Callable]:
     """torchvision v2 MixUp / CutMix (one picked per batch when both are on), or None."""
-    from torchvision.transforms import v2
 
     ops = []
     if mixup_alpha > 0:
@@ -316,7 +329,6 @@ def train_one_epoch(ctx: StepContext, loader: Iterable, schedule: WarmupCosine, 
     every ``sync_every`` steps, on every process at the same steps; it raises a KeyboardInterrupt to end the
     epoch there. Returns this process's sums plus the all-reduced means.
     """
-    from tqdm import tqdm
 
     ctx.trainable.train()
     skip = progress.batches_done
@@ -372,8 +384,6 @@ def evaluate(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, cr
     all processes. The last two come from the confusion matrix through utils.metrics.class_summary, as in
     evaluate.py. Pass ``num_classes`` under torchrun (a process without val images must all-reduce as many
     counts as the others); else it is read from the logits."""
-    import numpy as np
-    from tqdm import tqdm
 
     if isinstance(model, nn.Module):
         model.eval()  # BatchNorm/dropout in inference mode (train_one_epoch switches back via Trainable.train)
@@ -461,10 +471,7 @@ def encode_pooled(model: nn.Module, samples: list, transform: Callable, batch_si
     in order (``torch.empty(0)`` when there are none); the forward engine that computed them (``fwd`` when
     given, else the one utils.deploy.engine.fast_forward picks on the first real batch); a bool mask over ``samples``
     of the files that were read; and ``[(path, error)]`` of the unreadable ones (utils.deploy.inference.ImageFiles)."""
-    from tqdm import tqdm
 
-    from utils.deploy.engine import fast_forward
-    from utils.deploy.inference import ImageFiles, collate_readable
 
     paths = [p for p, _ in samples]
     loader = torch.utils.data.DataLoader(ImageFiles(paths, transform), batch_size=batch_size, num_workers=workers,
@@ -498,10 +505,7 @@ def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, bat
     on the fastest engine this machine has (utils/deploy/engine.py: onnxruntime on a CPU when it matches PyTorch on the
     first batch; ``engine`` forces ``pytorch`` or ``onnxruntime``); the bundle's ``engine`` says which and why.
     """
-    import os
 
-    from utils.data import SkippedFiles, build_eval_transform, load_image_folder, unreadable_line
-    from utils.distributed import gather_rows, shard_indices
 
     transform = build_eval_transform(preprocess)
     model.eval()

@@ -15,17 +15,31 @@ OUT/data_bench.csv and .md (both name the machine).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
+import warnings
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from utils.data import decode_rgb, single_thread
+from utils.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentConfig,
+    EpochBatchSampler,
+    MemoryTrainLoader,
+    build_train_transform,
+    decode_rgb,
+    load_pil_rgb,
+    single_thread,
+)
+from utils.data.augment import _square, _stack_uniform
+from utils.data.loaders import _decode_all
 from utils.errors import UserError
+from utils.files import REPO_ROOT, csv_text, write_text
+from utils.machine import describe_machine
+from utils.timing import interleaved_timings, median
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 RECIPE = {"scale": (0.08, 1.0), "hflip": 0.5}
 
 
@@ -57,7 +71,6 @@ class _Bench(Dataset):
     """files -> augmented tensors, with one of the per-image variants."""
 
     def __init__(self, files: list[str], variant: str, size: int):
-        from utils.data import IMAGENET_MEAN, IMAGENET_STD, build_train_transform, load_pil_rgb
         self.files, self.variant, self.load = files, variant, load_pil_rgb
         backend = {"v1-pil": "v1", "v2-pil": "pil", "v2-tensor": "tensor", "io-v2-tensor": "tensor"}[variant]
         self.tf = build_train_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, backend=backend, **RECIPE)
@@ -76,8 +89,6 @@ class _Bench(Dataset):
 
 def _memory_fn(files: list[str], size: int, batch: int):
     """The memory path end to end (sampler, gather, batched augmentation) over images decoded once (not timed)."""
-    from utils.data import (IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, EpochBatchSampler, MemoryTrainLoader,
-                            _decode_all, _square, _stack_uniform)
     decoded, _ = _decode_all([(f, 0) for f in files], "decode", False)
     stacked = _stack_uniform(decoded)
     if stacked is None:
@@ -97,15 +108,12 @@ def _memory_fn(files: list[str], size: int, batch: int):
 
 def run(args: argparse.Namespace) -> None:
     """Time every variant on both image sets; print Markdown, write CSV + Markdown into ``args.out``."""
-    from utils.machine import describe_machine
-    from utils.timing import interleaved_timings, median
 
     fmnist = args.fmnist or next((p for p in (os.path.join(ROOT, "datasets", "fashion_mnist", "split", "train"),
                                               os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample"))
                                   if os.path.isdir(p)))
     sets = {"photos-jpeg": (_files(args.photos, (".jpg", ".jpeg"), args.images), args.photo_size),
             "fmnist-png": (_files(fmnist, (".png",), args.images * 4), args.fmnist_size)}
-    import warnings
     warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                             category=DeprecationWarning)
     fns, meta, loaders = {}, {}, []

@@ -15,16 +15,22 @@ as medians.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
 
 import torch
 
-from utils.checkpoint import atomic_write
+from models import build_model, load_pretrained
+from utils import machine
+from utils.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
+from utils.deploy.engine import ThreadProbe, fast_forward
+from utils.deploy.inference import ImageFiles, collate_readable, images_under
 from utils.errors import UserError
+from utils.files import REPO_ROOT, csv_text, write_text
+from utils.machine import Choice
+from utils.timing import interleaved_timings, load_average, median
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 DEFAULT_VARIANTS = ("pytorch/w1/t2", "onnxruntime/w1/t1", "onnxruntime/w1/t2", "onnxruntime/w2/t2",
                     "onnxruntime/w0/t1", "onnxruntime/w0/t2", "auto")
 
@@ -63,7 +69,6 @@ def parse_variant(text: str) -> tuple[str, int, int, bool]:
 
 
 def _images(folder: str, n: int) -> list[tuple[str, int]]:
-    from utils.deploy.inference import images_under
 
     found = images_under(folder) if os.path.isdir(folder) else []
     if not found:
@@ -74,20 +79,6 @@ def _images(folder: str, n: int) -> list[tuple[str, int]]:
 
 def run(args: argparse.Namespace) -> None:
     """Build the model, time every variant interleaved, print Markdown, save CSV."""
-    from utils.omp import short_openmp_spin
-
-    if short_openmp_spin():
-        # train.py sets this before importing torch (PyTorch's OpenMP reads it at start-up): start again with it.
-        import sys
-
-        os.execv(sys.executable, [sys.executable] + sys.argv)
-    from models import build_model, load_pretrained
-    from utils import machine
-    from utils.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
-    from utils.deploy.engine import ThreadProbe, fast_forward
-    from utils.machine import Choice
-    from utils.timing import interleaved_timings, load_average, median
-    from utils.deploy.inference import ImageFiles, collate_readable
 
     if args.images < 1 or args.repeats < 1:
         raise UserError("--images and --repeats must be at least 1")

@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import io
-import os
+from typing import Callable
 
 import torch
 from torch import nn
 
-from utils.checkpoint import atomic_write
+from models import build_model
+from utils import config as cfglib
+from utils import machine
+from utils.data import load_data
+from utils.files import csv_text, write_text
+from utils.schedule import build_optimizer
+from utils.timing import interleaved_timings, median
+from utils.train_loop import StepContext, Trainable, pick_device, speed_plan, train_step
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,23 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/bench/train.csv", help="CSV output (default: %(default)s)")
 
 
-def run(args: argparse.Namespace) -> None:
-    """Build the recipe's data and model, time the variants interleaved, print Markdown, save CSV."""
-    from utils.omp import short_openmp_spin
-
-    if short_openmp_spin():
-        # train.py sets this before importing torch; OpenMP reads it only at start-up, so start again with it.
-        import sys
-
-        os.execv(sys.executable, [sys.executable] + sys.argv)
-    from models import build_model
-    from train import resolve_data_dir, speed_plan
-    from utils import config as cfglib
-    from utils import machine
-    from utils.data import load_data
-    from utils.schedule import build_optimizer
-    from utils.timing import interleaved_timings, median
-    from utils.train_loop import StepContext, Trainable, pick_device, train_step
+def run(args: argparse.Namespace, resolve_data_dir: Callable[[cfglib.TrainConfig, bool], str]) -> None:
+    """Build the recipe's data and model, time the variants interleaved, print Markdown, save CSV.
+    ``resolve_data_dir(cfg, is_main)`` finds (or prepares) the recipe's data folder, as train.py does."""
 
     flags = {k: v for k, v in {"data": args.data, "model": args.model, "width_mult": args.width_mult,
                                "img_size": args.img_size, "batch_size": args.batch_size}.items() if v is not None}

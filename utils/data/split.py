@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 from utils.data.images import IMAGE_EXTENSIONS
 from utils.errors import UserError
+from PIL import Image
+from tqdm import tqdm
 
 SPLITS = ("train", "val", "test")
 
@@ -80,7 +82,6 @@ def _sort_key(path: str) -> str:
 
 def _check_image(data: bytes) -> tuple[str | None, str]:
     """(error or None, PIL mode). Fully decodes, so truncated files are caught."""
-    from PIL import Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -132,7 +133,6 @@ def scan_folder(raw: str, progress: bool = False) -> SplitResult:
                     todo.append((cls, rel, os.path.join(dirpath, name)))
     iterator = todo
     if progress:
-        from tqdm import tqdm
         iterator = tqdm(todo, desc="checking images", unit="img")
     for cls, rel, path in iterator:
         src = f"{cls}/{rel}"
@@ -262,7 +262,7 @@ def split_dataset(raw: str, out: str, *, val: float = 0.2, test: float = 0.0, se
         files = sorted(result.files, key=lambda f: (f.split, _sort_key(f.cls), _sort_key(f.relpath)))
         iterator = files
         if progress:
-            from tqdm import tqdm
+            from tqdm import tqdm  # noqa: PLC0415  (lazy: heavy optional dependency)
             iterator = tqdm(files, desc=f"{mode} -> {os.path.basename(out)}", unit="img")
         for f in iterator:
             used[_place(os.path.join(raw, f.source), os.path.join(tmp, f.split, f.cls, f.relpath), mode)] += 1

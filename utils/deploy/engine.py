@@ -17,6 +17,7 @@ photos, 2-core AMD EPYC shared with other jobs, fresh processes): PyTorch eager 
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 import warnings
@@ -26,6 +27,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from utils.data import single_thread
+from utils.deploy.onnx_io import INPUT_NAME, ONNX_OPSET, onnx_session
 from utils.machine import Choice
 
 PARITY_TOL = 1e-4  # export.py's --tol: max |difference| <= tol x max(1, largest |value|)
@@ -87,9 +90,6 @@ def export_sessions(model: nn.Module, method: str, input_shape: tuple[int, ...],
     BatchNorm into the convolutions, dynamic batch axis); traced on one thread: a batch of one gains nothing
     from more, and busy OpenMP threads on a shared machine made the trace ~5x slower (0.56 vs 3.3 s, measured).
     """
-    from utils.data import single_thread
-    from utils.deploy.export import INPUT_NAME, ONNX_OPSET
-    from utils.deploy.runtime import onnx_session
 
     device = next(model.parameters()).device
     x = torch.zeros(1, *input_shape, device=device)
@@ -182,7 +182,6 @@ class ThreadProbe:
         return out
 
     def _settle(self) -> None:
-        import statistics
 
         rate = {t: 1.0 / statistics.median(v) for t, v in self.per_image.items()}
         self.best = max(rate, key=rate.get)
@@ -225,7 +224,7 @@ def fast_forward(model: nn.Module, sample: torch.Tensor, *, method: str = "forwa
         if estimate < MIN_PASS_SECONDS:
             return stay(f"the pass is short (~{estimate:.2g} s in PyTorch), an onnxruntime export would not pay off")
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # noqa: PLC0415, F401
     except ImportError:
         return stay("onnxruntime is not installed (pip install onnxruntime onnx)")
     t0 = time.perf_counter()

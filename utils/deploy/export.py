@@ -28,13 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.checkpoint import atomic_write, load_checkpoint
+from utils.checkpoint import atomic_write, load_checkpoint, model_from_checkpoint
+from utils.data import ImageFiles, build_eval_transform, collate_readable, images_under
+from utils.deploy import tensorrt_engine as te
+from utils.deploy.onnx_io import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME
+from utils.deploy.runtime import open_model
 from utils.errors import UserError
-from utils.deploy.runtime import onnx_session  # noqa: F401  (re-exported: bench_infer, prune, tests)
-
-ONNX_OPSET = 17
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 
 
 @dataclass
@@ -52,7 +51,6 @@ class ExportSource:
 
 def load_export_source(path: str) -> ExportSource:
     """Read a train.py (or utils.pruning) checkpoint into an eval-mode fp32 CPU model plus its metadata."""
-    from utils.checkpoint import model_from_checkpoint  # handles pruned (shrunk) checkpoints too
 
     ckpt = load_checkpoint(path)
     for key in ("classes", "preprocess", "arch"):
@@ -67,7 +65,6 @@ def load_export_source(path: str) -> ExportSource:
 # ----------------------------------------------------------------------------------------------- images
 def list_images(root: str) -> list[str]:
     """Every image file under ``root`` (recursive), sorted so runs are reproducible."""
-    from utils.deploy.inference import images_under
 
     if not os.path.isdir(root):
         raise UserError(f"image folder {root} not found; pass an existing folder of images")
@@ -95,8 +92,6 @@ class ReadImages:
 def read_images(paths: Sequence[str], preprocess: dict[str, Any], chunk: int = 64) -> ReadImages:
     """Decode and preprocess images exactly like evaluation does (utils.deploy.inference.ImageFiles), skipping the
     unreadable ones (not reported here: callers pass ``failed`` to a utils.data.SkippedFiles)."""
-    from utils.data import build_eval_transform
-    from utils.deploy.inference import ImageFiles, collate_readable
 
     files = ImageFiles(paths, build_eval_transform(preprocess))
     xs, kept, failed = [], [], []
@@ -131,7 +126,7 @@ def export_onnx(model: nn.Module, path: str, img_size: int, classes: Sequence[st
 
     Returns facts checked on the written graph (op types, Clip bounds constant, checker passed).
     """
-    import onnx
+    import onnx  # noqa: PLC0415  (lazy: heavy optional dependency)
 
     model = model.float().eval().cpu()
     x = torch.zeros(1, 3, img_size, img_size)
@@ -208,7 +203,7 @@ def stem_convs(onnx_path: str) -> list[str]:
     mobilenet_v2 1.0 at 224 px, one thread, stem conv 290 us int8 vs 107 us fp32; keeping both layers fp32 made
     the whole int8 model 1.78 -> 1.53 ms (1.09 -> 1.02 ms with two threads).
     """
-    import onnx
+    import onnx  # noqa: PLC0415  (lazy: heavy optional dependency)
 
     convs = [n for n in onnx.load(onnx_path).graph.node if n.op_type == "Conv"]
     grouped = [n for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
@@ -227,8 +222,8 @@ def quantize_int8(fp32_path: str, out_path: str, calib: torch.Tensor, per_channe
     quantization parameters (BatchNorm is already folded into the convolutions by the exporter).
     ``fp32_stem`` keeps :func:`stem_convs` in fp32 (faster and a little more accurate; see there).
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static  # noqa: PLC0415  (lazy: heavy optional dependency)
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415  (lazy: heavy optional dependency)
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
@@ -256,7 +251,7 @@ def quantize_int8(fp32_path: str, out_path: str, calib: torch.Tensor, per_channe
 
 def _copy_with_metadata(src_with_meta: str, model_path: str, dst: str) -> None:
     """Save ``model_path`` to ``dst`` carrying over ``src_with_meta``'s metadata_props (classes, preprocess)."""
-    import onnx
+    import onnx  # noqa: PLC0415  (lazy: heavy optional dependency)
 
     meta = {p.key: p.value for p in onnx.load(src_with_meta).metadata_props}
     proto = onnx.load(model_path)
@@ -283,7 +278,6 @@ def require_tensorrt(cmd: str, first: str = "") -> None:
     CPU-only torch) and a CUDA memory API to run the engine on the verification images (torch with CUDA, or
     cuda-python). ``first`` is prepended to the trtexec line, e.g. the export.py call that writes its ONNX file.
     """
-    from utils.deploy import tensorrt_engine as te
 
     todo = f"{first}then {cmd}" if first else cmd
     trt = te.import_tensorrt()
@@ -305,7 +299,6 @@ def build_tensorrt_engine(onnx_path: str, engine_path: str, img_size: int, class
     fp16 where the GPU and TensorRT version allow it (see utils.deploy.tensorrt_engine); returns the facts
     (precision and how it was obtained, network flags, TensorRT version, equivalent trtexec line).
     """
-    from utils.deploy import tensorrt_engine as te
 
     cmd = trtexec_command(onnx_path, engine_path, img_size, max_batch)
     require_tensorrt(cmd)
@@ -319,7 +312,6 @@ def build_tensorrt_engine(onnx_path: str, engine_path: str, img_size: int, class
 
 def engine_predictor(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """``predict(x) -> logits`` for an engine file and its sidecar, whatever the file is named (e.g. unverified)."""
-    from utils.deploy import tensorrt_engine as te
 
     plan, meta = te.read_engine(path)
     runner, _ = te.open_engine(path, meta, plan)
@@ -329,7 +321,6 @@ def engine_predictor(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
 # -------------------------------------------------------------------------------------------- inference
 def file_predictor(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """``predict(x) -> logits`` for an exported file, through the loader evaluate/predict use (utils.deploy.runtime)."""
-    from utils.deploy.runtime import open_model
 
     return open_model(path, device="cpu").predict_batch
 

@@ -12,13 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from utils.data import ImageFiles, build_eval_transform, collate_readable, images_under, is_image_file, unreadable_line
-from utils.errors import UserError
 from utils.deploy.runtime import LoadedModel
+from utils.errors import UserError
 
 
 def default_workers() -> int:

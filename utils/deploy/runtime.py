@@ -23,8 +23,13 @@ from typing import Any, Callable
 
 import torch
 
+from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.deploy import tensorrt_engine as te
+from utils.deploy.engine import fast_forward
+from utils.deploy.onnx_io import onnx_session
+from utils.deploy.tensorrt_engine import ENGINE_EXTENSIONS
 from utils.errors import UserError
-from utils.machine import Choice
+from utils.machine import Choice, cache_dir
 
 ACCEPTED = ("a train.py checkpoint (.pt), a TorchScript file, an ONNX file (.onnx) or a TensorRT engine (.engine) "
             "written by export.py")
@@ -132,7 +137,6 @@ def detect_kind(path: str) -> str:
 
     A TensorRT plan has no signature of its own (its layout changes between TensorRT versions), hence the name.
     """
-    from utils.deploy.tensorrt_engine import ENGINE_EXTENSIONS
 
     if not os.path.exists(path):
         raise UserError(f"model file {path} not found; pass {ACCEPTED}")
@@ -171,7 +175,6 @@ class _FastCheckpoint:
         return self._engine.choice
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from utils.deploy.engine import fast_forward
 
         if self._engine is None:
             # Same onnxruntime settings as an ONNX file gets in open_model: idle threads sleep (decode workers).
@@ -183,7 +186,6 @@ class _FastCheckpoint:
 
 
 def _open_checkpoint(path: str, device: torch.device, threads: int | None = None) -> LoadedModel:
-    from utils.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(path)
     classes, pre = _validate_meta(path, ckpt.get("classes"), ckpt.get("preprocess"))
@@ -231,30 +233,9 @@ def _open_torchscript(path: str, device: torch.device) -> LoadedModel:
                        engine=Choice("torchscript", "a TorchScript file runs on PyTorch's TorchScript runtime"))
 
 
-def onnx_session(path: str, threads: int = 0, spinning: bool = True,
-                 providers: list[str | tuple[str, dict[str, Any]]] | None = None):
-    """An onnxruntime session with every graph optimisation (``threads=0``: onnxruntime's default count).
-
-    ``spinning=False`` stops idle worker threads from busy-waiting after each run: image decoding in
-    DataLoader workers, or another runtime being timed, shares the same cores (measured: ~1.4x fewer
-    images/s with spinning on a 2-core box).
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3  # errors only: optimiser notices are not the user's business
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(path, sess_options=opts, providers=providers or ["CPUExecutionProvider"])
-
-
 def _ort_tensorrt_cache() -> str:
     """Folder for onnxruntime's TensorRT engine cache (building an engine takes minutes on a Jetson):
     ``ort-tensorrt`` in :func:`utils.machine.cache_dir`."""
-    from utils.machine import cache_dir
 
     path = os.path.join(cache_dir(), "ort-tensorrt")
     os.makedirs(path, exist_ok=True)
@@ -293,7 +274,7 @@ def _report_provider_fallback(path: str, device: torch.device, asked: list[str],
 
 
 def _open_onnx(path: str, device: torch.device, threads: int | None = None) -> LoadedModel:
-    import onnxruntime as ort
+    import onnxruntime as ort  # noqa: PLC0415  (lazy: heavy optional dependency)
 
     available = list(ort.get_available_providers())
     providers = onnx_providers(device, available)
@@ -327,7 +308,6 @@ def _open_onnx(path: str, device: torch.device, threads: int | None = None) -> L
 
 def _open_engine(path: str, device: str | torch.device | None) -> LoadedModel:
     """A TensorRT engine with its sidecar (classes, preprocessing); runs on a CUDA GPU only."""
-    from utils.deploy import tensorrt_engine as te
 
     plan, meta = te.read_engine(path)
     classes, pre = _validate_meta(te.sidecar_path(path), meta.get("classes"), meta.get("preprocess"))
