@@ -20,7 +20,7 @@ from utils.process import configure_process
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] in ("train", "features"):
     configure_process("train")
 
-from datasets import resolve_data_dir  # noqa: E402
+from datasets.default import resolve_data_dir  # noqa: E402
 from utils.bench import data as bench_data  # noqa: E402
 from utils.bench import features as bench_features  # noqa: E402
 from utils.bench import infer as bench_infer  # noqa: E402

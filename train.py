@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-from datasets import resolve_data_dir
+from datasets.default import resolve_data_dir
 from utils.checkpoint import Preprocess, training_state
 from utils.process import configure_process
 from utils.train_loop import speed_plan
