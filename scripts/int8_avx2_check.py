@@ -24,10 +24,9 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from utils.errors import UserError, run_main  # no torch: the worker runs under emulation (needs `pip install -e .`)
 
-from utils.errors import UserError, run_main  # noqa: E402  (no torch: the worker runs under emulation)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -------------------------------------------------------------------- worker (runs under qemu: numpy + onnxruntime)

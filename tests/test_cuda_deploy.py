@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
 trt = pytest.importorskip("tensorrt")
 pytestmark = pytest.mark.cuda
 
-sys.path.insert(0, os.path.dirname(__file__))
 from eval_helpers import fitted_sample_run  # noqa: E402
 
 import evaluate  # noqa: E402

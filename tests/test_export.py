@@ -3,16 +3,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import subprocess  # noqa: E402
 
 import numpy as np
 import onnx
 import pytest
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))
-import subprocess  # noqa: E402
-
 from export_helpers import make_run  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 

@@ -5,14 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
-from PIL import Image
-
-sys.path.insert(0, os.path.dirname(__file__))
 from export_helpers import SAMPLE, make_run  # noqa: E402
+from PIL import Image
 
 import export  # noqa: E402
 from utils.deploy import export as ex  # noqa: E402

@@ -6,14 +6,11 @@ import copy
 import csv
 import hashlib
 import os
-import sys
 
 import pytest
 import torch
-from torch import nn
-
-sys.path.insert(0, os.path.dirname(__file__))
 from export_helpers import make_split  # noqa: E402
+from torch import nn
 
 import train  # noqa: E402
 from utils import lr_find  # noqa: E402

@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
-from torch import nn
-
-sys.path.insert(0, os.path.dirname(__file__))
 from export_helpers import make_run  # noqa: E402
+from torch import nn
 
 import export  # noqa: E402
 import prune  # noqa: E402

@@ -15,8 +15,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))
 from eval_helpers import fitted_sample_run, one_thread  # noqa: E402
 from fake_tensorrt import make_cudart, make_plan, make_tensorrt  # noqa: E402
 

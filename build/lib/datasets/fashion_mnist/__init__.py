@@ -1,0 +1,1 @@
+"""Fashion-MNIST as raw class folders of PNG files; see ``prepare.py``."""

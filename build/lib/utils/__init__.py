@@ -1,0 +1,1 @@
+"""Shared building blocks for the MobileNet scripts (data, schedule, checkpoints, metrics, ...)."""

@@ -1,0 +1,167 @@
+"""Imbalanced training folders: how imbalanced, what train.py does about it, and the two remedies.
+
+- :func:`imbalance` / :func:`is_imbalanced`: largest / smallest training-class count; a folder is *imbalanced* when
+  that ratio is at least :data:`IMBALANCE_RATIO` (1.5).
+- ``class_balance``: ``none``; ``loss`` = :class:`WeightedCrossEntropy` with :func:`class_weights` (inverse class
+  frequency, mean 1); ``sampler`` = every epoch draws ``len(train)`` images with replacement, each with weight
+  1 / (its class count), so classes come out evenly (:func:`sample_weights` + :func:`epoch_order`, used by
+  utils.data.EpochBatchSampler and utils.train_loop.FeatureBatches). ``auto``: none on a balanced folder, else
+  :data:`AUTO_IMBALANCED` (measured, docs/imbalance.md).
+- ``select_metric`` (which validation number picks best.pt): ``auto`` = balanced accuracy on an imbalanced folder,
+  else top-1.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+IMBALANCE_RATIO = 1.5  # largest / smallest class count at which a training folder counts as imbalanced
+# class_balance=auto on an imbalanced folder: the measured winner (docs/imbalance.md: mean val balanced accuracy
+# 72.6% vs 71.1% none and 66.4% loss, macro-F1 0.722 vs 0.668 / 0.661, over 2 folders x 2 seeds).
+AUTO_IMBALANCED = "sampler"
+AUTO_REASON = ("the class-balanced sampler measured best balanced accuracy and macro-F1 on imbalanced Fashion-MNIST "
+               "folders (600/280/110/40), docs/imbalance.md")
+SELECT_NAMES = {"top1": "val top-1", "balanced_acc": "val balanced accuracy"}
+
+
+@dataclass
+class Decision:
+    """One setting as used (``value``) and why (``reason``)."""
+
+    value: str
+    reason: str
+
+
+def class_counts(labels: torch.Tensor | Sequence[int], num_classes: int) -> list[int]:
+    """Number of images of each class ``0 .. num_classes-1``."""
+    return torch.bincount(torch.as_tensor(labels, dtype=torch.int64), minlength=num_classes).tolist()
+
+
+def imbalance(counts: Sequence[int]) -> tuple[int, int, float]:
+    """(index of the largest class, index of the smallest, largest / smallest count); inf if a class is empty."""
+    big = max(range(len(counts)), key=lambda i: (counts[i], -i))
+    small = min(range(len(counts)), key=lambda i: (counts[i], i))
+    ratio = counts[big] / counts[small] if counts[small] > 0 else float("inf")
+    return big, small, ratio
+
+
+def is_imbalanced(counts: Sequence[int]) -> bool:
+    """True when largest / smallest class count >= :data:`IMBALANCE_RATIO`."""
+    return imbalance(counts)[2] >= IMBALANCE_RATIO
+
+
+def describe_counts(counts: Sequence[int], names: Sequence[str]) -> str:
+    """``largest Sandal 600, smallest Bag 40: ratio 15.0 (>= 1.5: imbalanced)``."""
+    big, small, ratio = imbalance(counts)
+    verdict = f">= {IMBALANCE_RATIO:g}: imbalanced" if ratio >= IMBALANCE_RATIO else f"< {IMBALANCE_RATIO:g}: balanced"
+    return (f"largest {names[big]} {counts[big]}, smallest {names[small]} {counts[small]}: ratio {ratio:.1f} "
+            f"({verdict})")
+
+
+def decide_class_balance(setting: str, counts: Sequence[int]) -> Decision:
+    """``class_balance`` as used: an explicit setting stays; ``auto`` -> none (balanced) or AUTO_IMBALANCED."""
+    if setting != "auto":
+        return Decision(setting, "set in the config")
+    if not is_imbalanced(counts):
+        return Decision("none", f"auto: balanced training folder (class ratio < {IMBALANCE_RATIO:g})")
+    return Decision(AUTO_IMBALANCED, f"auto: imbalanced training folder; {AUTO_REASON}")
+
+
+def decide_select_metric(setting: str, counts: Sequence[int]) -> Decision:
+    """``select_metric`` as used: ``auto`` -> balanced_acc on an imbalanced folder (top-1 would reward ignoring the
+    small classes), else top1."""
+    if setting != "auto":
+        return Decision(setting, "set in the config")
+    if is_imbalanced(counts):
+        return Decision("balanced_acc", f"auto: imbalanced training folder (class ratio >= {IMBALANCE_RATIO:g})")
+    return Decision("top1", f"auto: balanced training folder (class ratio < {IMBALANCE_RATIO:g})")
+
+
+def imbalance_paragraph(counts: Sequence[int], names: Sequence[str]) -> str:
+    """What split_dataset.py prints about the training split: the imbalance and what train.py will do."""
+    balance = decide_class_balance("auto", counts)
+    select = decide_select_metric("auto", counts)
+    if balance.value == "none":
+        todo = (f"train.py (class_balance=auto) trains as is (class_balance=none) and keeps the epoch with the best "
+                f"{SELECT_NAMES[select.value]} as best.pt (select_metric=auto -> {select.value})")
+    else:
+        how = {"loss": "class-weighted cross-entropy", "sampler": "a class-balanced sampler"}[balance.value]
+        todo = (f"train.py (class_balance=auto) uses {how} (class_balance={balance.value}) and keeps the epoch with the "
+                f"best {SELECT_NAMES[select.value]} as best.pt (select_metric=auto -> {select.value}); "
+                f"override with --set class_balance=none|loss|sampler --set select_metric=top1|balanced_acc")
+    return f"class balance of train: {describe_counts(counts, names)}; {todo}."
+
+
+# --------------------------------------------------------------------------------------------- remedies
+def class_weights(counts: Sequence[int]) -> torch.Tensor:
+    """Loss weight of each class: 1 / count, scaled so the classes that have images average 1 (empty classes: 0,
+    they never are a target)."""
+    c = torch.as_tensor(counts, dtype=torch.float64)
+    w = torch.where(c > 0, 1.0 / c.clamp(min=1), torch.zeros_like(c))
+    return (w / w[c > 0].mean()).float()
+
+
+def sample_weights(labels: torch.Tensor | Sequence[int], num_classes: int) -> torch.Tensor:
+    """Draw weight of each image: 1 / (number of images of its class), so each class gets the same total."""
+    labels = torch.as_tensor(labels, dtype=torch.int64)
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    return (1.0 / counts)[labels]
+
+
+def epoch_order(n: int, generator: torch.Generator, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One epoch's ``n`` image indices: a permutation, or with ``weights`` ``n`` draws with replacement in
+    proportion to them (the balanced sampler). A pure function of the generator's seed."""
+    if weights is None:
+        return torch.randperm(n, generator=generator)
+    if len(weights) != n:
+        raise ValueError(f"{len(weights)} sample weights for {n} images")
+    return torch.multinomial(weights.double(), n, replacement=True, generator=generator)
+
+
+class WeightedCrossEntropy(nn.Module):
+    """Class-weighted cross-entropy with label smoothing, for index or soft (MixUp/CutMix) targets.
+
+    Each sample's smoothed cross-entropy ``-sum_c q_c log p_c`` (``q`` = (1 - eps) * target + eps / C) is weighted
+    by its class weight ``w[y]`` (soft targets: ``sum_c target_c * w_c``), and the batch loss is the weighted mean
+    ``sum_i w_i CE_i / sum_i w_i``. With eps = 0 this equals ``nn.CrossEntropyLoss(weight=w)``. Unlike
+    ``nn.CrossEntropyLoss(weight=w, label_smoothing=eps)``, whose smoothing term weights every class's log-prob by
+    that class's weight (so smoothing pulls all samples towards the rare classes), smoothing here is the
+    ordinary uniform one and only the sample's own class sets its weight.
+    """
+
+    def __init__(self, weight: torch.Tensor, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.float())
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(logits.float(), dim=1)
+        w = self.weight.to(logp.device)
+        if target.dim() == 1:  # class indices
+            q = torch.nn.functional.one_hot(target, logp.shape[1]).to(logp.dtype)
+        else:
+            q = target.to(logp.dtype)
+        sample_w = q @ w
+        eps = self.label_smoothing
+        q = q * (1.0 - eps) + eps / logp.shape[1]
+        ce = -(q * logp).sum(dim=1)
+        return (sample_w * ce).sum() / sample_w.sum().clamp(min=1e-12)
+
+
+def train_labels(loader) -> torch.Tensor:
+    """The class index of every training image, by index, as the train loader holds them (memory cache and cached
+    features: its ``labels``; disk loader: its dataset's ``samples``)."""
+    labels = getattr(loader, "labels", None)
+    if labels is not None:
+        return torch.as_tensor(labels, dtype=torch.int64)
+    inner = getattr(loader, "loader", loader)  # utils.data.SkippingLoader wraps the DataLoader
+    return torch.tensor([label for _, label in inner.dataset.samples], dtype=torch.int64)
+
+
+def use_balanced_sampler(loader, labels: torch.Tensor, num_classes: int) -> None:
+    """Make ``loader``'s epoch order the class-balanced draw (its batch sampler, or the FeatureBatches itself)."""
+    target = getattr(loader, "batch_sampler", loader)
+    target.weights = sample_weights(labels, num_classes)

@@ -1,0 +1,39 @@
+"""The one exception type for mistakes a user can make, and the wrapper that prints it on one line."""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad path, wrong file, bad config). The message names the fix."""
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run a script's ``main()``; a ``UserError`` becomes ``error: <message>`` on stderr and exit status 2.
+
+    Anything else is a bug in this repository and keeps its traceback.
+    """
+    try:
+        main()
+    except UserError as e:
+        msg = " ".join(str(e).split("\n"))
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
+    except (MemoryError, RuntimeError) as e:
+        if not _is_out_of_memory(e):
+            raise
+        print("error: out of memory (" + str(e).splitlines()[0][:200] + "); lower --batch-size or --img-size, "
+              "use fewer --workers, or --set cache=none for large image folders", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    """True for host or GPU allocation failures (torch.OutOfMemoryError is a RuntimeError)."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return "can't allocate memory" in text or "out of memory" in text.lower()

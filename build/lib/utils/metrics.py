@@ -1,0 +1,79 @@
+"""Classification metrics: top-k hits, confusion matrix, per-class precision/recall/F1 and their macro averages.
+
+Per-class precision/recall/F1 are computed in one place, :func:`per_class_from_confusion`, from a confusion
+matrix: train.py's validation (balanced accuracy and macro-F1 per epoch) and evaluate.py use the same code.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+
+
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
+    """Number of samples whose target is among the top-k logits, for each k (k capped at the class count)."""
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(target[:, None])
+    return [int(hit[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
+
+
+def confusion_matrix(target: Sequence[int], pred: Sequence[int], labels: Sequence[int]) -> np.ndarray:
+    """Counts ``cm[i, j]`` of samples whose true class is ``labels[i]`` and predicted class ``labels[j]``."""
+
+    return sk_confusion_matrix(np.asarray(target), np.asarray(pred), labels=list(labels)).astype(np.int64)
+
+
+def row_normalize(cm: np.ndarray) -> np.ndarray:
+    """Each row divided by its sum (the recall view); rows without samples stay zero."""
+    sums = cm.sum(axis=1, keepdims=True)
+    return np.divide(cm, sums, out=np.zeros(cm.shape, dtype=np.float64), where=sums > 0)
+
+
+def per_class_from_confusion(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Precision, recall, F1 and support of each class of a square confusion matrix (rows = true class).
+
+    precision = TP / column sum, recall = TP / row sum, F1 = 2 TP / (2 TP + FP + FN); 0 where a denominator is 0
+    (scikit-learn's ``zero_division=0``).
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    tp = np.diag(cm)
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+
+    def ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+    return (ratio(tp, predicted), ratio(tp, support), ratio(2 * tp, support + predicted),
+            support.astype(np.int64))
+
+
+def class_summary(cm: np.ndarray) -> dict[str, float]:
+    """Balanced accuracy (percent: mean per-class recall) and macro-F1 (0-1) of a confusion matrix.
+
+    Both average over the classes that have samples (support > 0), as :func:`macro_average` does, so a class
+    absent from the data does not count as a zero; an all-zero matrix gives 0.
+    """
+    _, recall, f1, support = per_class_from_confusion(cm)
+    present = support > 0
+    if not present.any():
+        return {"balanced_acc": 0.0, "macro_f1": 0.0}
+    return {"balanced_acc": 100.0 * float(recall[present].mean()), "macro_f1": float(f1[present].mean())}
+
+
+def per_class_report(target: Sequence[int], pred: Sequence[int], labels: Sequence[int],
+                     names: Sequence[str]) -> list[dict[str, Any]]:
+    """Precision, recall, F1 and support for each class in ``labels`` (0 where undefined), from the confusion
+    matrix over ``labels`` (samples whose true or predicted class is not in ``labels`` are left out)."""
+    p, r, f, s = per_class_from_confusion(confusion_matrix(target, pred, labels))
+    return [{"class": names[i], "precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]),
+             "support": int(s[k])} for k, i in enumerate(labels)]
+
+
+def macro_average(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Unweighted mean precision/recall/F1 over the classes that have samples (support > 0)."""
+    present = [r for r in rows if r["support"] > 0]
+    if not present:
+        return {"precision": 0.0, "recall": 0.0, "f1": 0.0}
+    return {k: float(np.mean([r[k] for r in present])) for k in ("precision", "recall", "f1")}
