@@ -15,7 +15,7 @@ from utils.pruning import prune_checkpoint
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m utils.deploy.prune", description=__doc__,
+    p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="train.py checkpoint to prune (e.g. RUN/best.pt)")
     p.add_argument("--ratio", type=float, default=0.4,

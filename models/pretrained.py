@@ -150,7 +150,7 @@ def load_pretrained(model: nn.Module, source: str) -> LoadReport:
         saved = ""
         if saved_arch and saved_arch.get("pruned"):
             saved = (" (it is a pruned checkpoint: its layers are narrower than any --width-mult; fine-tune it with "
-                     "python -m utils.pruning, or pass the unpruned checkpoint)")
+                     "prune.py, or pass the unpruned checkpoint)")
         elif saved_arch and ((saved_arch.get("name"), saved_arch.get("width_mult"))
                              != (arch, getattr(model, "arch", {}).get("width_mult"))):
             saved = (f" (it was saved from {saved_arch.get('name')} width {saved_arch.get('width_mult')}: train with "

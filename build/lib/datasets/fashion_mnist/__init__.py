@@ -1,1 +1,0 @@
-"""Fashion-MNIST as raw class folders of PNG files; see ``prepare.py``."""

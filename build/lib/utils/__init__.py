@@ -1,1 +1,0 @@
-"""Shared building blocks for the MobileNet scripts (data, schedule, checkpoints, metrics, ...)."""
