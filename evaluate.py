@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from utils.data import SkippedFiles, scan_class_folders
-from utils.deploy.inference import as_records, default_workers, run_on_files
+from utils.deploy.inference import add_run_arguments, as_records, run_on_files
 from utils.deploy.runtime import LoadedModel, open_model
 from utils.errors import UserError, run_main
 from utils.metrics import class_summary, confusion_matrix, macro_average, per_class_report, topk_correct
@@ -237,17 +237,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="output folder (default: RUN/eval for RUN/best.pt, RUN/eval_<name> for other "
                         "checkpoints, <folder>/eval_<file name> for exported files)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    p.add_argument("--workers", type=int, default=None,
-                   help=f"DataLoader worker processes decoding images (default: {default_workers()}, "
-                        "min(4, CPU cores); 0 decodes in the main process)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads of the model runtime (default: the runtime's own choice, about one per "
-                        "core; on a machine busy with other jobs 1 can be faster)")
-    p.add_argument("--device", default=None,
-                   help="cpu, cuda or cuda:N (default: cuda when torch has it, else cpu; a TensorRT engine always "
-                        "runs on a GPU, cuda:0 by default)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_run_arguments(p)
     return p
 
 

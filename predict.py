@@ -19,7 +19,7 @@ import sys
 from typing import Any
 
 from utils.data import SkippedFiles
-from utils.deploy.inference import as_records, default_workers, expand_image_args, run_on_files
+from utils.deploy.inference import add_run_arguments, as_records, expand_image_args, run_on_files
 from utils.deploy.runtime import LoadedModel, open_model
 from utils.errors import UserError, run_main
 
@@ -92,16 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the predictions as JSON to FILE")
     p.add_argument("--csv", default=None, metavar="FILE",
                    help="also write the predictions as CSV to FILE (file, class_1, prob_1, ...)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    p.add_argument("--workers", type=int, default=None,
-                   help=f"DataLoader worker processes decoding images (default: {default_workers()}; 0 = main process)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads of the model runtime (default: the runtime's own choice, about one per "
-                        "core; on a machine busy with other jobs 1 can be faster)")
-    p.add_argument("--device", default=None,
-                   help="cpu, cuda or cuda:N (default: cuda when torch has it, else cpu; a TensorRT engine always "
-                        "runs on a GPU, cuda:0 by default)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_run_arguments(p)
     return p
 
 

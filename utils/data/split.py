@@ -25,10 +25,11 @@ import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from utils.data.images import IMAGE_EXTENSIONS
-from utils.errors import UserError
 from PIL import Image
 from tqdm import tqdm
+
+from utils.data.images import IMAGE_EXTENSIONS, is_image_file
+from utils.errors import UserError
 
 SPLITS = ("train", "val", "test")
 
@@ -126,7 +127,7 @@ def scan_folder(raw: str, progress: bool = False) -> SplitResult:
                 src = f"{cls}/{rel}"
                 if name.startswith("."):
                     skipped.append((src, "hidden file (e.g. .DS_Store or a macOS ._ resource fork)"))
-                elif not name.lower().endswith(IMAGE_EXTENSIONS):
+                elif not is_image_file(name):
                     skipped.append((src, f"not an image file (extension '{os.path.splitext(name)[1]}'; "
                                          f"accepted: {' '.join(IMAGE_EXTENSIONS)})"))
                 else:

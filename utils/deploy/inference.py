@@ -5,6 +5,7 @@ the logits of every readable image, the files that failed with their reasons, an
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import time
@@ -46,6 +47,21 @@ def expand_image_args(items: Sequence[str]) -> tuple[list[str], list[str]]:
     seen: set[str] = set()
     unique = [p for p in paths if not (p in seen or seen.add(p))]
     return unique, unmatched
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags evaluate.py and predict.py share: how images are batched, decoded and run."""
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"DataLoader worker processes decoding images (default: {default_workers()}, "
+                        "min(4, CPU cores); 0 decodes in the main process)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads of the model runtime (default: the runtime's own choice, about one per "
+                        "core; on a machine busy with other jobs 1 can be faster)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when torch has it, else cpu; a TensorRT engine always "
+                        "runs on a GPU, cuda:0 by default)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def torch_threads_beside_workers(model: LoadedModel, workers: int) -> int | None:

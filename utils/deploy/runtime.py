@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from utils.checkpoint import load_checkpoint, model_from_checkpoint
+from utils.checkpoint import Preprocess, load_checkpoint, model_from_checkpoint
 from utils.deploy import tensorrt_engine as te
 from utils.deploy.engine import fast_forward
 from utils.deploy.onnx_io import onnx_session
@@ -33,7 +33,6 @@ from utils.machine import Choice, cache_dir
 
 ACCEPTED = ("a train.py checkpoint (.pt), a TorchScript file, an ONNX file (.onnx) or a TensorRT engine (.engine) "
             "written by export.py")
-PREPROCESS_KEYS = ("img_size", "resize_size", "mean", "std")
 
 
 def pick_device(device: str | torch.device | None = None) -> torch.device:
@@ -116,10 +115,7 @@ def _validate_meta(path: str, classes: Any, preprocess: Any) -> tuple[list[str],
     fix = "re-export it with export.py (it embeds 'classes' and 'preprocess')"
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise UserError(f"{path} carries no class names (metadata 'classes' missing or not a list of names); {fix}")
-    if not isinstance(preprocess, dict) or any(k not in preprocess for k in PREPROCESS_KEYS):
-        raise UserError(f"{path} carries no preprocessing (metadata 'preprocess' needs {', '.join(PREPROCESS_KEYS)}); {fix}")
-    pre = {"img_size": int(preprocess["img_size"]), "resize_size": int(preprocess["resize_size"]),
-           "mean": [float(v) for v in preprocess["mean"]], "std": [float(v) for v in preprocess["std"]]}
+    pre = Preprocess.from_dict(preprocess, path, fix).as_dict()
     return list(classes), pre
 
 
