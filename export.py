@@ -143,8 +143,8 @@ def int8_target(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import onnx  # noqa: PLC0415  (lazy: heavy optional dependency)
-    import onnxruntime  # noqa: PLC0415  (lazy: heavy optional dependency)
+    import onnx  # noqa: PLC0415  (lazy: optional/heavy dependency)
+    import onnxruntime  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
 
     args = get_args_parser().parse_args(argv)

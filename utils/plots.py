@@ -101,7 +101,7 @@ def plot_confusion_matrix(cm, class_names: list[str], out_png: str, title: str =
 
     Rows are true classes, columns predicted ones. Cells are annotated while the matrix stays readable.
     """
-    import seaborn as sns  # noqa: PLC0415  (lazy: heavy optional dependency)
+    import seaborn as sns  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
 
     cm = np.asarray(cm)

@@ -56,7 +56,7 @@ def expansion_convs(model: nn.Module) -> list[nn.Conv2d]:
 
 def prune_expanded_channels(model: nn.Module, ratio: float, img_size: int, round_to: int = 8) -> nn.Module:
     """Remove ``ratio`` of the channels of every expansion conv (and all dependent channels), in place."""
-    import torch_pruning as tp  # noqa: PLC0415  (lazy: heavy optional dependency)
+    import torch_pruning as tp  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
     if not 0.0 < ratio < 1.0:
         raise UserError(f"--ratio must be between 0 and 1 (fraction of expanded channels removed), got {ratio}")

@@ -263,7 +263,6 @@ def split_dataset(raw: str, out: str, *, val: float = 0.2, test: float = 0.0, se
         files = sorted(result.files, key=lambda f: (f.split, _sort_key(f.cls), _sort_key(f.relpath)))
         iterator = files
         if progress:
-            from tqdm import tqdm  # noqa: PLC0415  (lazy: heavy optional dependency)
             iterator = tqdm(files, desc=f"{mode} -> {os.path.basename(out)}", unit="img")
         for f in iterator:
             used[_place(os.path.join(raw, f.source), os.path.join(tmp, f.split, f.cls, f.relpath), mode)] += 1

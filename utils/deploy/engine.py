@@ -224,7 +224,7 @@ def fast_forward(model: nn.Module, sample: torch.Tensor, *, method: str = "forwa
         if estimate < MIN_PASS_SECONDS:
             return stay(f"the pass is short (~{estimate:.2g} s in PyTorch), an onnxruntime export would not pay off")
     try:
-        import onnxruntime  # noqa: PLC0415, F401
+        import onnxruntime  # noqa: PLC0415, F401  (lazy: is the optional runtime installed?)
     except ImportError:
         return stay("onnxruntime is not installed (pip install onnxruntime onnx)")
     t0 = time.perf_counter()

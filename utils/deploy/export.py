@@ -126,7 +126,7 @@ def export_onnx(model: nn.Module, path: str, img_size: int, classes: Sequence[st
 
     Returns facts checked on the written graph (op types, Clip bounds constant, checker passed).
     """
-    import onnx  # noqa: PLC0415  (lazy: heavy optional dependency)
+    import onnx  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
     model = model.float().eval().cpu()
     x = torch.zeros(1, 3, img_size, img_size)
@@ -203,7 +203,7 @@ def stem_convs(onnx_path: str) -> list[str]:
     mobilenet_v2 1.0 at 224 px, one thread, stem conv 290 us int8 vs 107 us fp32; keeping both layers fp32 made
     the whole int8 model 1.78 -> 1.53 ms (1.09 -> 1.02 ms with two threads).
     """
-    import onnx  # noqa: PLC0415  (lazy: heavy optional dependency)
+    import onnx  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
     convs = [n for n in onnx.load(onnx_path).graph.node if n.op_type == "Conv"]
     grouped = [n for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
@@ -222,8 +222,8 @@ def quantize_int8(fp32_path: str, out_path: str, calib: torch.Tensor, per_channe
     quantization parameters (BatchNorm is already folded into the convolutions by the exporter).
     ``fp32_stem`` keeps :func:`stem_convs` in fp32 (faster and a little more accurate; see there).
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static  # noqa: PLC0415  (lazy: heavy optional dependency)
-    from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415  (lazy: heavy optional dependency)
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static  # noqa: PLC0415  (lazy: optional/heavy dependency)
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
@@ -251,7 +251,7 @@ def quantize_int8(fp32_path: str, out_path: str, calib: torch.Tensor, per_channe
 
 def _copy_with_metadata(src_with_meta: str, model_path: str, dst: str) -> None:
     """Save ``model_path`` to ``dst`` carrying over ``src_with_meta``'s metadata_props (classes, preprocess)."""
-    import onnx  # noqa: PLC0415  (lazy: heavy optional dependency)
+    import onnx  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
     meta = {p.key: p.value for p in onnx.load(src_with_meta).metadata_props}
     proto = onnx.load(model_path)

@@ -55,8 +55,8 @@ TARGETS = {
 def weight_range(onnx_path: str) -> tuple[int, int]:
     """Smallest and largest quantized weight in an int8 ONNX file (int8 initializers of rank >= 2 that a
     DequantizeLinear reads: convolution and Gemm weights, not zero points or int32 biases)."""
-    import onnx  # noqa: PLC0415  (lazy: heavy optional dependency)
-    from onnx import numpy_helper  # noqa: PLC0415  (lazy: heavy optional dependency)
+    import onnx  # noqa: PLC0415  (lazy: optional/heavy dependency)
+    from onnx import numpy_helper  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
     proto = onnx.load(onnx_path)
     inits = {i.name: i for i in proto.graph.initializer}

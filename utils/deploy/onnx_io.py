@@ -17,7 +17,7 @@ def onnx_session(path: str, threads: int = 0, spinning: bool = True,
     DataLoader workers, or another runtime being timed, shares the same cores (measured: ~1.4x fewer
     images/s with spinning on a 2-core box).
     """
-    import onnxruntime as ort  # noqa: PLC0415  (lazy: heavy optional dependency)
+    import onnxruntime as ort  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -270,7 +270,7 @@ def _report_provider_fallback(path: str, device: torch.device, asked: list[str],
 
 
 def _open_onnx(path: str, device: torch.device, threads: int | None = None) -> LoadedModel:
-    import onnxruntime as ort  # noqa: PLC0415  (lazy: heavy optional dependency)
+    import onnxruntime as ort  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
     available = list(ort.get_available_providers())
     providers = onnx_providers(device, available)

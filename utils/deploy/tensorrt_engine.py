@@ -51,7 +51,7 @@ def sidecar_path(engine_path: str) -> str:
 def import_tensorrt():
     """The ``tensorrt`` module, or None when it is not installed."""
     try:
-        import tensorrt  # noqa: PLC0415  (lazy: heavy optional dependency)
+        import tensorrt  # noqa: PLC0415  (lazy: optional/heavy dependency)
     except ImportError:
         return None
     return tensorrt
@@ -60,12 +60,12 @@ def import_tensorrt():
 def _import_cudart():
     """cuda-python's runtime API module (``cuda.bindings.runtime``, older ``cuda.cudart``), or None."""
     try:
-        from cuda.bindings import runtime  # noqa: PLC0415  (lazy: heavy optional dependency)
+        from cuda.bindings import runtime  # noqa: PLC0415  (lazy: optional/heavy dependency)
         return runtime
     except ImportError:
         pass
     try:
-        from cuda import cudart  # noqa: PLC0415  (lazy: heavy optional dependency)
+        from cuda import cudart  # noqa: PLC0415  (lazy: optional/heavy dependency)
         return cudart
     except ImportError:
         return None
@@ -163,8 +163,8 @@ def _sort_topologically(graph) -> None:
 
 def convert_onnx_fp16(src: str, dst: str) -> None:
     """Write an fp16 copy of ``src`` to ``dst`` whose input and output stay fp32 (Casts inside the graph)."""
-    import onnx  # noqa: PLC0415  (lazy: heavy optional dependency)
-    from onnxruntime.transformers.float16 import convert_float_to_float16  # noqa: PLC0415  (lazy: heavy optional dependency)
+    import onnx  # noqa: PLC0415  (lazy: optional/heavy dependency)
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
     proto = convert_float_to_float16(onnx.load(src), keep_io_types=True)
     _sort_topologically(proto.graph)
