@@ -517,7 +517,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
             save("last.pt", epoch + 1)
             if is_best:
                 save("best.pt", epoch + 1)
-            _plot(run.out)
+            plot_curves([os.path.join(run.out, "log.csv")], os.path.join(run.out, "curves.png"))
         else:
             run.best_acc = max(run.best_acc, val[select_key])
         if stop is not None and stop.requested_anywhere():  # Ctrl-C after the epoch's last check: stop here
@@ -547,11 +547,6 @@ def fit_to_budget(run: Run, phase: Phase, epoch: int, seconds: float) -> int:
               f"{seconds:.0f} s -> {end - epoch - 1} more epoch(s), {end} in all{capped} (expected end after "
               f"~{(run.elapsed() + (end - epoch - 1) * seconds) / 60:.1f} min)", flush=True)
     return end
-
-
-def _plot(out: str) -> None:
-    """Redraw RUN/curves.png from RUN/log.csv."""
-    plot_curves([os.path.join(out, "log.csv")], os.path.join(out, "curves.png"))
 
 
 if __name__ == "__main__":
