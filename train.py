@@ -63,9 +63,9 @@ from utils.train_loop import (
     build_mixup,
     cache_pooled_features,
     epoch_seed,
-    evaluate,
-    pick_device,
     train_one_epoch,
+    training_device,
+    validate,
 )
 
 
@@ -205,7 +205,7 @@ class Run:
 
 def setup_device(cfg: cfglib.TrainConfig):
     """The device and the torchrun process group (``dist.enabled`` False in a single process)."""
-    device = pick_device(cfg.device)
+    device = training_device(cfg.device)
     dist = init_distributed(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
@@ -490,7 +490,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
             barrier()  # no process exits before the file is written (torchrun would stop the others)
             raise
         run.step = progress.step
-        val = evaluate(eval_fn, val_loader, val_criterion, device, amp_dtype=amp_dtype,
+        val = validate(eval_fn, val_loader, val_criterion, device, amp_dtype=amp_dtype,
                        channels_last=ctx.channels_last, bar=main_proc and cfg.progress, num_classes=len(run.classes))
         seconds = time.perf_counter() - t_epoch
         skipped = data.skipped_total()  # every process calls it: under torchrun it unites their skipped files

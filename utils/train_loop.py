@@ -37,7 +37,7 @@ from utils.metrics import class_summary, topk_correct
 from utils.schedule import WarmupCosine
 
 
-def pick_device(name: str) -> torch.device:
+def training_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; anything else is checked and used as given."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -377,7 +377,7 @@ def train_one_epoch(ctx: StepContext, loader: Iterable, schedule: WarmupCosine, 
 
 
 @torch.no_grad()
-def evaluate(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, criterion: nn.Module,
+def validate(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, criterion: nn.Module,
              device: torch.device, *, amp_dtype: Optional[torch.dtype] = None, channels_last: bool = True,
              bar: bool = False, desc: str = "val", num_classes: int = 0) -> dict[str, float]:
     """Mean loss, top-1/top-5 accuracy, balanced accuracy (percent) and macro-F1 (0-1) over ``loader``, summed over

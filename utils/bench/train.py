@@ -29,7 +29,7 @@ from utils.data import load_data
 from utils.files import csv_text, write_text
 from utils.schedule import build_optimizer
 from utils.timing import interleaved_timings, median
-from utils.train_loop import StepContext, Trainable, pick_device, speed_plan, train_step
+from utils.train_loop import StepContext, Trainable, speed_plan, train_step, training_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace, resolve_data_dir: Callable[[cfglib.TrainConfig
                                "img_size": args.img_size, "batch_size": args.batch_size}.items() if v is not None}
     path = args.config or cfglib.DEFAULT_RECIPE
     cfg = cfglib.build_config(cfglib.read_yaml(path), path, flags, [])
-    device = pick_device(args.device)
+    device = training_device(args.device)
     cpu = machine.cpu_info()
     threads = machine.decide_threads(cpu, 1)
     machine.apply_threads(threads)

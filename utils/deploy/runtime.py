@@ -35,7 +35,7 @@ ACCEPTED = ("a train.py checkpoint (.pt), a TorchScript file, an ONNX file (.onn
             "written by export.py")
 
 
-def pick_device(device: str | torch.device | None = None) -> torch.device:
+def inference_device(device: str | torch.device | None = None) -> torch.device:
     """``device`` if given, else cuda when available, else cpu."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -321,7 +321,7 @@ def open_model(path: str, device: str | torch.device | None = None, threads: int
     """
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")
-    dev = pick_device(device)
+    dev = inference_device(device)
     kind = detect_kind(path)
     if kind == "engine":  # GPU only: its default is cuda:0 even when torch itself has no CUDA (Jetson)
         model = _open_engine(path, device)
