@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from utils.data import SkippedFiles
+from utils.data import SkippedFiles, list_labelled_images
 from utils.deploy import export as ex
 from utils.deploy import int8, int8_check
 from utils.deploy.tensorrt_engine import sidecar_path
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
 
     val_dir = args.val_data or _data_folder(args, src.config, "val", "--val-data")
-    val = ex.list_labelled_images(val_dir, src.classes)
+    val = list_labelled_images(val_dir, src.classes)
     verify = ex.evenly_spaced(val, args.verify_images)
     skipped = SkippedFiles()  # unreadable images of every pass below, each named once, counted in export.json
     verify_x = _read(ex, [p for p, _ in verify], src.preprocess, skipped, f"validation images from {val_dir}").x

@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     import numpy as np
     import torch
 
+    from utils.data import list_labelled_images
     from utils.deploy import export as ex
     from utils.deploy.int8 import weight_range
     from utils.deploy.runtime import open_model
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if shutil.which("qemu-x86_64") is None:
         raise UserError("qemu-x86_64 not found; install it with `apt-get install qemu-user` (Debian/Ubuntu)")
     first = open_model(args.models[0])
-    items = ex.evenly_spaced(ex.list_labelled_images(args.val_data, first.classes), args.images)
+    items = ex.evenly_spaced(list_labelled_images(args.val_data, first.classes), args.images)
     labels = np.array([y for _, y in items])
     x = ex.load_images([p for p, _ in items], first.preprocess).numpy()
     print(f"{len(items)} validation images from {args.val_data}; this CPU: {describe_machine('cpu')}")

@@ -14,6 +14,7 @@ from onnx import numpy_helper  # noqa: E402
 
 import export  # noqa: E402
 from utils import machine  # noqa: E402
+from utils.data import list_labelled_images
 from utils.deploy import export as ex
 from utils.deploy import int8  # noqa: E402
 from utils.deploy.onnx_io import onnx_session  # noqa: E402
@@ -37,7 +38,7 @@ def run(tmp_path_factory):
 
 def _val_batch(ckpt):
     c = torch.load(ckpt, weights_only=True)
-    items = ex.list_labelled_images(os.path.join(c["config"]["data"], "val"), c["classes"])
+    items = list_labelled_images(os.path.join(c["config"]["data"], "val"), c["classes"])
     return ex.load_images([p for p, _ in items], c["preprocess"]), c
 
 
@@ -117,7 +118,7 @@ def test_int8_is_static_qdq_u8_activations_s8_per_channel_weights(run):
     assert abs(chk["drop"] - (chk["fp32_top1"] - chk["int8_top1"])) < 0.01
     # the int8 accuracy figure is recomputable from the file
     x, c = _val_batch(ckpt)
-    items = ex.list_labelled_images(os.path.join(c["config"]["data"], "val"), c["classes"])
+    items = list_labelled_images(os.path.join(c["config"]["data"], "val"), c["classes"])
     labels = torch.tensor([y for _, y in items])
     int8 = open_model(os.path.join(out, "model.int8.onnx"))
     assert abs(ex.top1_percent(int8.predict_batch(x), labels) - chk["int8_top1"]) < 0.01
