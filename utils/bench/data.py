@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import warnings
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as V1
 
 from utils.data import (
     IMAGENET_MEAN,
@@ -31,6 +33,7 @@ from utils.data import (
     decode_rgb,
     load_pil_rgb,
     single_thread,
+    to_rgb,
 )
 from utils.data.augment import _square, _stack_uniform
 from utils.data.loaders import _decode_all
@@ -67,13 +70,38 @@ def _files(folder: str, exts: tuple[str, ...], limit: int) -> list[str]:
     return [found[i % len(found)] for i in range(limit)]  # repeat small sets to fill a timed call
 
 
+def v1_train_transform(img_size: int, *, mean, std, scale=(0.08, 1.0), hflip: float = 0.5, color_jitter: float = 0.0,
+                       rotation: float = 0.0, auto_augment: str | None = None,
+                       random_erasing: float = 0.0) -> Callable:
+    """utils.data.build_train_transform's recipe with the legacy ``torchvision.transforms`` on PIL images: the
+    baseline row of this benchmark (the library itself uses transforms v2)."""
+    build_train_transform(img_size, mean=mean, std=std, scale=scale, auto_augment=auto_augment)  # same checks
+    scale = tuple(float(s) for s in scale)
+    ops: list = [V1.Lambda(to_rgb), V1.RandomResizedCrop(img_size, scale=scale, antialias=True)]
+    if hflip > 0:
+        ops.append(V1.RandomHorizontalFlip(hflip))
+    if color_jitter > 0:
+        ops.append(V1.ColorJitter(color_jitter, color_jitter, color_jitter))
+    if rotation > 0:
+        ops.append(V1.RandomRotation(rotation))
+    if auto_augment == "trivial":
+        ops.append(V1.TrivialAugmentWide())
+    ops += [V1.PILToTensor(), V1.ConvertImageDtype(torch.float32), V1.Normalize(list(mean), list(std))]
+    if random_erasing > 0:
+        ops.append(V1.RandomErasing(random_erasing))
+    return V1.Compose(ops)
+
+
 class _Bench(Dataset):
     """files -> augmented tensors, with one of the per-image variants."""
 
     def __init__(self, files: list[str], variant: str, size: int):
         self.files, self.variant, self.load = files, variant, load_pil_rgb
-        backend = {"v1-pil": "v1", "v2-pil": "pil", "v2-tensor": "tensor", "io-v2-tensor": "tensor"}[variant]
-        self.tf = build_train_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, backend=backend, **RECIPE)
+        if variant == "v1-pil":
+            self.tf = v1_train_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, **RECIPE)
+        else:
+            backend = {"v2-pil": "pil", "v2-tensor": "tensor", "io-v2-tensor": "tensor"}[variant]
+            self.tf = build_train_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, backend=backend, **RECIPE)
 
     def __len__(self) -> int:
         return len(self.files)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-from torchvision import transforms as V1
 from torchvision.transforms import v2 as T
 
 from utils.data.images import to_rgb
@@ -46,7 +45,6 @@ def build_train_transform(img_size: int, *, mean, std, scale=(0.08, 1.0), hflip:
     (``auto_augment="trivial"``) -> normalise -> RandomErasing (prob ``random_erasing``).
     ``backend="tensor"`` (default; with decode_rgb the fastest here, see README) takes a PIL image or a uint8
     CHW tensor and works on the tensor; ``"pil"`` crops/resizes the PIL image, then converts;
-    ``"v1"`` is the same recipe with the legacy ``torchvision.transforms`` (kept for the benchmark).
     Randomness comes from torch's global generator (seed it per image for reproducible runs).
     """
     if auto_augment not in (None, "trivial"):
@@ -54,20 +52,6 @@ def build_train_transform(img_size: int, *, mean, std, scale=(0.08, 1.0), hflip:
     scale = tuple(float(s) for s in scale)
     if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
         raise UserError(f"scale={scale}: use two fractions 0 < min <= max <= 1, e.g. [0.08, 1.0]")
-    if backend == "v1":
-        ops: list = [V1.Lambda(to_rgb), V1.RandomResizedCrop(img_size, scale=scale, antialias=True)]
-        if hflip > 0:
-            ops.append(V1.RandomHorizontalFlip(hflip))
-        if color_jitter > 0:
-            ops.append(V1.ColorJitter(color_jitter, color_jitter, color_jitter))
-        if rotation > 0:
-            ops.append(V1.RandomRotation(rotation))
-        if auto_augment == "trivial":
-            ops.append(V1.TrivialAugmentWide())
-        ops += [V1.PILToTensor(), V1.ConvertImageDtype(torch.float32), V1.Normalize(list(mean), list(std))]
-        if random_erasing > 0:
-            ops.append(V1.RandomErasing(random_erasing))
-        return V1.Compose(ops)
     if backend not in ("pil", "tensor"):
         raise ValueError(f"backend {backend!r}")
     ops = [T.Lambda(to_rgb)]
