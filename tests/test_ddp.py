@@ -21,6 +21,8 @@ from eval_helpers import link_sample_split
 
 from utils.checkpoint import load_checkpoint
 
+pytestmark = [pytest.mark.ddp, pytest.mark.slow]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample")
 COMMON = ["--model", "mobilenet_v2", "--width-mult", "0.25", "--img-size", "32", "--epochs", "2", "--lr", "0.01",

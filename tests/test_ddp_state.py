@@ -15,6 +15,8 @@ import train
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
 
+pytestmark = [pytest.mark.ddp, pytest.mark.slow]
+
 TINY = ["--model", "mobilenet_v2", "--width-mult", "0.25", "--img-size", "32", "--batch-size", "8", "--workers", "0",
         "--device", "cpu", "--set", "resize_size=32", "--set", "progress=false", "--set", "amp=off"]
 # dropout 0.2 (the default) and mixup: both draw from each process's own global RNG every step
