@@ -30,13 +30,13 @@ from typing import Any
 
 import torch
 
+from utils import machine
 from utils.data import SkippedFiles, list_labelled_images
 from utils.deploy import export as ex
 from utils.deploy import int8, int8_check
 from utils.deploy.tensorrt_engine import sidecar_path
 from utils.errors import UserError, run_main
 from utils.files import write_json
-from utils.machine import cpu_info, describe_machine
 
 FORMATS = ("onnx", "torchscript", "int8", "tensorrt")
 FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "int8": "model.int8.onnx",
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "checkpoint": os.path.abspath(args.checkpoint), "arch": src.arch, "classes": src.classes,
         "preprocess": src.preprocess, "pruned": src.pruned, "val_data": val_dir,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
-        "machine": describe_machine("cpu"),
+        "machine": machine.describe_machine("cpu"),
         "files": {}, "checks": {},
     }
 
@@ -255,8 +255,7 @@ def _export_int8(args, src, paths, report, val, verify_x, ex, skipped: SkippedFi
 
 
 def _cpu():
-
-    return cpu_info()
+    return machine.cpu_info()  # looked up at call time (tests stand in another CPU)
 
 
 def _int8_accuracy(args, src, fp32_path: str, int8_path: str, val, calib: torch.Tensor, ex,
@@ -316,7 +315,7 @@ def _int8_speed(fp32_path: str, int8_path: str, images: torch.Tensor) -> dict[st
     """Time int8 against fp32 on this machine (a few seconds); print it, and one line when int8 is not faster."""
 
     speed = int8.time_int8_vs_fp32(fp32_path, int8_path, images.numpy())
-    speed = {"machine": describe_machine("cpu"), **speed}
+    speed = {"machine": machine.describe_machine("cpu"), **speed}
     b1, bn = speed["batch1_p50_ms"], speed[f"batch{int8.SPEED_BATCH}_img_s"]
     print(f"int8 speed   batch-1 p50 {b1['int8']:.3f} ms vs {b1['fp32']:.3f} ms fp32 ({b1['int8'] / b1['fp32']:.2f}x), "
           f"batch-{int8.SPEED_BATCH} {bn['int8']:.0f} vs {bn['fp32']:.0f} img/s fp32 ({bn['int8'] / bn['fp32']:.2f}x) "
