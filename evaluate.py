@@ -10,8 +10,7 @@ Class names and preprocessing always come from the model file itself.
 """
 from __future__ import annotations
 
-from utils.files import REPO_ROOT, write_text
-from utils.process import configure_process
+from utils.process import configure_process  # imports nothing that loads torch
 
 if __name__ == "__main__":
     configure_process("infer")  # idle OpenMP threads sleep (utils/process.py); must precede torch
@@ -31,6 +30,7 @@ from utils.data import SkippedFiles, scan_class_folders
 from utils.deploy.inference import add_run_arguments, as_records, run_on_files
 from utils.deploy.runtime import LoadedModel, open_model
 from utils.errors import UserError, run_main
+from utils.files import REPO_ROOT, write_text
 from utils.metrics import class_summary, confusion_matrix, macro_average, per_class_report, topk_correct
 from utils.plots import plot_confusion_matrix, plot_mistakes
 

@@ -7,8 +7,7 @@ Class names and preprocessing come from the model file. Unreadable files are rep
 """
 from __future__ import annotations
 
-from utils.files import csv_text, write_json, write_text
-from utils.process import configure_process
+from utils.process import configure_process  # imports nothing that loads torch
 
 if __name__ == "__main__":
     configure_process("infer")  # idle OpenMP threads sleep (utils/process.py); must precede torch
@@ -22,6 +21,7 @@ from utils.data import SkippedFiles
 from utils.deploy.inference import add_run_arguments, as_records, expand_image_args, run_on_files
 from utils.deploy.runtime import LoadedModel, open_model
 from utils.errors import UserError, run_main
+from utils.files import csv_text, write_json, write_text
 
 
 def predict_files(model: LoadedModel, paths: list[str], topk: int = 5, batch_size: int = 64,

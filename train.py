@@ -17,10 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-from datasets.default import resolve_data_dir
-from utils.checkpoint import Preprocess, training_state
-from utils.process import configure_process
-from utils.train_loop import speed_plan
+from utils.process import configure_process  # imports nothing that loads torch
 
 if __name__ == "__main__":
     configure_process("train")  # idle OpenMP threads spin briefly, then sleep (utils/process.py); must precede torch
@@ -28,11 +25,12 @@ if __name__ == "__main__":
 import torch
 from torch import nn
 
+from datasets.default import resolve_data_dir
 from models import build_model, count_params, load_pretrained
 from utils import balance as ballib
 from utils import config as cfglib
 from utils import machine
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import Preprocess, load_checkpoint, save_checkpoint, training_state
 from utils.data import load_data, load_split
 from utils.distributed import (
     barrier,
@@ -63,6 +61,7 @@ from utils.train_loop import (
     build_mixup,
     cache_pooled_features,
     epoch_seed,
+    speed_plan,
     train_one_epoch,
     training_device,
     validate,

@@ -46,3 +46,13 @@ print(len(names))
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert int(r.stdout) > 40
+
+
+@pytest.mark.parametrize("cmd", [["train.py"], ["evaluate.py"], ["predict.py"], ["benchmark.py", "train"]])
+def test_process_settings_are_applied_before_torch_loads(cmd):
+    """configure_process raises when torch is already loaded, so a command that imports torch (through any
+    module) before applying its settings fails here instead of silently running with OpenMP's defaults."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    r = subprocess.run([sys.executable, *cmd, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

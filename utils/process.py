@@ -46,6 +46,9 @@ def configure_process(profile: str, restart: bool = False) -> bool:
     else:
         changed = "OMP_WAIT_POLICY" not in os.environ
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if changed and restart and "torch" in sys.modules:
+    if changed and "torch" in sys.modules:  # too late: OpenMP has read its settings already
+        if not restart:
+            raise RuntimeError("configure_process() must run before torch is imported (OpenMP reads its "
+                               "settings once); import it first and call it before any module that loads torch")
         os.execv(sys.executable, [sys.executable] + sys.argv)
     return changed
