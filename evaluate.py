@@ -10,33 +10,32 @@ Class names and preprocessing always come from the model file itself.
 """
 from __future__ import annotations
 
-import os
+from utils.process import configure_process  # imports nothing that loads torch
 
-# Idle OpenMP threads sleep instead of busy-waiting, so DataLoader decode workers (and other jobs) get the
-# cores: measured 20 vs 3 images/s (predict, 224 px) and 1134 vs 753 (evaluate, 32 px) on a busy 2-core CPU.
-# Only takes effect before torch is imported; a value the user set wins; importing this module changes nothing.
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    configure_process("infer")  # idle OpenMP threads sleep (utils/process.py); must precede torch
 
-import argparse  # noqa: E402
+import argparse
 import csv
 import io
 import json
+import os
 from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
-from utils.checkpoint import atomic_write
-from utils.data import SkippedFiles
+from utils.data import SkippedFiles, scan_class_folders
+from utils.deploy.inference import add_run_arguments, as_records, run_on_files
+from utils.deploy.runtime import LoadedModel, open_model
 from utils.errors import UserError, run_main
-from utils.inference import as_records, default_workers, run_on_files, scan_class_folders
+from utils.files import REPO_ROOT, write_text
 from utils.metrics import class_summary, confusion_matrix, macro_average, per_class_report, topk_correct
 from utils.plots import plot_confusion_matrix, plot_mistakes
-from utils.runtime import LoadedModel, open_model
 
 SPLIT_NAMES = ("train", "val", "test")
-REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
+
 
 
 def training_config(model: LoadedModel) -> dict[str, Any]:
@@ -46,7 +45,6 @@ def training_config(model: LoadedModel) -> dict[str, Any]:
     folder = os.path.dirname(os.path.abspath(model.path))
     for cfg_path in (os.path.join(folder, "config.yaml"), os.path.join(os.path.dirname(folder), "config.yaml")):
         if os.path.isfile(cfg_path):
-            import yaml
 
             try:
                 with open(cfg_path) as f:
@@ -169,13 +167,6 @@ def evaluate(model: LoadedModel, data_dir: str, batch_size: int = 64, workers: i
             "failed": res.failed, "notes": notes}
 
 
-def _write_text(path: str, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-    atomic_write(path, write)
-
-
 def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -190,17 +181,17 @@ def write_outputs(result: dict[str, Any], out_dir: str) -> dict[str, str]:
     files = {k: os.path.join(out_dir, k) for k in ("metrics.json", "per_class.csv", "confusion_matrix.csv",
                                                     "confusion_matrix.png", "mistakes.csv", "mistakes.png")}
     m = result["metrics"]
-    _write_text(files["metrics.json"], json.dumps(m, indent=2) + "\n")
-    _write_text(files["per_class.csv"], _csv_text(
+    write_text(files["metrics.json"], json.dumps(m, indent=2) + "\n")
+    write_text(files["per_class.csv"], _csv_text(
         ["class", "precision", "recall", "f1", "support"],
         [[r["class"], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]]
          for r in result["per_class"]]))
     names, cm = result["cm_names"], np.asarray(result["cm"])
-    _write_text(files["confusion_matrix.csv"], _csv_text(
+    write_text(files["confusion_matrix.csv"], _csv_text(
         ["true\\predicted"] + names, [[names[i]] + cm[i].tolist() for i in range(len(names))]))
     title = f"{os.path.basename(m['model'])} on {m['data']}: top-1 {m['top1']:.2f}% ({m['images']} images)"
     plot_confusion_matrix(cm, names, files["confusion_matrix.png"], title=title)
-    _write_text(files["mistakes.csv"], _csv_text(
+    write_text(files["mistakes.csv"], _csv_text(
         ["file", "true", "predicted", "confidence", "true_class_prob"],
         [[r["file"], r["true"], r["predicted"], f"{r['confidence']:.4f}", f"{r['true_class_prob']:.4f}"]
          for r in result["mistakes"]]))
@@ -246,17 +237,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="output folder (default: RUN/eval for RUN/best.pt, RUN/eval_<name> for other "
                         "checkpoints, <folder>/eval_<file name> for exported files)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    p.add_argument("--workers", type=int, default=None,
-                   help=f"DataLoader worker processes decoding images (default: {default_workers()}, "
-                        "min(4, CPU cores); 0 decodes in the main process)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads of the model runtime (default: the runtime's own choice, about one per "
-                        "core; on a machine busy with other jobs 1 can be faster)")
-    p.add_argument("--device", default=None,
-                   help="cpu, cuda or cuda:N (default: cuda when torch has it, else cpu; a TensorRT engine always "
-                        "runs on a GPU, cuda:0 by default)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_run_arguments(p)
     return p
 
 

@@ -13,7 +13,7 @@ PyTorch logits within --tol (1e-4, relative to the largest logit when that excee
 every image; the TensorRT engine (fp16) within --tol-fp16 (same top-1 except near-ties); the int8 file is compared
 with model.onnx image by image: top-1 accuracy on the validation images, with a 95% interval of the change (paired,
 Newcombe), and top-1 agreement on those plus the calibration images. It is refused only when the loss is real: the
-whole interval lies below -MAX_DROP, or agreement is significantly below --min-agreement (utils/int8_check.py), so
+whole interval lies below -MAX_DROP, or agreement is significantly below --min-agreement (utils/deploy/int8_check.py), so
 one flipped image on a small validation folder does not fail the export. A failed check is an error and leaves no
 file behind (--int8-fallback: a refused int8 file is reported in one line and the fp32 files are kept).
 
@@ -24,25 +24,28 @@ when int8 is not faster here, one line says so and names the missing CPU feature
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from typing import Any
 
 import torch
 
-from utils import int8, int8_check
-from utils.data import SkippedFiles
+from utils import machine
+from utils.data import SkippedFiles, list_labelled_images
+from utils.deploy import export as ex
+from utils.deploy import int8, int8_check
+from utils.deploy.tensorrt_engine import sidecar_path
 from utils.errors import UserError, run_main
+from utils.files import write_json
 
 FORMATS = ("onnx", "torchscript", "int8", "tensorrt")
 FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "int8": "model.int8.onnx",
          "tensorrt": "model.engine"}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint written by train.py or python -m utils.prune (e.g. RUN/best.pt)")
+    p.add_argument("checkpoint", help="checkpoint written by train.py or prune.py (e.g. RUN/best.pt)")
     p.add_argument("--format", nargs="+", choices=FORMATS, default=["onnx", "torchscript", "int8"],
                    help="what to write (default: onnx torchscript int8); int8 and tensorrt also write model.onnx")
     p.add_argument("--out", help="output folder (default: the checkpoint's folder + /export)")
@@ -106,7 +109,7 @@ def _data_folder(args: argparse.Namespace, config: dict[str, Any], sub: str, fla
 
 
 def _read(ex, paths: list[str], preprocess: dict[str, Any], skipped: SkippedFiles, what: str):
-    """Decode ``paths`` (utils.export.read_images); unreadable files are named once and counted in ``skipped``;
+    """Decode ``paths`` (utils.deploy.export.read_images); unreadable files are named once and counted in ``skipped``;
     a UserError when none could be read."""
     read = ex.read_images(paths, preprocess)
     skipped.add(read.failed)
@@ -140,13 +143,11 @@ def int8_target(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import onnx
-    import onnxruntime
+    import onnx  # noqa: PLC0415  (lazy: optional/heavy dependency)
+    import onnxruntime  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
-    from utils import export as ex
-    from utils.machine import describe_machine
 
-    args = build_parser().parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     args.int8_target = int8_target(args)
     formats = list(dict.fromkeys(args.format))
     if ("int8" in formats or "tensorrt" in formats) and "onnx" not in formats:
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
 
     val_dir = args.val_data or _data_folder(args, src.config, "val", "--val-data")
-    val = ex.list_labelled_images(val_dir, src.classes)
+    val = list_labelled_images(val_dir, src.classes)
     verify = ex.evenly_spaced(val, args.verify_images)
     skipped = SkippedFiles()  # unreadable images of every pass below, each named once, counted in export.json
     verify_x = _read(ex, [p for p, _ in verify], src.preprocess, skipped, f"validation images from {val_dir}").x
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "checkpoint": os.path.abspath(args.checkpoint), "arch": src.arch, "classes": src.classes,
         "preprocess": src.preprocess, "pruned": src.pruned, "val_data": val_dir,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
-        "machine": describe_machine("cpu"),
+        "machine": machine.describe_machine("cpu"),
         "files": {}, "checks": {},
     }
 
@@ -254,9 +255,7 @@ def _export_int8(args, src, paths, report, val, verify_x, ex, skipped: SkippedFi
 
 
 def _cpu():
-    from utils.machine import cpu_info
-
-    return cpu_info()
+    return machine.cpu_info()  # looked up at call time (tests stand in another CPU)
 
 
 def _int8_accuracy(args, src, fp32_path: str, int8_path: str, val, calib: torch.Tensor, ex,
@@ -289,7 +288,6 @@ def _int8_accuracy(args, src, fp32_path: str, int8_path: str, val, calib: torch.
 
 def _export_tensorrt(args, src, paths, report, verify_x, reference, ex) -> dict[str, Any]:
     """Build the engine under a temporary name, check it on the verification images, then publish it + sidecar."""
-    from utils.tensorrt_engine import sidecar_path
 
     tmp, final = paths["tensorrt"] + ".unverified", paths["tensorrt"]
     facts = ex.build_tensorrt_engine(paths["onnx"], tmp, int(src.preprocess["img_size"]), src.classes, src.preprocess)
@@ -315,10 +313,9 @@ def _export_tensorrt(args, src, paths, report, verify_x, reference, ex) -> dict[
 
 def _int8_speed(fp32_path: str, int8_path: str, images: torch.Tensor) -> dict[str, Any]:
     """Time int8 against fp32 on this machine (a few seconds); print it, and one line when int8 is not faster."""
-    from utils.machine import describe_machine
 
     speed = int8.time_int8_vs_fp32(fp32_path, int8_path, images.numpy())
-    speed = {"machine": describe_machine("cpu"), **speed}
+    speed = {"machine": machine.describe_machine("cpu"), **speed}
     b1, bn = speed["batch1_p50_ms"], speed[f"batch{int8.SPEED_BATCH}_img_s"]
     print(f"int8 speed   batch-1 p50 {b1['int8']:.3f} ms vs {b1['fp32']:.3f} ms fp32 ({b1['int8'] / b1['fp32']:.2f}x), "
           f"batch-{int8.SPEED_BATCH} {bn['int8']:.0f} vs {bn['fp32']:.0f} img/s fp32 ({bn['int8'] / bn['fp32']:.2f}x) "
@@ -330,14 +327,8 @@ def _int8_speed(fp32_path: str, int8_path: str, images: torch.Tensor) -> dict[st
 
 
 def _write_report(out: str, report: dict[str, Any]) -> None:
-    from utils.checkpoint import atomic_write
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=2)
-            f.write("\n")
-
-    atomic_write(os.path.join(out, "export.json"), write)
+    write_json(os.path.join(out, "export.json"), report)
 
 
 if __name__ == "__main__":

@@ -7,26 +7,21 @@ Class names and preprocessing come from the model file. Unreadable files are rep
 """
 from __future__ import annotations
 
-import os
+from utils.process import configure_process  # imports nothing that loads torch
 
-# Idle OpenMP threads sleep instead of busy-waiting, so DataLoader decode workers (and other jobs) get the
-# cores: measured 20 vs 3 images/s (predict, 224 px) and 1134 vs 753 (evaluate, 32 px) on a busy 2-core CPU.
-# Only takes effect before torch is imported; a value the user set wins; importing this module changes nothing.
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    configure_process("infer")  # idle OpenMP threads sleep (utils/process.py); must precede torch
 
-import argparse  # noqa: E402
-import csv
-import io
-import json
+import argparse
+import os
 import sys
 from typing import Any
 
-from utils.checkpoint import atomic_write
 from utils.data import SkippedFiles
+from utils.deploy.inference import add_run_arguments, as_records, expand_image_args, run_on_files
+from utils.deploy.runtime import LoadedModel, open_model
 from utils.errors import UserError, run_main
-from utils.inference import as_records, default_workers, expand_image_args, run_on_files
-from utils.runtime import LoadedModel, open_model
+from utils.files import csv_text, write_json, write_text
 
 
 def predict_files(model: LoadedModel, paths: list[str], topk: int = 5, batch_size: int = 64,
@@ -69,23 +64,20 @@ def format_table(preds: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: str, result: dict[str, Any], model: LoadedModel) -> None:
+def write_predictions_json(path: str, result: dict[str, Any], model: LoadedModel) -> None:
     doc = {"model": model.path, "kind": model.kind, "engine": model.engine.value,
            "predictions": result["predictions"],
            "skipped": as_records(result["failed"])}
-    atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(doc, indent=2) + "\n"))
+    write_json(path, doc)
 
 
-def write_csv(path: str, result: dict[str, Any]) -> None:
+def write_predictions_csv(path: str, result: dict[str, Any]) -> None:
     """Wide CSV: file, class_1, prob_1, ..., class_k, prob_k (one row per readable image)."""
     preds = result["predictions"]
     k = len(preds[0]["top"]) if preds else 0
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["file"] + [h for j in range(1, k + 1) for h in (f"class_{j}", f"prob_{j}")])
-    for p in preds:
-        w.writerow([p["file"]] + [v for t in p["top"] for v in (t["class"], f"{t['prob']:.6f}")])
-    atomic_write(path, lambda tmp: open(tmp, "w", newline="").write(buf.getvalue()))
+    header = ["file"] + [h for j in range(1, k + 1) for h in (f"class_{j}", f"prob_{j}")]
+    write_text(path, csv_text(header, [[p["file"]] + [v for t in p["top"] for v in (t["class"], f"{t['prob']:.6f}")]
+                                       for p in preds]))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -100,16 +92,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the predictions as JSON to FILE")
     p.add_argument("--csv", default=None, metavar="FILE",
                    help="also write the predictions as CSV to FILE (file, class_1, prob_1, ...)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
-    p.add_argument("--workers", type=int, default=None,
-                   help=f"DataLoader worker processes decoding images (default: {default_workers()}; 0 = main process)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads of the model runtime (default: the runtime's own choice, about one per "
-                        "core; on a machine busy with other jobs 1 can be faster)")
-    p.add_argument("--device", default=None,
-                   help="cpu, cuda or cuda:N (default: cuda when torch has it, else cpu; a TensorRT engine always "
-                        "runs on a GPU, cuda:0 by default)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_run_arguments(p)
     return p
 
 
@@ -129,9 +112,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if result["predictions"]:
         print(format_table(result["predictions"]))
     if args.json:
-        write_json(args.json, result, model)
+        write_predictions_json(args.json, result, model)
     if args.csv:
-        write_csv(args.csv, result)
+        write_predictions_csv(args.csv, result)
     print(model.engine_line())
     n = len(result["predictions"])
     written = "".join(f", wrote {f}" for f in (args.json, args.csv) if f)

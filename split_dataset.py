@@ -14,11 +14,11 @@ import argparse
 import sys
 
 from utils.balance import imbalance_paragraph
+from utils.data.split import format_report, split_dataset
 from utils.errors import run_main
-from utils.split import format_report, split_dataset
 
 
-def main() -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("raw", metavar="RAW", help="input folder with one sub-folder of images per class")
     parser.add_argument("out", metavar="OUT", help="output folder (must be empty or missing unless --overwrite)")
@@ -30,7 +30,11 @@ def main() -> None:
                              "space) or hardlink (no extra space; falls back to copy across filesystems)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (only after success)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
     sys.stdout.reconfigure(errors="backslashreplace")  # file names that are not valid UTF-8 still print
     result = split_dataset(args.raw, args.out, val=args.val, test=args.test, seed=args.seed, mode=args.mode,
                            overwrite=args.overwrite, progress=not args.quiet)

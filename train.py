@@ -17,32 +17,60 @@ import sys
 import time
 from dataclasses import dataclass, replace
 
-from utils.omp import short_openmp_spin
+from utils.process import configure_process  # imports nothing that loads torch
 
-short_openmp_spin()  # idle OpenMP threads spin briefly, then sleep (measured in utils/omp.py); must precede torch
+if __name__ == "__main__":
+    configure_process("train")  # idle OpenMP threads spin briefly, then sleep (utils/process.py); must precede torch
 
-import torch  # noqa: E402
+import torch
 from torch import nn
 
+from datasets.default import resolve_data_dir
 from models import build_model, count_params, load_pretrained
 from utils import balance as ballib
 from utils import config as cfglib
 from utils import machine
 from utils.bn_adapt import adapt_batchnorm
-from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.distributed import (barrier, broadcast_object, cleanup, convert_sync_batchnorm, init_distributed,
-                               is_main_process, local_world_size)
+from utils.checkpoint import Preprocess, load_checkpoint, save_checkpoint, training_state
+from utils.data import load_data, load_split
+from utils.distributed import (
+    barrier,
+    broadcast_object,
+    cleanup,
+    convert_sync_batchnorm,
+    init_distributed,
+    local_world_size,
+)
 from utils.errors import UserError, run_main
 from utils.log import CSVLogger, summary_line
-from utils.rank_state import (StopRequest, StopRequested, check_resume_world, gather_rank_states, partial_epoch_entry,
-                              restore_partial)
+from utils.lr_find import run_lr_find
+from utils.plots import plot_curves
+from utils.rank_state import (
+    StopRequest,
+    StopRequested,
+    check_resume_world,
+    gather_rank_states,
+    partial_epoch_entry,
+    restore_partial,
+)
 from utils.schedule import WarmupCosine, build_optimizer
-from utils.train_loop import (EMA, EpochProgress, NonFiniteLoss, StepContext, Trainable, build_mixup,
-                              cache_pooled_features, epoch_seed, evaluate, make_probe_step, pick_device,
-                              train_one_epoch)
+from utils.train_loop import (
+    EMA,
+    EpochProgress,
+    NonFiniteLoss,
+    StepContext,
+    Trainable,
+    build_mixup,
+    cache_pooled_features,
+    epoch_seed,
+    speed_plan,
+    train_one_epoch,
+    training_device,
+    validate,
+)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="config keys for --set (and YAML recipes):\n" + cfglib.describe_keys())
@@ -64,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "the smoothed loss exceeds 4x its minimum")
     parser.add_argument("--lr-find-range", type=float, nargs=2, default=[1e-6, 1.0], metavar=("START", "END"),
                         help="first and last learning rate of the --lr-find sweep (default 1e-6 1)")
-    return parser.parse_args(argv)
+    return parser
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[cfglib.TrainConfig, dict | None]:
@@ -87,25 +115,6 @@ def resolve_config(args: argparse.Namespace) -> tuple[cfglib.TrainConfig, dict |
     return cfglib.build_config(recipe, source, flags, args.sets), ckpt
 
 
-def resolve_data_dir(cfg: cfglib.TrainConfig, is_main: bool) -> str:
-    """The data folder; the default Fashion-MNIST split is prepared on first use."""
-    default = cfglib.TrainConfig().data
-    if cfg.data == default and not os.path.isdir(cfg.data):
-        path = os.path.join(cfglib.REPO_ROOT, default)
-        if not os.path.isdir(os.path.join(path, "train")):
-            from datasets.fashion_mnist.prepare import ensure_default_dataset
-
-            if is_main:
-                print("preparing the default dataset (Fashion-MNIST class folders, train/val split) ...")
-                ensure_default_dataset(os.path.join(cfglib.REPO_ROOT, "datasets", "fashion_mnist"))
-            barrier()
-        return path
-    if not os.path.isdir(cfg.data):
-        raise UserError(f"data folder {cfg.data} not found; pass --data DIR with train/ and val/ class folders "
-                        "(make one with split_dataset.py)")
-    return cfg.data
-
-
 def make_model(cfg: cfglib.TrainConfig, num_classes: int, resuming: bool, is_main: bool) -> nn.Module:
     """Build the network, load pretrained weights (fresh runs only) and freeze the backbone if asked."""
     torch.manual_seed(cfg.seed)  # same initial weights whatever ran before (data loading, process group setup)
@@ -120,52 +129,9 @@ def make_model(cfg: cfglib.TrainConfig, num_classes: int, resuming: bool, is_mai
     return model
 
 
-def speed_plan(cfg: cfglib.TrainConfig, model: nn.Module, device: torch.device, cache: str, threads: machine.Choice,
-               workers: machine.Choice, num_classes: int, resumed: dict | None,
-               run_steps: int = 0, run_s: float | None = None) -> machine.SpeedPlan:
-    """The run's automatic speed choices (utils/machine.py). On a CPU, precision and memory format come from a
-    short probe of this very model's training step; a resumed run on the same machine reuses the probe it
-    recorded, so it continues with the same choices (and bit for bit). ``run_steps`` (optimizer steps left), or
-    ``run_s`` (seconds left under a time budget), decides whether torch.compile is worth probing."""
-    frozen = cfg.freeze == "features"
-    amp, layout = cfg.amp, cfg.channels_last
-    if cfg.cache_features:  # only the linear head trains, on cached features: nothing for bf16 or NHWC to speed up
-        amp, layout = "off", "off"
-    recorded = (resumed or {}).get("speed") or {}
-    batch = machine.probe_batch(cfg.batch_size, cfg.img_size)
-
-    def measure(variants):
-        old = recorded.get("probe_s_per_step") or {}
-        if recorded.get("machine") == machine.cpu_info().describe() and all(machine.variant_name(v) in old
-                                                                            for v in variants):
-            return old, True
-        factory = make_probe_step(model, frozen=frozen, device=device, batch=batch, img_size=cfg.img_size,
-                                  num_classes=num_classes, full_batch=cfg.batch_size)
-        full = any(len(v) > 2 for v in variants)  # the compile probe runs at the real batch size
-        what = {"model": dict(model.arch), "img_size": cfg.img_size, "batch": cfg.batch_size if full else batch,
-                "frozen": frozen, "small_input": cfg.small_input}
-        return machine.probe_variants(factory, variants, machine.cpu_info(), what)
-
-    def probe(variants):  # rank 0 measures, every torchrun process trains with its choice
-        result = None
-        if is_main_process():
-            try:
-                result = measure(variants)
-            except Exception as e:  # e.g. torch.compile without a C++ compiler: every rank must hear of it
-                result = RuntimeError(f"{type(e).__name__}: {e}")
-        result = broadcast_object(result)
-        if isinstance(result, Exception):
-            raise result
-        return result
-
-    return machine.plan_training(device=device, amp=amp, channels_last=layout, cache=cache, workers=workers,
-                                 threads=threads, probe=probe, compile=cfg.compile, run_steps=run_steps,
-                                 batch_scale=cfg.batch_size / batch, images_per_step=cfg.batch_size, run_s=run_s)
-
-
 def resumed_feature_engine(resumed: dict | None) -> str:
     """The engine for the cached feature pass: a run resumed on the same machine recomputes its features with the
-    engine it used before (so it continues bit for bit); anything else lets utils/engine.py decide."""
+    engine it used before (so it continues bit for bit); anything else lets utils/deploy/engine.py decide."""
     speed = (resumed or {}).get("speed") or {}
     used = (speed.get("feature_engine") or {}).get("value")
     same_machine = speed.get("machine") == machine.cpu_info().describe()
@@ -186,25 +152,11 @@ def class_balance_plan(cfg: cfglib.TrainConfig, labels: torch.Tensor, classes: l
 
 def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, step, best_acc, classes,
                      plan: machine.SpeedPlan, partial: EpochProgress | None = None, balance: dict | None = None) -> dict:
-    """The checkpoint dict (format in the README): everything needed to continue bit for bit."""
-    import torchvision
-
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": schedule.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "ema": ema.state_dict() if ema is not None else None,
-        "epoch": epoch, "step": step, "best_acc": best_acc, "config": cfglib.to_dict(cfg), "classes": list(classes),
-        "preprocess": {"img_size": cfg.img_size, "resize_size": cfg.resize_size, "mean": list(cfg.mean),
-                       "std": list(cfg.std)},
-        "arch": dict(model.arch), "rng": rng, "speed": plan.record(),
-        "class_balance_used": balance, "best_metric": (balance or {}).get("select_metric", "top1"),
-        "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__)},
-        # Set only when Ctrl-C stopped an epoch half-way: where to pick it up again (every process's state).
-        "partial_epoch": None if partial is None else partial_epoch_entry(partial),
-    }
+    """The checkpoint dict (format in utils/checkpoint.py): everything needed to continue bit for bit."""
+    return training_state(model=model, optimizer=optimizer, scheduler=schedule, scaler=scaler, ema=ema, epoch=epoch,
+                          step=step, best_acc=best_acc, config=cfglib.to_dict(cfg), classes=classes,
+                          preprocess=Preprocess.from_config(cfg), speed=plan.record(), balance=balance,
+                          partial_epoch=None if partial is None else partial_epoch_entry(partial))
 
 
 @dataclass
@@ -253,40 +205,50 @@ class Run:
         return time.perf_counter() - self.t0
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    cfg, ckpt = resolve_config(args)
-    device = pick_device(cfg.device)
+def setup_device(cfg: cfglib.TrainConfig):
+    """The device and the torchrun process group (``dist.enabled`` False in a single process)."""
+    device = training_device(cfg.device)
     dist = init_distributed(device.type)
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     elif device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    main_proc = dist.is_main
-    torch.manual_seed(cfg.seed)
+    return device, dist
+
+
+def restore_settings(cfg: cfglib.TrainConfig, ckpt: dict | None, world_size: int) -> cfglib.TrainConfig:
+    """What a resumed run keeps from its checkpoint: the process count it needs, the epochs --time-budget fitted."""
     if ckpt is not None:
-        check_resume_world(ckpt, dist.world_size, cfg.resume)
+        check_resume_world(ckpt, world_size, cfg.resume)
         if ckpt.get("time_budget_fit"):  # the epochs --time-budget fitted stay fitted
             cfg = replace(cfg, epochs=int(ckpt["time_budget_fit"]["epochs"]))
+    return cfg
 
-    # ---- data folder, classes, model
-    from utils.data import load_split
 
-    data_dir = resolve_data_dir(cfg, main_proc)
+def find_data(cfg: cfglib.TrainConfig, ckpt: dict | None, is_main: bool) -> tuple[str, list[str]]:
+    """The data folder (the default one prepared on first use) and its classes; a resumed run needs the same."""
+    data_dir = resolve_data_dir(cfg, is_main)
     classes = list(load_split(data_dir)[0].classes)
     if ckpt is not None and list(ckpt.get("classes", classes)) != classes:
         raise UserError(f"{cfg.resume} was trained on classes {ckpt['classes']}, but {data_dir} has {classes}; "
                         "resume with the same --data")
-    model = make_model(cfg, len(classes), resuming=ckpt is not None, is_main=main_proc)
+    return data_dir, classes
+
+
+def restore_model(cfg: cfglib.TrainConfig, num_classes: int, ckpt: dict | None, device: torch.device,
+                  dist, data_dir: str) -> tuple[nn.Module, dict | None]:
+    """The network on its device: built (pretrained weights on a fresh run, their BatchNorm statistics
+    re-estimated on ``data_dir``'s training images with ``bn_adapt``), synced BatchNorm under torchrun if asked,
+    and the checkpoint's weights when resuming. Also returns what bn_adapt did (None: not run)."""
+    model = make_model(cfg, num_classes, resuming=ckpt is not None, is_main=dist.is_main)
     bn_adapted = None
     if cfg.bn_adapt and cfg.pretrained != "none" and ckpt is None:  # before SyncBatchNorm: each process its share
-        preprocess = {"img_size": cfg.img_size, "resize_size": cfg.resize_size, "mean": list(cfg.mean),
-                      "std": list(cfg.std)}
-        bn_adapted = adapt_batchnorm(model.to(device), data_dir, preprocess, cfg.batch_size,
-                                     machine.decide_workers(cfg.workers, device, machine.cpu_info(),
-                                                            local_world_size(dist), feature_pass=True).value,
-                                     device, dist.rank, dist.world_size, bar=main_proc and cfg.progress)
-        if main_proc:
+        workers = machine.decide_workers(cfg.workers, device, machine.cpu_info(), local_world_size(dist),
+                                         feature_pass=True)
+        bn_adapted = adapt_batchnorm(model.to(device), data_dir, Preprocess.from_config(cfg).as_dict(),
+                                     cfg.batch_size, workers.value, device, dist.rank, dist.world_size,
+                                     bar=dist.is_main and cfg.progress)
+        if dist.is_main:
             print(f"BatchNorm statistics re-estimated on {bn_adapted['images']} training images "
                   f"({bn_adapted['layers']} layers; bn_adapt, utils/bn_adapt.py)")
     if dist.enabled and cfg.sync_bn:
@@ -294,25 +256,55 @@ def main(argv: list[str] | None = None) -> dict:
     model.to(device)
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+    return model, bn_adapted
 
-    # ---- run folder and phases
-    run = Run(cfg, cfg.out, data_dir, main_proc, classes, time.perf_counter() - float((ckpt or {}).get("elapsed_s", 0.0)),
-              budget_fit=(ckpt or {}).get("time_budget_fit"), bn_adapted=bn_adapted)
+
+def open_run(cfg: cfglib.TrainConfig, args: argparse.Namespace, ckpt: dict | None, data_dir: str,
+             classes: list[str], is_main: bool) -> tuple[Run, int]:
+    """The run's shared state (clock, best result, global step; carried over when resuming) and its log.csv;
+    returns it with the epoch to start from. ``--lr-find`` writes no log: the folder may hold a real run."""
+    run = Run(cfg, cfg.out, data_dir, is_main, classes, time.perf_counter() - float((ckpt or {}).get("elapsed_s", 0.0)),
+              budget_fit=(ckpt or {}).get("time_budget_fit"))
     start_epoch = int(ckpt["epoch"]) if ckpt is not None else 0
     if ckpt is not None:
         run.step, run.best_acc = int(ckpt["step"]), float(ckpt["best_acc"])
-    phases = plan_phases(cfg)
-    if args.lr_find:  # no log.csv either: the run folder may hold a real run
+    if args.lr_find:
         run.lr_find = {"steps": args.lr_find_steps, "lr_range": tuple(args.lr_find_range)}
-    elif main_proc:
+    elif is_main:
         os.makedirs(run.out, exist_ok=True)
         run.logger = CSVLogger(os.path.join(run.out, "log.csv"), keep_epochs_upto=start_epoch)
-        print(f"{cfg.model} x{cfg.width_mult} ({count_params(model) / 1e6:.2f} M params) | {len(classes)} classes | "
-              f"{device}{f' x{dist.world_size} processes' if dist.enabled else ''} | {cfg.epochs} epochs: "
-              + ", then ".join(f"{p.end - p.first} {PHASE_TEXT[p.name]}" for p in phases)
-              + (f" | time budget {cfg.time_budget:g} min" if cfg.time_budget else "") + f" | run folder {run.out}")
-        if start_epoch:
-            print(f"resuming after epoch {start_epoch} (global step {run.step}) from {cfg.resume}")
+    return run, start_epoch
+
+
+def print_header(run: Run, model: nn.Module, device: torch.device, dist, phases: list[Phase], start_epoch: int) -> None:
+    cfg = run.cfg
+    print(f"{cfg.model} x{cfg.width_mult} ({count_params(model) / 1e6:.2f} M params) | {len(run.classes)} classes | "
+          f"{device}{f' x{dist.world_size} processes' if dist.enabled else ''} | {cfg.epochs} epochs: "
+          + ", then ".join(f"{p.end - p.first} {PHASE_TEXT[p.name]}" for p in phases)
+          + (f" | time budget {cfg.time_budget:g} min" if cfg.time_budget else "") + f" | run folder {run.out}")
+    if start_epoch:
+        print(f"resuming after epoch {start_epoch} (global step {run.step}) from {cfg.resume}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = get_args_parser().parse_args(argv)
+    # config: recipe <- flags <- --set, validated once (utils/config.py); the resume checkpoint if any
+    cfg, ckpt = resolve_config(args)
+    # device and processes
+    device, dist = setup_device(cfg)
+    torch.manual_seed(cfg.seed)
+    cfg = restore_settings(cfg, ckpt, dist.world_size)
+    # data folder and classes
+    data_dir, classes = find_data(cfg, ckpt, dist.is_main)
+    # model, restored when resuming
+    model, bn_adapted = restore_model(cfg, len(classes), ckpt, device, dist, data_dir)
+    # run folder, phases (each phase builds its data, speed plan, optimizer and schedule, wrapping: run_phase)
+    run, start_epoch = open_run(cfg, args, ckpt, data_dir, classes, dist.is_main)
+    run.bn_adapted = bn_adapted
+    phases = plan_phases(cfg)
+    if dist.is_main and not run.lr_find:
+        print_header(run, model, device, dist, phases, start_epoch)
+    # loop
     stop = StopRequest(device).install() if dist.enabled else None  # Ctrl-C: all processes stop after one step
     try:
         run_phases(run, phases, model, device, dist, ckpt, start_epoch, stop)
@@ -321,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
             stop.uninstall()
     if run.lr_find:
         return run.lr_find
-    if main_proc:
+    if dist.is_main:
         print(f"done: best {run.best_name} {run.best_acc:.2f}% -> {os.path.join(run.out, 'best.pt')}")
     barrier()
     cleanup()
@@ -359,16 +351,14 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
     cached = frozen and cfg.cache_features
     workers = machine.decide_workers(cfg.workers, device, cpu, local_world, feature_pass=cached)
     data_dir = run.data_dir
-    preprocess = {"img_size": cfg.img_size, "resize_size": cfg.resize_size, "mean": list(cfg.mean),
-                  "std": list(cfg.std)}
+    preprocess = Preprocess.from_config(cfg).as_dict()
 
-    # ---- data (cached features: the frozen backbone reads every image once, see utils/engine.py)
+    # ---- data (cached features: the frozen backbone reads every image once, see utils/deploy/engine.py)
     if cached:
         data = cache_pooled_features(model, data_dir, preprocess, cfg.batch_size, workers.value, device, cfg.seed,
                                      dist.rank, dist.world_size, bar=main_proc and cfg.progress,
                                      engine=resumed_feature_engine(ckpt))
     else:
-        from utils.data import load_data
 
         data = load_data(data_dir, img_size=cfg.img_size, resize_size=cfg.resize_size, mean=cfg.mean, std=cfg.std,
                          batch_size=cfg.batch_size, workers=workers.value, augment=cfglib.augment_settings(cfg),
@@ -448,7 +438,6 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
                       build_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, len(run.classes)), cfg.clip_grad_norm,
                       channels_last, [p for p in model.parameters() if p.requires_grad])
     if run.lr_find:  # the sweep only: writes RUN/lr_find.{csv,png}, no config.yaml, log or checkpoint
-        from utils.lr_find import run_lr_find
 
         run.lr_find = run_lr_find(ctx, data, run.out, steps=min(run.lr_find["steps"], steps_per_epoch),
                                   lr_range=run.lr_find["lr_range"], seed=cfg.seed, bar=main_proc and cfg.progress)
@@ -517,7 +506,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
             barrier()  # no process exits before the file is written (torchrun would stop the others)
             raise
         run.step = progress.step
-        val = evaluate(eval_fn, val_loader, val_criterion, device, amp_dtype=amp_dtype,
+        val = validate(eval_fn, val_loader, val_criterion, device, amp_dtype=amp_dtype,
                        channels_last=ctx.channels_last, bar=main_proc and cfg.progress, num_classes=len(run.classes))
         seconds = time.perf_counter() - t_epoch
         skipped = data.skipped_total()  # every process calls it: under torchrun it unites their skipped files
@@ -544,7 +533,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
             save("last.pt", epoch + 1)
             if is_best:
                 save("best.pt", epoch + 1)
-            _plot(run.out)
+            plot_curves([os.path.join(run.out, "log.csv")], os.path.join(run.out, "curves.png"))
         else:
             run.best_acc = max(run.best_acc, val[select_key])
         if stop is not None and stop.requested_anywhere():  # Ctrl-C after the epoch's last check: stop here
@@ -574,15 +563,6 @@ def fit_to_budget(run: Run, phase: Phase, epoch: int, seconds: float) -> int:
               f"{seconds:.0f} s -> {end - epoch - 1} more epoch(s), {end} in all{capped} (expected end after "
               f"~{(run.elapsed() + (end - epoch - 1) * seconds) / 60:.1f} min)", flush=True)
     return end
-
-
-def _plot(out: str) -> None:
-    """Redraw RUN/curves.png from RUN/log.csv (skipped quietly if the plotting module is unavailable)."""
-    try:
-        from utils.plots import plot_curves
-    except ImportError:
-        return
-    plot_curves([os.path.join(out, "log.csv")], os.path.join(out, "curves.png"))
 
 
 if __name__ == "__main__":

@@ -1,1 +1,2 @@
-"""Dataset preparation commands (each turns a public dataset into raw class folders of image files)."""
+"""Datasets: turning public datasets into class folders of image files (``fashion_mnist/prepare.py``, run as
+``python -m datasets.fashion_mnist.prepare``) and finding the data folder a recipe names (``default.py``)."""

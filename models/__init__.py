@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from utils.errors import UserError
+
 from .complexity import count_macs, count_params
 from .mobilenetv1 import MobileNetV1
 from .mobilenetv2 import MobileNetV2
@@ -33,7 +35,6 @@ def build_model(
 
     The returned module remembers how it was built in ``model.arch`` (a dict), which checkpoints store.
     """
-    from utils.errors import UserError
 
     if name not in _BUILDERS:
         raise UserError(f"unknown model '{name}'; choose one of: {', '.join(available_models())}")

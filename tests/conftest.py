@@ -1,14 +1,11 @@
-"""Make the repository root importable and give tests small shared fixtures."""
+"""Shared test fixtures (pyproject.toml puts the repository root on sys.path: pytest's ``pythonpath``)."""
 import os
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 
 def pytest_configure(config):
-    """Keep speed probes in a per-session cache (markers are registered in pytest.ini)."""
+    """Keep speed probes in a per-session cache (markers are registered in pyproject.toml)."""
     import tempfile
 
     # Speed probes (utils/machine.py) are cached per test session, not in the user's ~/.cache: runs inside one

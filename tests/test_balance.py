@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
+from eval_helpers import link_sample_split
 from torch import nn
 
 import train
-from eval_helpers import link_sample_split
 from utils import balance as B
 from utils.checkpoint import load_checkpoint
 from utils.config import build_config

@@ -4,12 +4,12 @@ import os
 
 import torch
 import yaml
+from eval_helpers import link_sample_split
 from PIL import Image
+from test_train import TINY
 
 import train
-from eval_helpers import link_sample_split
 from models import build_model
-from test_train import TINY
 from utils.bn_adapt import adapt_batchnorm
 from utils.data import build_eval_transform
 

@@ -21,6 +21,8 @@ import predict
 import train
 from utils.data import load_data
 
+pytestmark = [pytest.mark.slow]
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample")
 CLASSES = ["Bag", "Coat", "Sneaker"]

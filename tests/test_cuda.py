@@ -19,10 +19,10 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
-
 from eval_helpers import link_sample_split
+from torch import nn
 from torchrun_driver import launch
+
 from utils.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -161,7 +161,7 @@ def test_memory_cache_augments_on_the_gpu_like_on_the_cpu(data):
     """The GPU path of the memory loader (uint8 batches cross over, augmentation runs there) draws the same
     crops, flips, jitter and erasing as the CPU path: same pixels up to float rounding of grid_sample."""
     from utils.data import load_data
-    from utils.machine import cpu_info, plan_training, decide_threads, decide_workers
+    from utils.machine import cpu_info, decide_threads, decide_workers, plan_training
 
     common = dict(img_size=32, resize_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=16, workers=0,
                   augment={"scale": (0.3, 1.0), "hflip": 0.5, "color_jitter": 0.4, "rotation": 10,

@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
 trt = pytest.importorskip("tensorrt")
 pytestmark = pytest.mark.cuda
 
-sys.path.insert(0, os.path.dirname(__file__))
+from eval_helpers import fitted_sample_run  # noqa: E402
+
 import evaluate  # noqa: E402
 import export  # noqa: E402
 import predict  # noqa: E402
-from eval_helpers import fitted_sample_run  # noqa: E402
-from utils import tensorrt_engine as te  # noqa: E402
-from utils.runtime import open_model  # noqa: E402
+from utils.deploy import tensorrt_engine as te  # noqa: E402
+from utils.deploy.runtime import open_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

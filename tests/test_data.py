@@ -1,16 +1,27 @@
 """utils.data: transforms, checked folders, exact reproducible order (workers, resume, DDP), caches, corrupt files."""
 import os
 import shutil
+from functools import partial
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from utils.data import (IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment_batch, build_eval_transform,
-                        build_train_transform, load_data, load_image_folder, sample_seeds)
+from utils.bench.data import v1_train_transform
+from utils.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentConfig,
+    augment_batch,
+    build_eval_transform,
+    build_train_transform,
+    load_data,
+    load_image_folder,
+    sample_seeds,
+)
+from utils.data.split import split_dataset
 from utils.errors import UserError
-from utils.split import split_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample")
@@ -47,8 +58,9 @@ def test_transforms_any_mode_any_size(size):
     photo = Image.open(os.path.join(PHOTOS, "goldfish.jpg"))
     for img in (photo, photo.convert("L"), photo.convert("CMYK"), photo.convert("P"), photo.convert("RGBA")):
         for backend in ("pil", "tensor", "v1") if img.mode == "RGB" else ("pil",):
-            tf = build_train_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, auto_augment="trivial",
-                                       random_erasing=0.5, color_jitter=0.4, rotation=15, backend=backend)
+            make = v1_train_transform if backend == "v1" else partial(build_train_transform, backend=backend)
+            tf = make(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, auto_augment="trivial", random_erasing=0.5,
+                      color_jitter=0.4, rotation=15)
             torch.manual_seed(0)
             x = tf(img)
             torch.manual_seed(0)
@@ -221,6 +233,7 @@ def _ddp_worker(rank: int, data_dir: str, port: str, out: str) -> None:
 
 def test_real_torch_distributed_process_group(fm, tmp_path):
     import socket
+
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,9 +17,11 @@ import subprocess
 import sys
 
 import pytest
-
 from eval_helpers import link_sample_split
+
 from utils.checkpoint import load_checkpoint
+
+pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample")

@@ -7,13 +7,15 @@ The processes run tests/torchrun_driver.py (train.py's main plus test hooks) wit
 
 import pytest
 import torch
-
-import train
 from eval_helpers import link_sample_split
 from test_train import _max_diff, _rows
 from torchrun_driver import launch as _run
+
+import train
 from utils.checkpoint import load_checkpoint
 from utils.errors import UserError
+
+pytestmark = [pytest.mark.ddp, pytest.mark.slow]
 
 TINY = ["--model", "mobilenet_v2", "--width-mult", "0.25", "--img-size", "32", "--batch-size", "8", "--workers", "0",
         "--device", "cpu", "--set", "resize_size=32", "--set", "progress=false", "--set", "amp=off"]

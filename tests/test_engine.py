@@ -1,4 +1,4 @@
-"""utils/engine.py on real photos: onnxruntime gives PyTorch's features/logits within export.py's tolerance, every
+"""utils/deploy/engine.py on real photos: onnxruntime gives PyTorch's features/logits within export.py's tolerance, every
 fallback lands on PyTorch with its reason, and train.py / evaluate.py / predict.py record which engine ran."""
 import csv
 import os
@@ -9,19 +9,26 @@ import time
 import pytest
 import torch
 import yaml
+from eval_helpers import (
+    PREPROCESS,
+    export_onnx,
+    link_sample_split,
+    make_checkpoint,
+    make_class_folders,
+    one_thread,
+    photo_paths,
+)
 from PIL import Image
 
 import evaluate
 import predict
 import train
-import utils.engine as engine_mod
-from eval_helpers import (PREPROCESS, export_onnx, link_sample_split, make_checkpoint, make_class_folders, one_thread,
-                          photo_paths)
+import utils.deploy.engine as engine_mod
 from models import build_model, load_pretrained
 from utils import machine
 from utils.checkpoint import load_checkpoint
 from utils.data import build_eval_transform
-from utils.engine import ThreadProbe, fast_forward, parity
+from utils.deploy.engine import ThreadProbe, fast_forward, parity
 
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in photo_paths()]
 
@@ -266,7 +273,7 @@ def test_few_images_stay_on_pytorch_without_export(fitted, monkeypatch):
     monkeypatch.setattr(engine_mod, "export_sessions", no_export)
     r = predict.main([ckpt, *photo_paths(), "--no-progress", "--workers", "0"])
     assert len(r["predictions"]) == 12
-    from utils.runtime import open_model
+    from utils.deploy.runtime import open_model
 
     m = open_model(ckpt)
     assert m.engine.value == "pending"
@@ -278,7 +285,7 @@ def test_few_images_stay_on_pytorch_without_export(fitted, monkeypatch):
 def test_benchmark_features_times_each_engine_on_real_photos(tmp_path, monkeypatch, capsys):
     import argparse
 
-    from utils import bench_features
+    from utils.bench import features as bench_features
     from utils.errors import UserError
 
     monkeypatch.setenv("GOMP_SPINCOUNT", "3000")  # as train.py sets it; otherwise the benchmark restarts itself

@@ -9,13 +9,13 @@ import sys
 
 import pytest
 import torch
+from eval_helpers import PHOTOS, PREPROCESS, make_checkpoint, make_class_folders, one_thread, photo_paths
 from PIL import Image
 
 import evaluate
-from eval_helpers import one_thread, PHOTOS, PREPROCESS, make_checkpoint, make_class_folders, photo_paths
 from utils.data import build_eval_transform
+from utils.deploy.runtime import LoadedModel
 from utils.errors import UserError
-from utils.runtime import LoadedModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

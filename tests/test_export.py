@@ -3,23 +3,23 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+import subprocess  # noqa: E402
 
 import numpy as np
 import onnx
 import pytest
 import torch
-
-sys.path.insert(0, os.path.dirname(__file__))
-import subprocess  # noqa: E402
-
-import export  # noqa: E402
 from export_helpers import make_run  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
-from utils import export as ex  # noqa: E402
-from utils import int8, machine  # noqa: E402
+
+import export  # noqa: E402
+from utils import machine  # noqa: E402
+from utils.data import list_labelled_images
+from utils.deploy import export as ex
+from utils.deploy import int8  # noqa: E402
+from utils.deploy.onnx_io import onnx_session  # noqa: E402
+from utils.deploy.runtime import open_model  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.runtime import open_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AVX2_CPU = machine.CpuInfo("AMD Ryzen 5 3600 6-Core Processor", 2, ("avx2",), "AVX2", False)  # Zen 2: no VNNI
@@ -38,7 +38,7 @@ def run(tmp_path_factory):
 
 def _val_batch(ckpt):
     c = torch.load(ckpt, weights_only=True)
-    items = ex.list_labelled_images(os.path.join(c["config"]["data"], "val"), c["classes"])
+    items = list_labelled_images(os.path.join(c["config"]["data"], "val"), c["classes"])
     return ex.load_images([p for p, _ in items], c["preprocess"]), c
 
 
@@ -72,7 +72,7 @@ def test_onnx_graph_metadata_and_parity(run):
     model = ex.load_export_source(ckpt).model
     with torch.no_grad():
         ref = model(x).numpy()
-    sess = ex.onnx_session(os.path.join(out, "model.onnx"))
+    sess = onnx_session(os.path.join(out, "model.onnx"))
     for n in (1, 7):
         got = sess.run(["logits"], {"input": x[:n].numpy()})[0]
         assert got.shape == (n, 10)
@@ -118,7 +118,7 @@ def test_int8_is_static_qdq_u8_activations_s8_per_channel_weights(run):
     assert abs(chk["drop"] - (chk["fp32_top1"] - chk["int8_top1"])) < 0.01
     # the int8 accuracy figure is recomputable from the file
     x, c = _val_batch(ckpt)
-    items = ex.list_labelled_images(os.path.join(c["config"]["data"], "val"), c["classes"])
+    items = list_labelled_images(os.path.join(c["config"]["data"], "val"), c["classes"])
     labels = torch.tensor([y for _, y in items])
     int8 = open_model(os.path.join(out, "model.int8.onnx"))
     assert abs(ex.top1_percent(int8.predict_batch(x), labels) - chk["int8_top1"]) < 0.01
@@ -175,7 +175,7 @@ def _quantized_weights(path):
 
 
 def _fake_timing(fp32_ms, int8_ms):
-    """Stand-in for utils.int8.time_int8_vs_fp32 with fixed numbers (real files and images are still checked)."""
+    """Stand-in for utils.deploy.int8.time_int8_vs_fp32 with fixed numbers (real files and images are still checked)."""
     def fake(fp32_path, int8_path, images, batch=32, budget_s=4.0):
         assert os.path.isfile(fp32_path) and os.path.isfile(int8_path) and images.shape[1:] == (3, 32, 32)
         return {"batch1_p50_ms": {"fp32": fp32_ms, "int8": int8_ms}, "batch32_img_s": {"fp32": 100.0, "int8": 114.0},

@@ -1,22 +1,21 @@
-"""export.py's int8 check (utils/int8_check.py): exact interval numbers, and real exports on the Fashion-MNIST sample
+"""export.py's int8 check (utils/deploy/int8_check.py): exact interval numbers, and real exports on the Fashion-MNIST sample
 where one flipped image on 40 validation images passes and a blank-calibrated (broken) int8 model is refused."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
+from export_helpers import SAMPLE, make_run  # noqa: E402
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(__file__))
 import export  # noqa: E402
-from export_helpers import SAMPLE, make_run  # noqa: E402
-from utils import export as ex  # noqa: E402
+from utils.data import list_labelled_images  # noqa: E402
+from utils.deploy import export as ex  # noqa: E402
+from utils.deploy.int8_check import judge_int8, paired_difference_interval, wilson_interval  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.int8_check import judge_int8, paired_difference_interval, wilson_interval  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------- the intervals
@@ -96,7 +95,7 @@ def tiny(tmp_path_factory):
     out = str(root / "export")
     export.main([ckpt, "--format", "int8", "--out", out, "--max-drop", "100", "--min-agreement", "0"])
     src = ex.load_export_source(ckpt)
-    items = ex.list_labelled_images(SAMPLE, src.classes)
+    items = list_labelled_images(SAMPLE, src.classes)
     x = ex.load_images([p for p, _ in items], src.preprocess)
     fp32 = ex.batched_logits(ex.file_predictor(os.path.join(out, "model.onnx")), x).argmax(1)
     int8 = ex.batched_logits(ex.file_predictor(os.path.join(out, "model.int8.onnx")), x).argmax(1)

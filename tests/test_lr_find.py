@@ -6,15 +6,13 @@ import copy
 import csv
 import hashlib
 import os
-import sys
 
 import pytest
 import torch
+from export_helpers import make_split  # noqa: E402
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(__file__))
 import train  # noqa: E402
-from export_helpers import make_split  # noqa: E402
 from utils import lr_find  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
@@ -57,10 +55,9 @@ def test_exponential_lrs_smoothing_and_suggestion():
 
 
 def test_sweep_restores_model_and_optimizer(data):
+    from models import build_model
     from utils.data import load_data
     from utils.train_loop import StepContext, Trainable
-
-    from models import build_model
 
     torch.manual_seed(0)
     model = build_model("mobilenet_v2", num_classes=10, width_mult=0.25)

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 import yaml
-
 from eval_helpers import link_sample_split
+
 from utils import machine as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,8 +3,15 @@ import numpy as np
 import pytest
 import torch
 
-from utils.metrics import (class_summary, confusion_matrix, macro_average, per_class_from_confusion, per_class_report,
-                           row_normalize, topk_correct)
+from utils.metrics import (
+    class_summary,
+    confusion_matrix,
+    macro_average,
+    per_class_from_confusion,
+    per_class_report,
+    row_normalize,
+    topk_correct,
+)
 
 # 9 samples, classes 0..2. True/pred pairs: (0,0) (0,0) (0,1) (0,2) (1,1) (1,1) (1,0) (2,2) (2,2)
 TARGET = [0, 0, 0, 0, 1, 1, 1, 2, 2]

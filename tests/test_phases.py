@@ -7,10 +7,10 @@ import time
 import pytest
 import torch
 import yaml
-
-import train
 from eval_helpers import link_sample_split
 from test_train import TINY, _max_diff, _rows, run_killed_then_resumed
+
+import train
 from utils.checkpoint import load_checkpoint
 
 PHASED = TINY + ["--epochs", "3", "--lr", "0.02", "--pretrained", "none", "--set", "head_epochs=1",
@@ -38,7 +38,7 @@ def test_head_epochs_train_the_classifier_then_the_whole_network(data, tmp_path,
 
     monkeypatch.setattr(train, "save_checkpoint", keep)
     train.main(PHASED + ["--data", data, "--out", str(tmp_path / "run"), "--set", "max_steps_per_epoch=3"])
-    cfg = train.resolve_config(train.parse_args(PHASED + ["--data", data]))[0]
+    cfg = train.resolve_config(train.get_args_parser().parse_args(PHASED + ["--data", data]))[0]
     init = train.make_model(cfg, 10, resuming=False, is_main=False).state_dict()
     after_head, final = saved[("last.pt", 1)], saved[("last.pt", 3)]
     assert _max_diff(_backbone(init), _backbone(after_head)) == 0  # head phase: backbone untouched

@@ -5,9 +5,9 @@ import sys
 
 import numpy as np
 import pytest
+from eval_helpers import photo_paths
 from PIL import Image
 
-from eval_helpers import photo_paths
 from utils.errors import UserError
 from utils.plots import LOG_COLUMNS, plot_confusion_matrix, plot_curves, plot_mistakes, read_log
 
@@ -68,12 +68,12 @@ def test_plot_curves_errors(two_runs, tmp_path):
 
 def test_command_line(two_runs, tmp_path):
     out = tmp_path / "c.png"
-    r = subprocess.run([sys.executable, "-m", "utils.plots", *two_runs, "--out", str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "plot.py", *two_runs, "--out", str(out)], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert f"wrote {out} (2 runs)" in r.stdout
     assert Image.open(out).format == "PNG"
-    r = subprocess.run([sys.executable, "-m", "utils.plots", str(tmp_path / "none.csv")], cwd=ROOT,
+    r = subprocess.run([sys.executable, "plot.py", str(tmp_path / "none.csv")], cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: log file")
 

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 import torch
+from eval_helpers import PHOTOS, export_onnx, make_checkpoint, one_thread, photo_paths
 from PIL import Image
 
 import predict
-from eval_helpers import one_thread, PHOTOS, export_onnx, make_checkpoint, photo_paths
 from utils.data import build_eval_transform
+from utils.deploy.runtime import open_model
 from utils.errors import UserError
-from utils.runtime import open_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

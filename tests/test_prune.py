@@ -1,19 +1,18 @@
-"""utils/prune.py: real structured pruning (fewer channels, fewer MACs), save/load, fine-tune CLI, export."""
+"""utils/pruning.py: real structured pruning (fewer channels, fewer MACs), save/load, fine-tune CLI, export."""
 from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
+from export_helpers import make_run  # noqa: E402
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(__file__))
 import export  # noqa: E402
-from export_helpers import make_run  # noqa: E402
+import prune  # noqa: E402
 from models import build_model, count_macs, count_params  # noqa: E402
-from utils import prune  # noqa: E402
+from utils import pruning  # noqa: E402
 from utils.checkpoint import load_checkpoint, model_from_checkpoint  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
@@ -23,10 +22,10 @@ def test_prune_removes_expanded_channels(name):
     torch.manual_seed(0)
     model = build_model(name, num_classes=10, width_mult=0.5).eval()
     x = torch.rand(2, 3, 64, 64)
-    hidden_before = [c.out_channels for c in prune.expansion_convs(model)]
+    hidden_before = [c.out_channels for c in pruning.expansion_convs(model)]
     macs, params = count_macs(model, 64), count_params(model)
-    prune.prune_expanded_channels(model, 0.5, img_size=64)
-    hidden_after = [c.out_channels for c in prune.expansion_convs(model)]
+    pruning.prune_expanded_channels(model, 0.5, img_size=64)
+    hidden_after = [c.out_channels for c in pruning.expansion_convs(model)]
     assert len(hidden_after) == len(hidden_before) > 5
     assert all(a < b for a, b in zip(hidden_after, hidden_before))
     assert all(a % 8 == 0 for a in hidden_after)  # fast-kernel friendly
@@ -40,7 +39,7 @@ def test_prune_removes_expanded_channels(name):
 def test_pruned_state_dict_loads_through_model_from_checkpoint():
     torch.manual_seed(0)
     model = build_model("mobilenet_v2", num_classes=5, width_mult=0.35).eval()
-    prune.prune_expanded_channels(model, 0.4, img_size=32)
+    pruning.prune_expanded_channels(model, 0.4, img_size=32)
     ckpt = {"model": model.state_dict(), "ema": None, "arch": model.arch, "pruned": {"ratio": 0.4}}
     with pytest.raises(RuntimeError):  # a full-width model cannot take these weights...
         build_model(**model.arch).load_state_dict(ckpt["model"])
@@ -80,10 +79,10 @@ def test_fine_tune_is_reproducible_and_trains(tmp_path):
     runs = []
     for _ in range(2):
         model = model_from_checkpoint(ckpt)
-        prune.prune_expanded_channels(model, 0.5, int(ckpt["preprocess"]["img_size"]))
+        pruning.prune_expanded_channels(model, 0.5, int(ckpt["preprocess"]["img_size"]))
         model.classifier[0].p = 0.2  # the helper's run has no dropout; the recipes have 0.2
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        prune.fine_tune(model, cfg.data, cfg, ckpt["preprocess"], steps=6, lr=0.01, batch_size=16,
+        pruning.fine_tune(model, cfg.data, cfg, ckpt["preprocess"], steps=6, lr=0.01, batch_size=16,
                         device=torch.device("cpu"), workers=0)
         runs.append(model.state_dict())
     assert any(not torch.equal(before[k], runs[0][k]) for k in before)  # it trained
@@ -92,4 +91,4 @@ def test_fine_tune_is_reproducible_and_trains(tmp_path):
 
 def test_bad_ratio_is_a_user_error():
     with pytest.raises(UserError, match="--ratio"):
-        prune.prune_expanded_channels(build_model("mobilenet_v2", num_classes=2, width_mult=0.25), 1.5, 32)
+        pruning.prune_expanded_channels(build_model("mobilenet_v2", num_classes=2, width_mult=0.25), 1.5, 32)

@@ -5,12 +5,12 @@ import zipfile
 
 import pytest
 import torch
+from eval_helpers import PREPROCESS, export_onnx, export_torchscript, make_checkpoint, one_thread, photo_paths
 from PIL import Image
 
-from eval_helpers import one_thread, PREPROCESS, export_onnx, export_torchscript, make_checkpoint, photo_paths
 from utils.data import build_eval_transform
+from utils.deploy.runtime import detect_kind, open_model
 from utils.errors import UserError
-from utils.runtime import detect_kind, open_model
 
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in photo_paths()]
 

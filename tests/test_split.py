@@ -1,4 +1,4 @@
-"""split_dataset.py / utils.split: exact, leak-free, reproducible partitions of messy real class folders."""
+"""split_dataset.py / utils.data.split: exact, leak-free, reproducible partitions of messy real class folders."""
 import csv
 import hashlib
 import os
@@ -9,10 +9,10 @@ import sys
 import pytest
 from PIL import Image
 
-import utils.split as split_mod
+import utils.data.split as split_mod
 from utils.data import load_image_folder
+from utils.data.split import scan_folder, split_dataset
 from utils.errors import UserError
-from utils.split import scan_folder, split_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample")

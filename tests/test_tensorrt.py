@@ -15,17 +15,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from eval_helpers import fitted_sample_run, one_thread  # noqa: E402
+from fake_tensorrt import make_cudart, make_plan, make_tensorrt  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
 import evaluate  # noqa: E402
 import export  # noqa: E402
 import predict  # noqa: E402
-from eval_helpers import fitted_sample_run, one_thread  # noqa: E402
-from fake_tensorrt import make_cudart, make_plan, make_tensorrt  # noqa: E402
-from utils import export as ex  # noqa: E402
-from utils import tensorrt_engine as te  # noqa: E402
+from utils.deploy import export as ex
+from utils.deploy import tensorrt_engine as te  # noqa: E402
+from utils.deploy.onnx_io import onnx_session  # noqa: E402
+from utils.deploy.runtime import detect_kind, open_model  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.runtime import detect_kind, open_model  # noqa: E402
 
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 
@@ -132,8 +132,8 @@ def test_fp16_onnx_copy_is_valid_and_close_to_fp32(run, tmp_path):
     x = ex.load_images([os.path.join(run["data"], "val", c, f) for c in run["classes"][:3]
                         for f in sorted(os.listdir(os.path.join(run["data"], "val", c)))],
                        torch.load(run["ckpt"])["preprocess"]).numpy()
-    a = ex.onnx_session(run["onnx"]).run(None, {"input": x})[0]
-    b = ex.onnx_session(half).run(None, {"input": x})[0]
+    a = onnx_session(run["onnx"]).run(None, {"input": x})[0]
+    b = onnx_session(half).run(None, {"input": x})[0]
     assert b.dtype == np.float32
     assert 0 < np.abs(a - b).max() <= 5e-2 * max(1.0, np.abs(a).max())  # within export.py's --tol-fp16
 
@@ -246,7 +246,7 @@ def test_sidecar_round_trip(run, fake_engine_file, fake_gpu):
     val = os.path.join(run["data"], "val")
     x = ex.load_images([os.path.join(val, c, sorted(os.listdir(os.path.join(val, c)))[0]) for c in run["classes"]],
                        m.preprocess)
-    ref = ex.onnx_session(run["onnx"]).run(None, {"input": x.numpy()})[0]
+    ref = onnx_session(run["onnx"]).run(None, {"input": x.numpy()})[0]
     got = m.predict_batch(x)
     assert got.dtype == torch.float32 and got.shape == (10, 10)
     np.testing.assert_allclose(got.numpy(), ref, rtol=0, atol=1e-6)

@@ -1,4 +1,4 @@
-"""utils.timing (interleaved / blocked timings) and utils.omp (OpenMP wait setting before torch starts)."""
+"""utils.timing (interleaved / blocked timings) and utils.process (OpenMP wait setting before torch starts)."""
 import os
 import subprocess
 import sys
@@ -30,7 +30,7 @@ def test_block_below_one_is_refused_not_an_endless_loop():
 
 
 def test_short_openmp_spin_respects_the_users_choice():
-    code = "import os, utils.omp as o; print(o.short_openmp_spin(), os.environ.get('GOMP_SPINCOUNT'))"
+    code = "import os, utils.process as o; print(o.short_openmp_spin(), os.environ.get('GOMP_SPINCOUNT'))"
     run = lambda env: subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,  # noqa
                                      env=env).stdout.split()
     base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}

@@ -2,15 +2,16 @@
 after Ctrl-C mid-epoch, checkpoint format and atomicity, NaN stop, frozen backbone, and the user-error cases."""
 import csv
 import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
+from eval_helpers import link_sample_split
 
 import train
 from utils import config as C
-from eval_helpers import link_sample_split
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
 from utils.errors import UserError
 
@@ -43,24 +44,25 @@ RECIPE = ["--epochs", "3", "--lr", "0.05", "--set", "warmup_epochs=1", "--set", 
           "--set", "mixup_alpha=0.2", "--set", "label_smoothing=0.1", "--set", "no_wd_norm_bias=true"]
 
 
-class Killed(Exception):
-    pass
-
-
 def run_killed_then_resumed(args, out, monkeypatch, cut_after=1):
-    """``train.main(args + --out out)`` "killed" right after the epoch that makes log.csv ``cut_after`` rows long
-    was logged and checkpointed, then continued with ``--resume out/last.pt``."""
-    real_plot = train._plot
+    """``train.main(args + --out out)`` interrupted by a real SIGINT right after the epoch that makes log.csv
+    ``cut_after`` rows long was logged, checkpointed and plotted (its last act), then continued with
+    ``--resume out/last.pt``."""
+    real_plot = train.plot_curves
 
-    def plot_then_die(folder):
-        real_plot(folder)
-        if len(_rows(os.path.join(folder, "log.csv"))) == cut_after:
-            raise Killed
+    def plot_then_signal(logs, png, **kw):
+        real_plot(logs, png, **kw)
+        if len(_rows(logs[0])) == cut_after:
+            os.kill(os.getpid(), signal.SIGINT)  # Python's own handler: KeyboardInterrupt at the next bytecode
 
-    monkeypatch.setattr(train, "_plot", plot_then_die)
-    with pytest.raises(Killed):
-        train.main(args + ["--out", str(out)])
-    monkeypatch.setattr(train, "_plot", real_plot)
+    monkeypatch.setattr(train, "plot_curves", plot_then_signal)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.main(args + ["--out", str(out)])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    monkeypatch.setattr(train, "plot_curves", real_plot)
     assert load_checkpoint(os.path.join(str(out), "last.pt"))["epoch"] == cut_after
     train.main(["--resume", os.path.join(str(out), "last.pt")])  # config, data and out come from the checkpoint
 
@@ -88,7 +90,7 @@ def test_ctrl_c_mid_epoch_saves_last_and_resume_is_exact(data, tmp_path, monkeyp
 
     def step_then_interrupt(*a, **k):
         if calls["n"] == 10:  # global step 10 = 3rd step of epoch 2 (8 steps per epoch: 7 full batches of 16 + the last 8 images)
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C: Python's handler raises KeyboardInterrupt here
         calls["n"] += 1
         return real_step(*a, **k)
 
@@ -138,7 +140,7 @@ def test_checkpoint_format_log_and_config(data, tmp_path):
     assert recipe["crop_pct"] == 1.0 and "resize_size" not in recipe
     args = [a for a in TINY if a != "resize_size=32"]
     args.remove("--set")  # the "--set" that went with resize_size=32
-    cfg, _ = train.resolve_config(train.parse_args(args + ["--img-size", "40"]))
+    cfg, _ = train.resolve_config(train.get_args_parser().parse_args(args + ["--img-size", "40"]))
     assert (cfg.img_size, cfg.resize_size) == (40, 40)
     assert ck["arch"] == {"name": "mobilenet_v2", "num_classes": 10, "width_mult": 0.25, "dropout": 0.2,
                           "small_input": False}

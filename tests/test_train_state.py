@@ -7,10 +7,10 @@ import signal
 
 import pytest
 import torch
+from eval_helpers import link_sample_split
 from torch import nn
 
 import train
-from eval_helpers import link_sample_split
 from utils import rank_state as rs
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.distributed import gather_rows, interleave_shards, shard_indices

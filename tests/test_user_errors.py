@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from eval_helpers import make_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -20,11 +20,14 @@ import signal
 import subprocess
 import sys
 
-if os.path.dirname(os.path.dirname(os.path.abspath(__file__))) not in sys.path:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from utils.process import configure_process
 
-import train  # noqa: E402  (first: it sets the OpenMP environment before torch loads)
+if __name__ == "__main__":
+    configure_process("train")  # as train.py does, before torch loads
+
 import torch  # noqa: E402
+
+import train  # noqa: E402
 import utils.train_loop as tl  # noqa: E402
 from utils.errors import run_main  # noqa: E402
 
@@ -34,7 +37,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def launch(args: list, nproc: int, env: dict | None = None, ok: bool = True) -> subprocess.CompletedProcess:
     """Run this driver with ``args`` in ``nproc`` processes (one OpenMP thread each); ``ok``: assert it succeeded."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    # The repository root on the path: the driver runs from tests/ (an editable install does the same).
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, **(env or {}))
     cmd = [sys.executable, os.path.abspath(__file__)] + list(args)
     if nproc > 1:
         cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
@@ -57,7 +62,7 @@ def hook_sigint(rank: int, at_step: int) -> None:
 
 
 def hook_feature_dump(folder: str) -> None:
-    from utils.inference import ImageFiles  # the feature pass's dataset
+    from utils.deploy.inference import ImageFiles  # the feature pass's dataset
 
     real_cache, real_getitem, encoded = train.cache_pooled_features, ImageFiles.__getitem__, {"n": 0}
 

@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.distributed as tdist
 from torch import nn
 from tqdm import tqdm
 
-from utils.data import build_eval_transform, load_image_folder
-from utils.inference import ImageFiles, collate_readable
+from utils.data import ImageFiles, build_eval_transform, collate_readable, load_image_folder
 
 MAX_IMAGES = 2048  # statistics of 2,048 images are as good as of all of them, and cost ~20 s on 2 CPU cores
 
@@ -71,8 +71,6 @@ def adapt_batchnorm(model: nn.Module, data_dir: str, preprocess: dict, batch_siz
                 m.running_var.copy_(var)
         model.train(was_training)
     if world_size > 1:
-        import torch.distributed as tdist
-
         for m in layers:  # the mean of the processes' statistics (equal shares)
             for t in (m.running_mean, m.running_var):
                 tdist.all_reduce(t)

@@ -6,7 +6,9 @@ before any data is read or any model is built. The resolved config is saved as `
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -14,11 +16,9 @@ from typing import Any, Optional
 import yaml
 
 from models import available_models
-
-from utils.checkpoint import atomic_write
 from utils.errors import UserError
+from utils.files import REPO_ROOT, write_text
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_RECIPE = os.path.join(REPO_ROOT, "configs", "default.yaml")
 
 # Choices of the string keys that only accept a fixed set of values.
@@ -298,18 +298,11 @@ def save_config(cfg: TrainConfig, path: str, record: Optional[dict[str, Any]] = 
     text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if record:
         text += yaml.safe_dump(record, sort_keys=False)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-
-    atomic_write(path, write)
+    write_text(path, text)
 
 
 def describe_keys() -> str:
     """One line per key: name, default, comment — the ``--help`` epilog."""
-    import inspect
-    import re
 
     src = inspect.getsource(TrainConfig)
     lines = []

@@ -1,8 +1,16 @@
-"""Writing files safely: a leaf module (imports nothing of the project), so any module may use it."""
+"""Writing files safely, and where the repository is: a leaf module (imports nothing of the project), so any
+module may use it."""
 from __future__ import annotations
 
+import csv
+import io
+import json
 import os
 import tempfile
+from typing import Any, Iterable, Sequence
+
+# The repository's root folder (the parent of utils/): recipes, the default dataset and run folders live here.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def atomic_write(path: str, write_fn) -> None:
@@ -27,3 +35,27 @@ def atomic_write(path: str, write_fn) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (UTF-8, newlines as given: CSV text keeps its ``\\r\\n``)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+    atomic_write(path, write)
+
+
+def write_json(path: str, doc: Any, indent: int = 2) -> None:
+    """Write ``doc`` as indented JSON plus a final newline, atomically."""
+    write_text(path, json.dumps(doc, indent=indent) + "\n")
+
+
+def csv_text(header: Sequence[str], rows: Iterable[Sequence[Any] | dict[str, Any]], lineterminator: str = "\r\n") -> str:
+    """CSV text of ``rows`` (lists in ``header`` order, or dicts keyed by it; missing keys are empty)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator=lineterminator)
+    w.writerow(header)
+    for r in rows:
+        w.writerow([r.get(h, "") for h in header] if isinstance(r, dict) else r)
+    return buf.getvalue()

@@ -6,7 +6,7 @@ import io
 import os
 from typing import Any
 
-from utils.checkpoint import atomic_write
+from utils.files import write_text
 
 COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5", "val_bal_acc", "val_macro_f1",
            "epoch_seconds", "images_per_s",
@@ -39,13 +39,7 @@ class CSVLogger:
         w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", restval="", extrasaction="ignore")
         w.writeheader()
         w.writerows(self.rows)
-        text = buf.getvalue()
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", newline="") as f:
-                f.write(text)
-
-        atomic_write(self.path, write)
+        write_text(self.path, buf.getvalue())
 
 
 def _fmt(v: Any) -> str:

@@ -14,7 +14,6 @@ cached-features path, optimizer, precision) and hands the step context to :func:
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import math
 import os
@@ -22,8 +21,13 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
+import torch.distributed as dist
+from tqdm import tqdm
 
 from utils.errors import UserError
+from utils.files import csv_text, write_text
+from utils.plots import plot_lr_find
+from utils.train_loop import train_step
 
 DIVERGE_FACTOR = 4.0
 # Smoothing of the recorded loss: 0.9 averages over ~10 steps, a tenth of a 100-step sweep (~0.6 decades from
@@ -91,9 +95,7 @@ def lr_sweep(ctx, loader: Iterable, lrs: list[float], *, diverge: float = DIVERG
     The model's parameters and buffers, the optimizer state and the GradScaler's state are put back afterwards
     (also on an error), and the EMA, if any, is left alone: the caller's objects look as if the sweep never ran.
     """
-    from tqdm import tqdm
 
-    from utils.train_loop import train_step
 
     model, optimizer = ctx.trainable.model, ctx.optimizer
     saved_model = copy.deepcopy(model.state_dict())
@@ -137,16 +139,9 @@ def lr_sweep(ctx, loader: Iterable, lrs: list[float], *, diverge: float = DIVERG
 
 def write_csv(result: LRFindResult, path: str) -> None:
     """``step,lr,loss,smoothed_loss``, one row per step, written atomically."""
-    from utils.files import atomic_write
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["step", "lr", "loss", "smoothed_loss"])
-            for i, (lr, loss, sm) in enumerate(zip(result.lrs, result.losses, result.smoothed)):
-                w.writerow([i, f"{lr:.6g}", f"{loss:.6g}", f"{sm:.6g}"])
-
-    atomic_write(path, write)
+    rows = [[i, f"{lr:.6g}", f"{loss:.6g}", f"{sm:.6g}"]
+            for i, (lr, loss, sm) in enumerate(zip(result.lrs, result.losses, result.smoothed))]
+    write_text(path, csv_text(["step", "lr", "loss", "smoothed_loss"], rows))
 
 
 def run_lr_find(ctx, data: Any, out: str, *, steps: int, lr_range: tuple[float, float] = (1e-6, 1.0),
@@ -156,9 +151,7 @@ def run_lr_find(ctx, data: Any, out: str, *, steps: int, lr_range: tuple[float, 
     ``data`` is train.py's data bundle (images, or cached features for a frozen backbone); ``steps`` is already
     capped at one epoch by the caller. Only those two files are written in ``out``: no config, log or checkpoint.
     """
-    import torch.distributed as dist
 
-    from utils.plots import plot_lr_find
 
     if dist.is_available() and dist.is_initialized():
         raise UserError("--lr-find runs in one process; start it with python, not torchrun")

@@ -14,11 +14,15 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+import torchvision
+
+from utils.files import write_json
 
 # CPU features that matter for speed, by the names Linux's /proc/cpuinfo uses.
 FEATURES = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "asimd",
@@ -172,7 +176,7 @@ class SpeedPlan:
     cudnn_benchmark: Choice
     openmp: Choice
     probe: dict[str, float] = field(default_factory=dict)  # variant -> measured s/step (empty: no probe)
-    feature_engine: Optional[Choice] = None  # what ran the frozen backbone's cached feature pass (utils/engine.py)
+    feature_engine: Optional[Choice] = None  # what ran the frozen backbone's cached feature pass (utils/deploy/engine.py)
     compile: Choice = field(default_factory=lambda: Choice(False, "not decided"))  # torch.compile of the model
 
     @property
@@ -214,12 +218,12 @@ def decide_threads(cpu: CpuInfo, local_world: int) -> Choice:
 
 
 def decide_openmp() -> Choice:
-    """How idle OpenMP threads wait (set by utils.omp before torch started; recorded here)."""
+    """How idle OpenMP threads wait (set by utils.process before torch started; recorded here)."""
     if "OMP_WAIT_POLICY" in os.environ:
         return Choice(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}", "set in the environment")
     if "GOMP_SPINCOUNT" in os.environ:
         return Choice(f"GOMP_SPINCOUNT={os.environ['GOMP_SPINCOUNT']}",
-                      "short spin, then sleep: fast on a quiet machine, fair on a shared one (utils/omp.py)")
+                      "short spin, then sleep: fast on a quiet machine, fair on a shared one (utils/process.py)")
     return Choice("libgomp default", "not set before torch started")
 
 
@@ -282,7 +286,6 @@ def cache_dir() -> str:
 
 
 def _probe_key(cpu: CpuInfo, what: dict[str, Any]) -> str:
-    import torchvision
 
     ident = {"cpu": asdict(cpu), "torch": torch.__version__, "torchvision": torchvision.__version__,
              "threads": torch.get_num_threads(), **what}
@@ -298,8 +301,6 @@ def _load_cached(key: str) -> Optional[dict[str, float]]:
 
 
 def _store_cached(key: str, result: dict[str, float]) -> None:
-    from utils.files import atomic_write
-
     path = os.path.join(cache_dir(), "probe.json")
     try:
         with open(path) as f:
@@ -307,12 +308,8 @@ def _store_cached(key: str, result: dict[str, float]) -> None:
     except (OSError, ValueError):
         table = {}
     table[key] = result
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(table, f, indent=1)
-
     try:
-        atomic_write(path, write)
+        write_json(path, table, indent=1)
     except OSError:  # read-only home: the probe simply runs again next time
         pass
 
@@ -336,7 +333,6 @@ def probe_variants(make_step: Callable[[Variant], Callable[[], None]], variants:
     ``make_step(variant)`` returns a function running one real step. Results are cached per CPU, library
     versions, thread count and ``what`` (model, image size, batch); returns (times, came_from_cache).
     """
-    import statistics
 
     key = _probe_key(cpu, {**what, "variants": [variant_name(v) for v in variants]})
     if use_cache:
@@ -536,12 +532,12 @@ def apply_plan(plan: SpeedPlan, device: torch.device) -> None:
 
 
 def decide_forward_threads(workers: int, budget: Optional[int] = None) -> Choice:
-    """onnxruntime intra-op thread counts for a forward-only pass (utils/engine.py) beside ``workers`` DataLoader
+    """onnxruntime intra-op thread counts for a forward-only pass (utils/deploy/engine.py) beside ``workers`` DataLoader
     decode processes, out of ``budget`` threads (default: PyTorch's, i.e. this process's share of the cores).
 
     Without workers (train.py's choice for the feature pass on <= 2 cores) the engine gets them all. With decode
     workers on the same cores, ``budget`` and ``budget - workers`` threads are both candidates and the pass
-    itself compares them (utils.engine.ThreadProbe): which wins depends on the load (2-core VM, 224 px, 1 worker,
+    itself compares them (utils.deploy.engine.ThreadProbe): which wins depends on the load (2-core VM, 224 px, 1 worker,
     benchmark.py features: 2 threads 155 img/s vs 1 thread 134 when quiet, 59 vs 82 with other jobs running).
     """
     budget = budget or torch.get_num_threads()

@@ -21,7 +21,8 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...]
 
 def confusion_matrix(target: Sequence[int], pred: Sequence[int], labels: Sequence[int]) -> np.ndarray:
     """Counts ``cm[i, j]`` of samples whose true class is ``labels[i]`` and predicted class ``labels[j]``."""
-    from sklearn.metrics import confusion_matrix as sk_confusion_matrix
+    # lazy: scikit-learn pulls in scipy and its own OpenMP runtime; only evaluate.py needs this function
+    from sklearn.metrics import confusion_matrix as sk_confusion_matrix  # noqa: PLC0415
 
     return sk_confusion_matrix(np.asarray(target), np.asarray(pred), labels=list(labels)).astype(np.int64)
 

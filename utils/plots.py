@@ -1,32 +1,29 @@
 """Figures: training curves from log.csv files, confusion matrices, grids of mistakes (Agg, no display).
-
-Re-draw or compare curves on their own (several runs on one chart)::
-
-    python -m utils.plots RUN1/log.csv RUN2/log.csv --out curves.png
-    python -m utils.plots RUN1 RUN2 --labels baseline strong-aug --out compare.png   # run folders work too
+Figures are drawn on ``matplotlib.figure.Figure`` objects and saved with the Agg canvas: no pyplot, no global
+backend, no display needed. ``plot.py`` is the command that re-draws or compares curves.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
 from typing import Sequence
 
 import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
 
-matplotlib.use("Agg")  # headless: never needs a display, safe from training workers
-from matplotlib.figure import Figure  # noqa: E402  (Figure objects avoid pyplot's global state)
-
-from utils.checkpoint import atomic_write  # noqa: E402
-from utils.errors import UserError, run_main  # noqa: E402
-
-LOG_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_top1", "val_top5",
-               "epoch_seconds", "images_per_s")
+from utils.errors import UserError
+from utils.files import atomic_write
+from utils.log import COLUMNS as LOG_COLUMNS
+from utils.metrics import row_normalize
 
 
 def _save_figure(fig: Figure, out_png: str, dpi: int = 110) -> None:
     """Write ``fig`` as PNG atomically (temp file + rename), so readers never see half an image."""
+    FigureCanvasAgg(fig)  # the headless canvas, whatever matplotlib's default backend is
     atomic_write(out_png, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"))
 
 
@@ -104,10 +101,8 @@ def plot_confusion_matrix(cm, class_names: list[str], out_png: str, title: str =
 
     Rows are true classes, columns predicted ones. Cells are annotated while the matrix stays readable.
     """
-    import numpy as np
-    import seaborn as sns
+    import seaborn as sns  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
-    from utils.metrics import row_normalize
 
     cm = np.asarray(cm)
     n = len(class_names)
@@ -135,7 +130,6 @@ def plot_mistakes(mistakes: list[dict], out_png: str, max_images: int = 25, colu
 
     Pass them most confident first: those are the ones worth looking at (label noise, look-alike classes).
     """
-    from PIL import Image
 
     shown = mistakes[:max_images]
     if not shown:
@@ -179,23 +173,3 @@ def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequen
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     _save_figure(fig, out_png)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command line: re-draw curves.png from one or more log.csv files."""
-    p = argparse.ArgumentParser(
-        prog="python -m utils.plots",
-        description="Draw loss and accuracy curves (train vs val) from one or more train.py log.csv files; "
-                    "several runs share one chart so recipes can be compared.")
-    p.add_argument("logs", nargs="+", metavar="LOG",
-                   help="RUN/log.csv files (or RUN folders containing log.csv)")
-    p.add_argument("--out", default="curves.png", help="output PNG path (default: curves.png)")
-    p.add_argument("--labels", nargs="+", default=None,
-                   help="one legend name per LOG (default: each run's folder name)")
-    args = p.parse_args(argv)
-    plot_curves(args.logs, args.out, labels=args.labels)
-    print(f"wrote {args.out} ({len(args.logs)} run{'s' if len(args.logs) > 1 else ''})")
-
-
-if __name__ == "__main__":
-    run_main(main)

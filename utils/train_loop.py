@@ -6,22 +6,38 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Optional
 
+import numpy as np
 import torch
 from torch import nn
+from torchvision.transforms import v2
+from tqdm import tqdm
 
+from utils import machine
 from utils.balance import epoch_order
-from utils.distributed import CPUSyncBatchNorm, all_reduce_sum
+from utils.config import TrainConfig
+from utils.data import SkippedFiles, build_eval_transform, load_image_folder, unreadable_line
+from utils.deploy.engine import fast_forward
+from utils.deploy.inference import ImageFiles, collate_readable
+from utils.distributed import (
+    CPUSyncBatchNorm,
+    all_reduce_sum,
+    broadcast_object,
+    gather_rows,
+    is_main_process,
+    shard_indices,
+)
 from utils.errors import UserError
 from utils.machine import Choice, decide_forward_threads
 from utils.metrics import class_summary, topk_correct
 from utils.schedule import WarmupCosine
 
 
-def pick_device(name: str) -> torch.device:
+def training_device(name: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; anything else is checked and used as given."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,7 +126,6 @@ class Trainable:
 
 def build_mixup(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> Optional[Callable]:
     """torchvision v2 MixUp / CutMix (one picked per batch when both are on), or None."""
-    from torchvision.transforms import v2
 
     ops = []
     if mixup_alpha > 0:
@@ -314,7 +329,6 @@ def train_one_epoch(ctx: StepContext, loader: Iterable, schedule: WarmupCosine, 
     every ``sync_every`` steps, on every process at the same steps; it raises a KeyboardInterrupt to end the
     epoch there. Returns this process's sums plus the all-reduced means.
     """
-    from tqdm import tqdm
 
     ctx.trainable.train()
     skip = progress.batches_done
@@ -363,15 +377,13 @@ def train_one_epoch(ctx: StepContext, loader: Iterable, schedule: WarmupCosine, 
 
 
 @torch.no_grad()
-def evaluate(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, criterion: nn.Module,
+def validate(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, criterion: nn.Module,
              device: torch.device, *, amp_dtype: Optional[torch.dtype] = None, channels_last: bool = True,
              bar: bool = False, desc: str = "val", num_classes: int = 0) -> dict[str, float]:
     """Mean loss, top-1/top-5 accuracy, balanced accuracy (percent) and macro-F1 (0-1) over ``loader``, summed over
     all processes. The last two come from the confusion matrix through utils.metrics.class_summary, as in
     evaluate.py. Pass ``num_classes`` under torchrun (a process without val images must all-reduce as many
     counts as the others); else it is read from the logits."""
-    import numpy as np
-    from tqdm import tqdm
 
     if isinstance(model, nn.Module):
         model.eval()  # BatchNorm/dropout in inference mode (train_one_epoch switches back via Trainable.train)
@@ -440,7 +452,7 @@ class FeatureBundle:
     classes: list
     num_train: int
     num_val: int
-    engine: Optional[Choice] = None  # what ran the backbone over the images, and why (utils/engine.py)
+    engine: Optional[Choice] = None  # what ran the backbone over the images, and why (utils/deploy/engine.py)
     skipped: int = 0  # unreadable train + val images left out, counted over all processes (same on each)
 
     def set_epoch(self, epoch: int) -> None:
@@ -457,12 +469,9 @@ def encode_pooled(model: nn.Module, samples: list, transform: Callable, batch_si
                   bar: bool = False) -> tuple[torch.Tensor, object, torch.Tensor, list[tuple[str, str]]]:
     """Pooled backbone features (float32, CPU) of the readable image files among ``samples`` ([(path, label)]),
     in order (``torch.empty(0)`` when there are none); the forward engine that computed them (``fwd`` when
-    given, else the one utils.engine.fast_forward picks on the first real batch); a bool mask over ``samples``
-    of the files that were read; and ``[(path, error)]`` of the unreadable ones (utils.inference.ImageFiles)."""
-    from tqdm import tqdm
+    given, else the one utils.deploy.engine.fast_forward picks on the first real batch); a bool mask over ``samples``
+    of the files that were read; and ``[(path, error)]`` of the unreadable ones (utils.deploy.inference.ImageFiles)."""
 
-    from utils.engine import fast_forward
-    from utils.inference import ImageFiles, collate_readable
 
     paths = [p for p, _ in samples]
     loader = torch.utils.data.DataLoader(ImageFiles(paths, transform), batch_size=batch_size, num_workers=workers,
@@ -493,13 +502,10 @@ def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, bat
     :func:`utils.distributed.gather_rows` gives every process the full tensors, in file order. Unreadable files
     are named in one line by the process that met them and left out; the bundle's ``skipped`` counts them over
     all processes (the same number on each). The backbone runs
-    on the fastest engine this machine has (utils/engine.py: onnxruntime on a CPU when it matches PyTorch on the
+    on the fastest engine this machine has (utils/deploy/engine.py: onnxruntime on a CPU when it matches PyTorch on the
     first batch; ``engine`` forces ``pytorch`` or ``onnxruntime``); the bundle's ``engine`` says which and why.
     """
-    import os
 
-    from utils.data import SkippedFiles, build_eval_transform, load_image_folder, unreadable_line
-    from utils.distributed import gather_rows, shard_indices
 
     transform = build_eval_transform(preprocess)
     model.eval()
@@ -540,3 +546,46 @@ def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, bat
         FeatureBatches(*out["val"], batch_size, shuffle=False, rank=rank, world_size=world_size),
         classes, len(out["train"][1]), len(out["val"][1]),
         fwd.choice if fwd else None, skipped=skipped)
+
+
+def speed_plan(cfg: TrainConfig, model: nn.Module, device: torch.device, cache: str, threads: machine.Choice,
+               workers: machine.Choice, num_classes: int, resumed: dict | None,
+               run_steps: int = 0, run_s: float | None = None) -> machine.SpeedPlan:
+    """The run's automatic speed choices (utils/machine.py). On a CPU, precision and memory format come from a
+    short probe of this very model's training step; a resumed run on the same machine reuses the probe it
+    recorded, so it continues with the same choices (and bit for bit). ``run_steps`` (optimizer steps left), or
+    ``run_s`` (seconds left under a time budget), decides whether torch.compile is worth probing."""
+    frozen = cfg.freeze == "features"
+    amp, layout = cfg.amp, cfg.channels_last
+    if cfg.cache_features:  # only the linear head trains, on cached features: nothing for bf16 or NHWC to speed up
+        amp, layout = "off", "off"
+    recorded = (resumed or {}).get("speed") or {}
+    batch = machine.probe_batch(cfg.batch_size, cfg.img_size)
+
+    def measure(variants):
+        old = recorded.get("probe_s_per_step") or {}
+        if recorded.get("machine") == machine.cpu_info().describe() and all(machine.variant_name(v) in old
+                                                                            for v in variants):
+            return old, True
+        factory = make_probe_step(model, frozen=frozen, device=device, batch=batch, img_size=cfg.img_size,
+                                  num_classes=num_classes, full_batch=cfg.batch_size)
+        full = any(len(v) > 2 for v in variants)  # the compile probe runs at the real batch size
+        what = {"model": dict(model.arch), "img_size": cfg.img_size, "batch": cfg.batch_size if full else batch,
+                "frozen": frozen, "small_input": cfg.small_input}
+        return machine.probe_variants(factory, variants, machine.cpu_info(), what)
+
+    def probe(variants):  # rank 0 measures, every torchrun process trains with its choice
+        result = None
+        if is_main_process():
+            try:
+                result = measure(variants)
+            except Exception as e:  # e.g. torch.compile without a C++ compiler: every rank must hear of it
+                result = RuntimeError(f"{type(e).__name__}: {e}")
+        result = broadcast_object(result)
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    return machine.plan_training(device=device, amp=amp, channels_last=layout, cache=cache, workers=workers,
+                                 threads=threads, probe=probe, compile=cfg.compile, run_steps=run_steps,
+                                 batch_scale=cfg.batch_size / batch, images_per_step=cfg.batch_size, run_s=run_s)

@@ -17,12 +17,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torchvision.datasets
+from PIL import Image
+from tqdm import tqdm
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # allow `python datasets/fashion_mnist/prepare.py`
-    sys.path.insert(0, str(ROOT))
+from utils.data.split import split_dataset
+from utils.errors import UserError, run_main
+from utils.files import REPO_ROOT
 
-from utils.errors import UserError, run_main  # noqa: E402
+ROOT = Path(REPO_ROOT)
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 # Official names with "/" and " " replaced so every name is a safe folder name on any OS.
@@ -51,11 +54,10 @@ def _load_debian(src: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 def _load_torchvision(cache: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    from torchvision.datasets import FashionMNIST
     parts = {}
     try:
         for part in PARTS:
-            ds = FashionMNIST(cache, train=(part == "train"), download=True)
+            ds = torchvision.datasets.FashionMNIST(cache, train=(part == "train"), download=True)
             parts[part] = (ds.data.numpy(), ds.targets.numpy().astype(np.uint8))
     except Exception as e:  # offline, proxy, checksum: all mean the same thing to the user
         raise UserError(f"Fashion-MNIST not found in {DEBIAN_DIR} and the torchvision download failed ({e}); "
@@ -85,8 +87,6 @@ def is_complete(out: str) -> bool:
 
 def prepare_fashion_mnist(out: str = str(DEFAULT_ROOT / "raw"), src: str = DEBIAN_DIR) -> str:
     """Write ``out/<class>/*.png`` (70,000 files) unless already complete; returns ``out``."""
-    from PIL import Image
-    from tqdm import tqdm
 
     out = os.path.abspath(out)
     if is_complete(out):
@@ -120,7 +120,6 @@ def ensure_default_dataset(root: str = "datasets/fashion_mnist") -> str:
     A relative ``root`` is taken relative to the repository, so ``python train.py`` works from any directory.
     Split: val = 1/7 (1,000 of each class's 7,000), seed 0, hard links (fall back to copies).
     """
-    from utils.split import split_dataset
 
     root_path = Path(root) if os.path.isabs(root) else ROOT / root
     split_dir = root_path / "split"
@@ -132,7 +131,7 @@ def ensure_default_dataset(root: str = "datasets/fashion_mnist") -> str:
     return str(split_dir)
 
 
-def main() -> None:
+def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=str(DEFAULT_ROOT / "raw"),
                         help="output folder of class sub-folders (default: %(default)s)")
@@ -140,7 +139,11 @@ def main() -> None:
                         help="folder with the four *-ubyte.gz files (default: %(default)s)")
     parser.add_argument("--split", action="store_true",
                         help="also create the default train/val split next to --out (../split, val 1/7, seed 0)")
-    args = parser.parse_args()
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = get_args_parser().parse_args(argv)
     out = prepare_fashion_mnist(args.out, args.src)
     print(f"{out}: {TOTAL} images in {len(CLASSES)} class folders")
     if args.split:

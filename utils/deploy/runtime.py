@@ -9,7 +9,7 @@ and prediction never guess them::
     logits = m.predict_batch(torch.stack([tf(img) for img in images]))
     names = [m.classes[i] for i in logits.argmax(1)]
 
-A checkpoint on a CPU runs on onnxruntime when that computes the same logits faster (utils/engine.py, checked
+A checkpoint on a CPU runs on onnxruntime when that computes the same logits faster (utils/deploy/engine.py, checked
 on its first batch); ``m.engine`` says which runtime ran and why.
 """
 from __future__ import annotations
@@ -23,15 +23,19 @@ from typing import Any, Callable
 
 import torch
 
+from utils.checkpoint import Preprocess, load_checkpoint, model_from_checkpoint
+from utils.deploy import tensorrt_engine as te
+from utils.deploy.engine import fast_forward
+from utils.deploy.onnx_io import onnx_session
+from utils.deploy.tensorrt_engine import ENGINE_EXTENSIONS
 from utils.errors import UserError
-from utils.machine import Choice
+from utils.machine import Choice, cache_dir
 
 ACCEPTED = ("a train.py checkpoint (.pt), a TorchScript file, an ONNX file (.onnx) or a TensorRT engine (.engine) "
             "written by export.py")
-PREPROCESS_KEYS = ("img_size", "resize_size", "mean", "std")
 
 
-def pick_device(device: str | torch.device | None = None) -> torch.device:
+def inference_device(device: str | torch.device | None = None) -> torch.device:
     """``device`` if given, else cuda when available, else cpu."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -81,7 +85,7 @@ class LoadedModel:
 
     def expect_images(self, n: int) -> None:
         """Say how many images the coming pass has: a checkpoint on a CPU exports itself to onnxruntime only when
-        the pass is long enough to repay it (utils/engine.py). Other formats ignore it."""
+        the pass is long enough to repay it (utils/deploy/engine.py). Other formats ignore it."""
         if isinstance(self._run, _FastCheckpoint):
             self._run.images = n
 
@@ -111,10 +115,7 @@ def _validate_meta(path: str, classes: Any, preprocess: Any) -> tuple[list[str],
     fix = "re-export it with export.py (it embeds 'classes' and 'preprocess')"
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise UserError(f"{path} carries no class names (metadata 'classes' missing or not a list of names); {fix}")
-    if not isinstance(preprocess, dict) or any(k not in preprocess for k in PREPROCESS_KEYS):
-        raise UserError(f"{path} carries no preprocessing (metadata 'preprocess' needs {', '.join(PREPROCESS_KEYS)}); {fix}")
-    pre = {"img_size": int(preprocess["img_size"]), "resize_size": int(preprocess["resize_size"]),
-           "mean": [float(v) for v in preprocess["mean"]], "std": [float(v) for v in preprocess["std"]]}
+    pre = Preprocess.from_dict(preprocess, path, fix).as_dict()
     return list(classes), pre
 
 
@@ -132,7 +133,6 @@ def detect_kind(path: str) -> str:
 
     A TensorRT plan has no signature of its own (its layout changes between TensorRT versions), hence the name.
     """
-    from utils.tensorrt_engine import ENGINE_EXTENSIONS
 
     if not os.path.exists(path):
         raise UserError(f"model file {path} not found; pass {ACCEPTED}")
@@ -156,7 +156,7 @@ def detect_kind(path: str) -> str:
 
 
 class _FastCheckpoint:
-    """A checkpoint's network on the fastest engine of this machine (utils/engine.py: onnxruntime on a CPU when it
+    """A checkpoint's network on the fastest engine of this machine (utils/deploy/engine.py: onnxruntime on a CPU when it
     matches PyTorch's logits, else PyTorch eager), chosen on the first batch it is given."""
 
     def __init__(self, model: torch.nn.Module, threads: int = 0) -> None:
@@ -171,7 +171,6 @@ class _FastCheckpoint:
         return self._engine.choice
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from utils.engine import fast_forward
 
         if self._engine is None:
             # Same onnxruntime settings as an ONNX file gets in open_model: idle threads sleep (decode workers).
@@ -183,7 +182,6 @@ class _FastCheckpoint:
 
 
 def _open_checkpoint(path: str, device: torch.device, threads: int | None = None) -> LoadedModel:
-    from utils.checkpoint import load_checkpoint, model_from_checkpoint
 
     ckpt = load_checkpoint(path)
     classes, pre = _validate_meta(path, ckpt.get("classes"), ckpt.get("preprocess"))
@@ -231,30 +229,9 @@ def _open_torchscript(path: str, device: torch.device) -> LoadedModel:
                        engine=Choice("torchscript", "a TorchScript file runs on PyTorch's TorchScript runtime"))
 
 
-def onnx_session(path: str, threads: int = 0, spinning: bool = True,
-                 providers: list[str | tuple[str, dict[str, Any]]] | None = None):
-    """An onnxruntime session with every graph optimisation (``threads=0``: onnxruntime's default count).
-
-    ``spinning=False`` stops idle worker threads from busy-waiting after each run: image decoding in
-    DataLoader workers, or another runtime being timed, shares the same cores (measured: ~1.4x fewer
-    images/s with spinning on a 2-core box).
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.log_severity_level = 3  # errors only: optimiser notices are not the user's business
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(path, sess_options=opts, providers=providers or ["CPUExecutionProvider"])
-
-
 def _ort_tensorrt_cache() -> str:
     """Folder for onnxruntime's TensorRT engine cache (building an engine takes minutes on a Jetson):
     ``ort-tensorrt`` in :func:`utils.machine.cache_dir`."""
-    from utils.machine import cache_dir
 
     path = os.path.join(cache_dir(), "ort-tensorrt")
     os.makedirs(path, exist_ok=True)
@@ -293,7 +270,7 @@ def _report_provider_fallback(path: str, device: torch.device, asked: list[str],
 
 
 def _open_onnx(path: str, device: torch.device, threads: int | None = None) -> LoadedModel:
-    import onnxruntime as ort
+    import onnxruntime as ort  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
     available = list(ort.get_available_providers())
     providers = onnx_providers(device, available)
@@ -327,7 +304,6 @@ def _open_onnx(path: str, device: torch.device, threads: int | None = None) -> L
 
 def _open_engine(path: str, device: str | torch.device | None) -> LoadedModel:
     """A TensorRT engine with its sidecar (classes, preprocessing); runs on a CUDA GPU only."""
-    from utils import tensorrt_engine as te
 
     plan, meta = te.read_engine(path)
     classes, pre = _validate_meta(te.sidecar_path(path), meta.get("classes"), meta.get("preprocess"))
@@ -345,7 +321,7 @@ def open_model(path: str, device: str | torch.device | None = None, threads: int
     """
     if threads is not None and threads < 1:
         raise UserError(f"--threads must be at least 1, got {threads}")
-    dev = pick_device(device)
+    dev = inference_device(device)
     kind = detect_kind(path)
     if kind == "engine":  # GPU only: its default is cuda:0 even when torch itself has no CUDA (Jetson)
         model = _open_engine(path, device)

@@ -3,7 +3,7 @@ features, the loop utils.train_loop.cache_pooled_features runs, per engine and p
 decode workers and engine threads.
 
 Variants are ``ENGINE/wWORKERS/tTHREADS[/spin]``: ``pytorch`` = eager fp32 channels_last, ``onnxruntime`` =
-utils/engine.py forced to onnxruntime (idle threads sleep unless ``/spin``), ``auto`` = what train.py's
+utils/deploy/engine.py forced to onnxruntime (idle threads sleep unless ``/spin``), ``auto`` = what train.py's
 cache_pooled_features chooses on this machine for a long pass, workers and threads included. Engines are built once per variant
 (their one-time cost, export + first-batch check, is reported beside); each timed call is a fresh DataLoader
 over ``--images`` photos, as each split of the real pass is. Calls are interleaved (A B C A B C ...) and reported
@@ -15,16 +15,22 @@ as medians.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
 
 import torch
 
-from utils.checkpoint import atomic_write
+from models import build_model, load_pretrained
+from utils import machine
+from utils.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
+from utils.deploy.engine import ThreadProbe, fast_forward
+from utils.deploy.inference import ImageFiles, collate_readable, images_under
 from utils.errors import UserError
+from utils.files import REPO_ROOT, csv_text, write_text
+from utils.machine import Choice
+from utils.timing import interleaved_timings, load_average, median
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 DEFAULT_VARIANTS = ("pytorch/w1/t2", "onnxruntime/w1/t1", "onnxruntime/w1/t2", "onnxruntime/w2/t2",
                     "onnxruntime/w0/t1", "onnxruntime/w0/t2", "auto")
 
@@ -63,7 +69,6 @@ def parse_variant(text: str) -> tuple[str, int, int, bool]:
 
 
 def _images(folder: str, n: int) -> list[tuple[str, int]]:
-    from utils.inference import images_under
 
     found = images_under(folder) if os.path.isdir(folder) else []
     if not found:
@@ -74,20 +79,6 @@ def _images(folder: str, n: int) -> list[tuple[str, int]]:
 
 def run(args: argparse.Namespace) -> None:
     """Build the model, time every variant interleaved, print Markdown, save CSV."""
-    from utils.omp import short_openmp_spin
-
-    if short_openmp_spin():
-        # train.py sets this before importing torch (PyTorch's OpenMP reads it at start-up): start again with it.
-        import sys
-
-        os.execv(sys.executable, [sys.executable] + sys.argv)
-    from models import build_model, load_pretrained
-    from utils import machine
-    from utils.data import IMAGENET_MEAN, IMAGENET_STD, build_eval_transform
-    from utils.engine import ThreadProbe, fast_forward
-    from utils.machine import Choice
-    from utils.timing import interleaved_timings, load_average, median
-    from utils.inference import ImageFiles, collate_readable
 
     if args.images < 1 or args.repeats < 1:
         raise UserError("--images and --repeats must be at least 1")
@@ -149,14 +140,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"(medians of {args.repeats} interleaved calls; setup = export + first-batch check, once per pass)")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=header + ["machine"])
-            w.writeheader()
-            for r in rows:
-                w.writerow({**r, "machine": machine.describe_machine()})
-
-    atomic_write(args.out, write)
+    write_text(args.out, csv_text(header + ["machine"], [{**r, "machine": machine.describe_machine()} for r in rows]))
     print(f"wrote {args.out}")
 
 

@@ -1,6 +1,6 @@
 """Structured channel pruning of the expanded layers, a short fine-tune, and a before/after report.
 
-    python -m utils.prune RUN/best.pt --ratio 0.4 --steps 300      # -> RUN/pruned/{pruned.pt, prune.json}
+    python prune.py RUN/best.pt --ratio 0.4 --steps 300      # -> RUN/pruned/{pruned.pt, prune.json}
     python export.py RUN/pruned/pruned.pt                           # export/verify it like any checkpoint
 
 What is removed: whole channels of every 1x1 convolution that feeds a depthwise convolution (the expanded
@@ -19,8 +19,7 @@ exports are self-contained.
 """
 from __future__ import annotations
 
-import argparse
-import json
+import copy
 import os
 import tempfile
 import time
@@ -29,7 +28,17 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from torch import nn
 
-from utils.errors import UserError, run_main
+from models import count_macs, count_params
+from utils.checkpoint import load_checkpoint, model_from_checkpoint, pruned_state, save_checkpoint
+from utils.config import augment_settings, from_checkpoint
+from utils.data import SkippedFiles, list_labelled_images, load_data
+from utils.deploy.export import batched_logits, evenly_spaced, export_onnx, read_images, top1_percent
+from utils.deploy.onnx_io import INPUT_NAME, onnx_session
+from utils.errors import UserError
+from utils.files import write_json
+from utils.schedule import WarmupCosine, build_optimizer
+from utils.timing import interleaved_timings, load_average, median
+from utils.train_loop import EpochProgress, StepContext, Trainable, epoch_seed, train_one_epoch
 
 if TYPE_CHECKING:
     from utils.config import TrainConfig
@@ -47,7 +56,7 @@ def expansion_convs(model: nn.Module) -> list[nn.Conv2d]:
 
 def prune_expanded_channels(model: nn.Module, ratio: float, img_size: int, round_to: int = 8) -> nn.Module:
     """Remove ``ratio`` of the channels of every expansion conv (and all dependent channels), in place."""
-    import torch_pruning as tp
+    import torch_pruning as tp  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
     if not 0.0 < ratio < 1.0:
         raise UserError(f"--ratio must be between 0 and 1 (fraction of expanded channels removed), got {ratio}")
@@ -66,37 +75,6 @@ def prune_expanded_channels(model: nn.Module, ratio: float, img_size: int, round
     return model
 
 
-def shrink_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """Resize every Conv2d/BatchNorm2d/Linear of a freshly built model to the shapes stored in ``state``.
-
-    This is how a pruned checkpoint is loaded: the architecture is the same, only channel counts differ.
-    Depthwise convolutions stay depthwise (groups follow the channel count).
-    """
-    for name, m in model.named_modules():
-        w = state.get(f"{name}.weight")
-        if w is None:
-            continue
-        if isinstance(m, nn.Conv2d):
-            depthwise = m.groups > 1 and m.groups == m.in_channels
-            m.out_channels = w.shape[0]
-            m.groups = w.shape[0] if depthwise else m.groups
-            m.in_channels = w.shape[1] * m.groups
-            m.weight = nn.Parameter(torch.empty_like(w))
-            if m.bias is not None:
-                m.bias = nn.Parameter(torch.empty(w.shape[0]))
-        elif isinstance(m, nn.BatchNorm2d):
-            n = w.shape[0]
-            m.num_features = n
-            m.weight, m.bias = nn.Parameter(torch.empty(n)), nn.Parameter(torch.empty(n))
-            m.running_mean, m.running_var = torch.zeros(n), torch.ones(n)
-        elif isinstance(m, nn.Linear):
-            m.out_features, m.in_features = w.shape
-            m.weight = nn.Parameter(torch.empty_like(w))
-            if m.bias is not None:
-                m.bias = nn.Parameter(torch.empty(w.shape[0]))
-    return model
-
-
 # ------------------------------------------------------------------------------------------- fine-tune
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, items: list[tuple[str, int]], preprocess: dict[str, Any],
@@ -107,8 +85,6 @@ def recalibrate_batchnorm(model: nn.Module, items: list[tuple[str, int]], prepro
     re-estimating them recovers much of the accuracy before any gradient step. Unreadable images are left out
     (named and counted by ``skipped``). Returns images used.
     """
-    from utils.data import SkippedFiles
-    from utils.export import evenly_spaced, read_images
 
     skipped = SkippedFiles() if skipped is None else skipped
 
@@ -141,10 +117,6 @@ def fine_tune(model: nn.Module, data_dir: str, cfg: "TrainConfig", preprocess: d
     step, the checkpoint's preprocessing, augmentation and optimizer, with a cosine decay from ``lr`` to 0.
     The unreadable files its data pipeline skipped (and named) are added to ``skipped``.
     """
-    from utils.config import augment_settings
-    from utils.data import load_data
-    from utils.schedule import WarmupCosine, build_optimizer
-    from utils.train_loop import EpochProgress, StepContext, Trainable, epoch_seed, train_one_epoch
 
     data = load_data(data_dir, img_size=int(preprocess["img_size"]), resize_size=int(preprocess["resize_size"]),
                      mean=preprocess["mean"], std=preprocess["std"], batch_size=batch_size, workers=workers, augment=augment_settings(cfg), cache=cfg.cache,
@@ -176,8 +148,6 @@ def fine_tune(model: nn.Module, data_dir: str, cfg: "TrainConfig", preprocess: d
 # ------------------------------------------------------------------------------------------ reporting
 def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, img_size: int) -> dict[str, Any]:
     """MACs, params and validation top-1 of ``model`` (fp32, CPU)."""
-    from models import count_macs, count_params
-    from utils.export import batched_logits, top1_percent
 
     model = model.cpu().eval()
     return {"macs": count_macs(model, img_size), "params": count_params(model),
@@ -186,8 +156,6 @@ def measure(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, img_si
 
 def latencies(models: dict[str, nn.Module], img_size: int, repeats: int) -> dict[str, dict[str, float]]:
     """Batch-1 latency (ms, median) of each model in eager PyTorch and in onnxruntime fp32, interleaved."""
-    from utils.export import INPUT_NAME, export_onnx, onnx_session
-    from utils.timing import interleaved_timings, median
 
     x = torch.zeros(1, 3, img_size, img_size)
     fns = {}
@@ -210,111 +178,6 @@ def latencies(models: dict[str, nn.Module], img_size: int, repeats: int) -> dict
     return out
 
 
-# ------------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m utils.prune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="train.py checkpoint to prune (e.g. RUN/best.pt)")
-    p.add_argument("--ratio", type=float, default=0.4,
-                   help="fraction of the expanded (1x1 -> depthwise) channels to remove (default 0.4)")
-    p.add_argument("--steps", type=int, default=300, help="fine-tune steps after pruning; 0 skips it (default 300)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="fine-tune learning rate at the start, cosine to 0 (default: the checkpoint's peak lr / 10)")
-    p.add_argument("--batch-size", type=int, default=None, help="fine-tune batch size (default: the checkpoint's)")
-    p.add_argument("--data", help="data folder with train/ and val/ class folders "
-                                  "(default: the 'data' entry of the checkpoint's config)")
-    p.add_argument("--bn-images", type=int, default=512,
-                   help="training images used to re-estimate BatchNorm statistics right after pruning (default 512)")
-    p.add_argument("--val-limit", type=int, default=2000,
-                   help="validation images used for accuracy, spread over all classes; 0 = all (default 2000)")
-    p.add_argument("--repeats", type=int, default=30, help="timed batch-1 runs per variant (default 30)")
-    p.add_argument("--workers", type=int, default=2, help="data loader worker processes (default 2)")
-    p.add_argument("--out", help="output folder (default: the checkpoint's folder + /pruned)")
-    return p
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    from utils.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-    from utils.config import from_checkpoint
-    from utils.data import SkippedFiles
-    from utils.export import atomic_write, evenly_spaced, list_labelled_images, read_images
-    from utils.timing import load_average
-
-    args = build_parser().parse_args(argv)
-    ckpt = load_checkpoint(args.checkpoint)
-    if ckpt.get("pruned"):
-        raise UserError(f"{args.checkpoint} is already pruned; prune the original checkpoint with a larger --ratio")
-    data = args.data or (ckpt.get("config") or {}).get("data")
-    if not data:
-        raise UserError(f"{args.checkpoint} does not say where its data is; pass --data DIR (with train/ and val/)")
-    classes, preprocess = list(ckpt["classes"]), dict(ckpt["preprocess"])
-    cfg = from_checkpoint(ckpt.get("config"), args.checkpoint)
-    img_size = int(preprocess["img_size"])
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "pruned")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-    val = evenly_spaced(list_labelled_images(os.path.join(data, "val"), classes), args.val_limit)
-    skipped = SkippedFiles()  # unreadable images of every pass below: named once each, counted in prune.json
-    read = read_images([p for p, _ in val], preprocess)
-    skipped.add(read.failed)
-    if not read.kept:
-        raise UserError(f"none of the {len(val)} validation images in {os.path.join(data, 'val')} could be read")
-    images, labels = read.x, torch.tensor([val[k][1] for k in read.kept])
-
-    original = model_from_checkpoint(ckpt)
-    pruned = model_from_checkpoint(ckpt)
-    prune_expanded_channels(pruned, args.ratio, img_size)
-    before = measure(original, images, labels, img_size)
-    after_prune = measure(pruned, images, labels, img_size)
-    train_items = list_labelled_images(os.path.join(data, "train"), classes)
-    after_prune["bn_images"] = recalibrate_batchnorm(pruned, train_items, preprocess, args.bn_images,
-                                                     skipped=skipped)
-    after_prune["val_top1_bn_recalibrated"] = measure(pruned, images, labels, img_size)["val_top1"]
-    tune = None
-    if args.steps > 0:
-        import copy
-
-        kept = copy.deepcopy(pruned.state_dict())
-        lr = args.lr if args.lr is not None else cfg.lr / 10
-        tune = fine_tune(pruned, data, cfg, preprocess, args.steps, lr, args.batch_size or cfg.batch_size, device,
-                         args.workers, skipped=skipped)
-        pruned.cpu()
-        tune["val_top1"] = measure(pruned, images, labels, img_size)["val_top1"]
-        if tune["val_top1"] < after_prune["val_top1_bn_recalibrated"]:
-            # A fine-tune that hurts (learning rate too high for this model) must not replace better weights.
-            pruned.load_state_dict(kept)
-            tune["kept"] = "BatchNorm re-estimated weights (the fine-tune lowered val top-1; try a smaller --lr)"
-            print(f"fine-tune lowered val top-1 to {tune['val_top1']:.2f}%; keeping the weights from before it "
-                  "(try a smaller --lr or more --steps)")
-        else:
-            tune["kept"] = "fine-tuned weights"
-    after = measure(pruned, images, labels, img_size)
-    lat = latencies({"original": original, "pruned": pruned}, img_size, args.repeats)
-    before.update(lat["original"])
-    after.update(lat["pruned"])
-
-    state = {k: v for k, v in ckpt.items() if k not in ("optimizer", "scheduler", "scaler", "rng")}
-    state.update(model={k: v.detach().cpu() for k, v in pruned.state_dict().items()}, ema=None, optimizer=None,
-                 scheduler=None, scaler=None, best_acc=after["val_top1"],
-                 rng={}, pruned={"source": os.path.abspath(args.checkpoint), "ratio": args.ratio,
-                                 "fine_tune_steps": args.steps})
-    state["versions"] = {"torch": str(torch.__version__), **{k: v for k, v in (ckpt.get("versions") or {}).items()
-                                                        if k != "torch"}}
-    report = {"checkpoint": os.path.abspath(args.checkpoint), "ratio": args.ratio, "val_images": len(labels),
-              "skipped_images": len(skipped), "skipped_files": skipped.records(),
-              "before": before, "after_prune": after_prune, "after_fine_tune": after, "fine_tune": tune,
-              "uptime": "load average " + load_average()}
-    os.makedirs(out, exist_ok=True)
-    save_checkpoint(os.path.join(out, "pruned.pt"), state)
-    atomic_write(os.path.join(out, "prune.json"),
-                 lambda tmp: open(tmp, "w").write(json.dumps(report, indent=2) + "\n"))
-    print(format_report(report))
-    if len(skipped):
-        print(f"skipped {len(skipped)} unreadable image(s) (listed in prune.json)")
-    print(f"wrote {out}/pruned.pt and {out}/prune.json; export it with: python export.py {out}/pruned.pt")
-    return report
-
-
 def format_report(r: dict[str, Any]) -> str:
     """Markdown table of the before/after numbers."""
     bn = dict(r["after_prune"], val_top1=r["after_prune"]["val_top1_bn_recalibrated"])
@@ -330,5 +193,72 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    run_main(main)
+def prune_checkpoint(checkpoint: str, *, ratio: float = 0.4, steps: int = 300, lr: float | None = None,
+                     batch_size: int | None = None, data: str | None = None, bn_images: int = 512,
+                     val_limit: int = 2000, repeats: int = 30, workers: int = 2,
+                     out: str | None = None) -> dict[str, Any]:
+    """Prune ``checkpoint`` (see the module docstring), write OUT/pruned.pt and OUT/prune.json, print the
+    before/after table; returns the report. OUT defaults to the checkpoint's folder + /pruned."""
+    ckpt = load_checkpoint(checkpoint)
+    if ckpt.get("pruned"):
+        raise UserError(f"{checkpoint} is already pruned; prune the original checkpoint with a larger --ratio")
+    data = data or (ckpt.get("config") or {}).get("data")
+    if not data:
+        raise UserError(f"{checkpoint} does not say where its data is; pass --data DIR (with train/ and val/)")
+    classes, preprocess = list(ckpt["classes"]), dict(ckpt["preprocess"])
+    cfg = from_checkpoint(ckpt.get("config"), checkpoint)
+    img_size = int(preprocess["img_size"])
+    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "pruned")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    val = evenly_spaced(list_labelled_images(os.path.join(data, "val"), classes), val_limit)
+    skipped = SkippedFiles()  # unreadable images of every pass below: named once each, counted in prune.json
+    read = read_images([p for p, _ in val], preprocess)
+    skipped.add(read.failed)
+    if not read.kept:
+        raise UserError(f"none of the {len(val)} validation images in {os.path.join(data, 'val')} could be read")
+    images, labels = read.x, torch.tensor([val[k][1] for k in read.kept])
+
+    original = model_from_checkpoint(ckpt)
+    pruned = model_from_checkpoint(ckpt)
+    prune_expanded_channels(pruned, ratio, img_size)
+    before = measure(original, images, labels, img_size)
+    after_prune = measure(pruned, images, labels, img_size)
+    train_items = list_labelled_images(os.path.join(data, "train"), classes)
+    after_prune["bn_images"] = recalibrate_batchnorm(pruned, train_items, preprocess, bn_images,
+                                                     skipped=skipped)
+    after_prune["val_top1_bn_recalibrated"] = measure(pruned, images, labels, img_size)["val_top1"]
+    tune = None
+    if steps > 0:
+        kept = copy.deepcopy(pruned.state_dict())
+        lr = lr if lr is not None else cfg.lr / 10
+        tune = fine_tune(pruned, data, cfg, preprocess, steps, lr, batch_size or cfg.batch_size, device,
+                         workers, skipped=skipped)
+        pruned.cpu()
+        tune["val_top1"] = measure(pruned, images, labels, img_size)["val_top1"]
+        if tune["val_top1"] < after_prune["val_top1_bn_recalibrated"]:
+            # A fine-tune that hurts (learning rate too high for this model) must not replace better weights.
+            pruned.load_state_dict(kept)
+            tune["kept"] = "BatchNorm re-estimated weights (the fine-tune lowered val top-1; try a smaller --lr)"
+            print(f"fine-tune lowered val top-1 to {tune['val_top1']:.2f}%; keeping the weights from before it "
+                  "(try a smaller --lr or more --steps)")
+        else:
+            tune["kept"] = "fine-tuned weights"
+    after = measure(pruned, images, labels, img_size)
+    lat = latencies({"original": original, "pruned": pruned}, img_size, repeats)
+    before.update(lat["original"])
+    after.update(lat["pruned"])
+
+    state = pruned_state(ckpt, pruned, after["val_top1"], checkpoint, ratio, steps)
+    report = {"checkpoint": os.path.abspath(checkpoint), "ratio": ratio, "val_images": len(labels),
+              "skipped_images": len(skipped), "skipped_files": skipped.records(),
+              "before": before, "after_prune": after_prune, "after_fine_tune": after, "fine_tune": tune,
+              "uptime": "load average " + load_average()}
+    os.makedirs(out, exist_ok=True)
+    save_checkpoint(os.path.join(out, "pruned.pt"), state)
+    write_json(os.path.join(out, "prune.json"), report)
+    print(format_report(report))
+    if len(skipped):
+        print(f"skipped {len(skipped)} unreadable image(s) (listed in prune.json)")
+    print(f"wrote {out}/pruned.pt and {out}/prune.json; export it with: python export.py {out}/pruned.pt")
+    return report

@@ -1,6 +1,6 @@
 """Forward-only passes (no gradients) on the fastest engine this machine has.
 
-On a CPU the network is exported to ONNX (utils/export.py's exporter settings) and run by onnxruntime, once
+On a CPU the network is exported to ONNX (utils/deploy/export.py's exporter settings) and run by onnxruntime, once
 the first real batch shows that onnxruntime computes what PyTorch computes within export.py's tolerance and
 is faster. Anything else (onnx/onnxruntime missing, a failed export, a mismatch, onnxruntime slower, a pass too
 short to repay the export) runs PyTorch eager (fp32, channels_last, inference_mode) and says why in one line.
@@ -17,6 +17,7 @@ photos, 2-core AMD EPYC shared with other jobs, fresh processes): PyTorch eager 
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 import warnings
@@ -26,6 +27,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
+from utils.data import single_thread
+from utils.deploy.onnx_io import INPUT_NAME, ONNX_OPSET, onnx_session
 from utils.machine import Choice
 
 PARITY_TOL = 1e-4  # export.py's --tol: max |difference| <= tol x max(1, largest |value|)
@@ -83,13 +86,10 @@ def export_sessions(model: nn.Module, method: str, input_shape: tuple[int, ...],
     """Export ``model.<method>`` for inputs (N, *input_shape) to ONNX in a temporary folder and open one
     onnxruntime session per entry of ``threads`` (intra-op threads, 0 = onnxruntime's default).
 
-    Same exporter settings as utils.export.export_onnx (legacy TorchScript exporter, constant folding folds
+    Same exporter settings as utils.deploy.export.export_onnx (legacy TorchScript exporter, constant folding folds
     BatchNorm into the convolutions, dynamic batch axis); traced on one thread: a batch of one gains nothing
     from more, and busy OpenMP threads on a shared machine made the trace ~5x slower (0.56 vs 3.3 s, measured).
     """
-    from utils.data import single_thread
-    from utils.export import INPUT_NAME, ONNX_OPSET
-    from utils.runtime import onnx_session
 
     device = next(model.parameters()).device
     x = torch.zeros(1, *input_shape, device=device)
@@ -116,7 +116,7 @@ def onnx_runner(sess) -> Runner:
 
 def parity(reference: torch.Tensor, got: torch.Tensor, tol: float = PARITY_TOL,
            same_top1: bool = False) -> tuple[bool, str]:
-    """utils.export.verify_parity's rule: max |difference| <= ``tol`` x max(1, largest |reference|) (and, for
+    """utils.deploy.export.verify_parity's rule: max |difference| <= ``tol`` x max(1, largest |reference|) (and, for
     logits, the same top-1 on every row). Returns (passed, one-line detail)."""
     reference, got = reference.detach().float().cpu(), got.detach().float().cpu()
     if reference.shape != got.shape:
@@ -182,7 +182,6 @@ class ThreadProbe:
         return out
 
     def _settle(self) -> None:
-        import statistics
 
         rate = {t: 1.0 / statistics.median(v) for t, v in self.per_image.items()}
         self.best = max(rate, key=rate.get)
@@ -225,7 +224,7 @@ def fast_forward(model: nn.Module, sample: torch.Tensor, *, method: str = "forwa
         if estimate < MIN_PASS_SECONDS:
             return stay(f"the pass is short (~{estimate:.2g} s in PyTorch), an onnxruntime export would not pay off")
     try:
-        import onnxruntime  # noqa: F401
+        import onnxruntime  # noqa: PLC0415, F401  (lazy: is the optional runtime installed?)
     except ImportError:
         return stay("onnxruntime is not installed (pip install onnxruntime onnx)")
     t0 = time.perf_counter()

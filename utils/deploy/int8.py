@@ -14,12 +14,15 @@ Two facts about onnxruntime's x86 int8 kernels (MLAS) decide what ``export.py`` 
 from __future__ import annotations
 
 import platform
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
+from utils.deploy.onnx_io import onnx_session
 from utils.machine import INT8_DOT
+from utils.timing import interleaved_timings, median
 
 DEFAULT_TARGET = "any-x86"
 
@@ -52,8 +55,8 @@ TARGETS = {
 def weight_range(onnx_path: str) -> tuple[int, int]:
     """Smallest and largest quantized weight in an int8 ONNX file (int8 initializers of rank >= 2 that a
     DequantizeLinear reads: convolution and Gemm weights, not zero points or int32 biases)."""
-    import onnx
-    from onnx import numpy_helper
+    import onnx  # noqa: PLC0415  (lazy: optional/heavy dependency)
+    from onnx import numpy_helper  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
     proto = onnx.load(onnx_path)
     inits = {i.name: i for i in proto.graph.initializer}
@@ -84,10 +87,7 @@ def time_int8_vs_fp32(fp32_path: str, int8_path: str, images: np.ndarray, batch:
     ``images`` are real preprocessed images (N, 3, S, S); repeated to fill the batch when N < ``batch``.
     About ``budget_s`` seconds in all, split 1:2 between batch 1 and the batch.
     """
-    import time
 
-    from utils.runtime import onnx_session
-    from utils.timing import interleaved_timings, median
 
     sessions = {"fp32": onnx_session(fp32_path), "int8": onnx_session(int8_path)}
     name = sessions["fp32"].get_inputs()[0].name

@@ -15,17 +15,34 @@ OUT/data_bench.csv and .md (both name the machine).
 from __future__ import annotations
 
 import argparse
-import csv
 import os
+import warnings
+from typing import Callable
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as V1
 
-from utils.data import decode_rgb, single_thread
+from utils.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentConfig,
+    EpochBatchSampler,
+    MemoryTrainLoader,
+    build_train_transform,
+    decode_rgb,
+    load_pil_rgb,
+    single_thread,
+    to_rgb,
+)
+from utils.data.augment import _square, _stack_uniform
+from utils.data.loaders import _decode_all
 from utils.errors import UserError
+from utils.files import REPO_ROOT, csv_text, write_text
+from utils.machine import describe_machine
+from utils.timing import interleaved_timings, median
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = REPO_ROOT
 RECIPE = {"scale": (0.08, 1.0), "hflip": 0.5}
 
 
@@ -53,14 +70,38 @@ def _files(folder: str, exts: tuple[str, ...], limit: int) -> list[str]:
     return [found[i % len(found)] for i in range(limit)]  # repeat small sets to fill a timed call
 
 
+def v1_train_transform(img_size: int, *, mean, std, scale=(0.08, 1.0), hflip: float = 0.5, color_jitter: float = 0.0,
+                       rotation: float = 0.0, auto_augment: str | None = None,
+                       random_erasing: float = 0.0) -> Callable:
+    """utils.data.build_train_transform's recipe with the legacy ``torchvision.transforms`` on PIL images: the
+    baseline row of this benchmark (the library itself uses transforms v2)."""
+    build_train_transform(img_size, mean=mean, std=std, scale=scale, auto_augment=auto_augment)  # same checks
+    scale = tuple(float(s) for s in scale)
+    ops: list = [V1.Lambda(to_rgb), V1.RandomResizedCrop(img_size, scale=scale, antialias=True)]
+    if hflip > 0:
+        ops.append(V1.RandomHorizontalFlip(hflip))
+    if color_jitter > 0:
+        ops.append(V1.ColorJitter(color_jitter, color_jitter, color_jitter))
+    if rotation > 0:
+        ops.append(V1.RandomRotation(rotation))
+    if auto_augment == "trivial":
+        ops.append(V1.TrivialAugmentWide())
+    ops += [V1.PILToTensor(), V1.ConvertImageDtype(torch.float32), V1.Normalize(list(mean), list(std))]
+    if random_erasing > 0:
+        ops.append(V1.RandomErasing(random_erasing))
+    return V1.Compose(ops)
+
+
 class _Bench(Dataset):
     """files -> augmented tensors, with one of the per-image variants."""
 
     def __init__(self, files: list[str], variant: str, size: int):
-        from utils.data import IMAGENET_MEAN, IMAGENET_STD, build_train_transform, load_pil_rgb
         self.files, self.variant, self.load = files, variant, load_pil_rgb
-        backend = {"v1-pil": "v1", "v2-pil": "pil", "v2-tensor": "tensor", "io-v2-tensor": "tensor"}[variant]
-        self.tf = build_train_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, backend=backend, **RECIPE)
+        if variant == "v1-pil":
+            self.tf = v1_train_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, **RECIPE)
+        else:
+            backend = {"v2-pil": "pil", "v2-tensor": "tensor", "io-v2-tensor": "tensor"}[variant]
+            self.tf = build_train_transform(size, mean=IMAGENET_MEAN, std=IMAGENET_STD, backend=backend, **RECIPE)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -76,8 +117,6 @@ class _Bench(Dataset):
 
 def _memory_fn(files: list[str], size: int, batch: int):
     """The memory path end to end (sampler, gather, batched augmentation) over images decoded once (not timed)."""
-    from utils.data import (IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, EpochBatchSampler, MemoryTrainLoader,
-                            _decode_all, _square, _stack_uniform)
     decoded, _ = _decode_all([(f, 0) for f in files], "decode", False)
     stacked = _stack_uniform(decoded)
     if stacked is None:
@@ -97,15 +136,12 @@ def _memory_fn(files: list[str], size: int, batch: int):
 
 def run(args: argparse.Namespace) -> None:
     """Time every variant on both image sets; print Markdown, write CSV + Markdown into ``args.out``."""
-    from utils.machine import describe_machine
-    from utils.timing import interleaved_timings, median
 
     fmnist = args.fmnist or next((p for p in (os.path.join(ROOT, "datasets", "fashion_mnist", "split", "train"),
                                               os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample"))
                                   if os.path.isdir(p)))
     sets = {"photos-jpeg": (_files(args.photos, (".jpg", ".jpeg"), args.images), args.photo_size),
             "fmnist-png": (_files(fmnist, (".png",), args.images * 4), args.fmnist_size)}
-    import warnings
     warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                             category=DeprecationWarning)
     fns, meta, loaders = {}, {}, []
@@ -148,17 +184,7 @@ def run(args: argparse.Namespace) -> None:
     print(f"(medians of {args.repeats} interleaved calls; {torch.get_num_threads()} torch threads, "
           f"{os.cpu_count()} CPUs; memory = batched augmentation of images decoded once)")
     os.makedirs(args.out, exist_ok=True)
-    from utils.checkpoint import atomic_write
-
-    def write_csv(path: str) -> None:
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=header + ["machine"])
-            w.writeheader()
-            for r in rows:
-                w.writerow({h: r.get(h, "") for h in header + ["machine"]})
-    atomic_write(os.path.join(args.out, "data_bench.csv"), write_csv)
-    def write_md(path: str) -> None:
-        with open(path, "w") as f:
-            f.write(text + "\n")
-    atomic_write(os.path.join(args.out, "data_bench.md"), write_md)
+    header = header + ["machine"]
+    write_text(os.path.join(args.out, "data_bench.csv"), csv_text(header, rows))
+    write_text(os.path.join(args.out, "data_bench.md"), text + "\n")
     print(f"wrote {os.path.join(args.out, 'data_bench.csv')} and data_bench.md")

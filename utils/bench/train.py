@@ -17,14 +17,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import io
-import os
+from typing import Callable
 
 import torch
 from torch import nn
 
-from utils.checkpoint import atomic_write
+from models import build_model
+from utils import config as cfglib
+from utils import machine
+from utils.data import load_data
+from utils.files import csv_text, write_text
+from utils.schedule import build_optimizer
+from utils.timing import interleaved_timings, median
+from utils.train_loop import StepContext, Trainable, speed_plan, train_step, training_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,29 +53,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/bench/train.csv", help="CSV output (default: %(default)s)")
 
 
-def run(args: argparse.Namespace) -> None:
-    """Build the recipe's data and model, time the variants interleaved, print Markdown, save CSV."""
-    from utils.omp import short_openmp_spin
-
-    if short_openmp_spin():
-        # train.py sets this before importing torch; OpenMP reads it only at start-up, so start again with it.
-        import sys
-
-        os.execv(sys.executable, [sys.executable] + sys.argv)
-    from models import build_model
-    from train import resolve_data_dir, speed_plan
-    from utils import config as cfglib
-    from utils import machine
-    from utils.data import load_data
-    from utils.schedule import build_optimizer
-    from utils.timing import interleaved_timings, median
-    from utils.train_loop import StepContext, Trainable, pick_device, train_step
+def run(args: argparse.Namespace, resolve_data_dir: Callable[[cfglib.TrainConfig, bool], str]) -> None:
+    """Build the recipe's data and model, time the variants interleaved, print Markdown, save CSV.
+    ``resolve_data_dir(cfg, is_main)`` finds (or prepares) the recipe's data folder, as train.py does."""
 
     flags = {k: v for k, v in {"data": args.data, "model": args.model, "width_mult": args.width_mult,
                                "img_size": args.img_size, "batch_size": args.batch_size}.items() if v is not None}
     path = args.config or cfglib.DEFAULT_RECIPE
     cfg = cfglib.build_config(cfglib.read_yaml(path), path, flags, [])
-    device = pick_device(args.device)
+    device = training_device(args.device)
     cpu = machine.cpu_info()
     threads = machine.decide_threads(cpu, 1)
     machine.apply_threads(threads)
@@ -161,14 +152,5 @@ def run(args: argparse.Namespace) -> None:
     for r in rows:
         print(f"| {r['variant']} | {r['median_s_per_step']:.3f} | {r['images_per_s']:.0f} | {r['speedup_vs_plain']:.2f}x "
               f"| {best / r['median_s_per_step']:.2f} |")
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(buf.getvalue())
-
-    atomic_write(args.out, write)
+    write_text(args.out, csv_text(list(rows[0]), rows, lineterminator="\n"))
     print(f"\nsaved {args.out}")

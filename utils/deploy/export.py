@@ -7,9 +7,9 @@
 - int8: onnxruntime static post-training quantization, QDQ format, per-channel s8 weights and u8
   activations (u8 activations hit the fast u8s8 kernels on x86; s8 activations gave no speed-up here and
   dynamic quantization was 17x slower, see README), calibrated on real training images. Weights are 7-bit
-  by default (``reduce_range``): exact on x86 CPUs without VNNI too (see utils/int8.py).
+  by default (``reduce_range``): exact on x86 CPUs without VNNI too (see utils/deploy/int8.py).
 - TensorRT: an engine built from the verified ONNX file (fp16 where GPU and TensorRT version allow it) when
-  TensorRT can use a GPU here; see utils.tensorrt_engine for the TensorRT 8/10/11 differences.
+  TensorRT can use a GPU here; see utils.deploy.tensorrt_engine for the TensorRT 8/10/11 differences.
 
 Class names and preprocessing travel inside every file (ONNX ``metadata_props``, TorchScript
 ``_extra_files``), so a single file is enough for inference; a TensorRT plan cannot hold them, so they travel
@@ -28,13 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.checkpoint import atomic_write, load_checkpoint
+from utils.checkpoint import atomic_write, load_checkpoint, model_from_checkpoint
+from utils.data import ImageFiles, build_eval_transform, collate_readable, images_under
+from utils.deploy import tensorrt_engine as te
+from utils.deploy.onnx_io import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME
+from utils.deploy.runtime import open_model
 from utils.errors import UserError
-from utils.runtime import onnx_session  # noqa: F401  (re-exported: bench_infer, prune, tests)
-
-ONNX_OPSET = 17
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 
 
 @dataclass
@@ -51,8 +50,7 @@ class ExportSource:
 
 
 def load_export_source(path: str) -> ExportSource:
-    """Read a train.py (or utils.prune) checkpoint into an eval-mode fp32 CPU model plus its metadata."""
-    from utils.checkpoint import model_from_checkpoint  # handles pruned (shrunk) checkpoints too
+    """Read a train.py (or utils.pruning) checkpoint into an eval-mode fp32 CPU model plus its metadata."""
 
     ckpt = load_checkpoint(path)
     for key in ("classes", "preprocess", "arch"):
@@ -67,30 +65,10 @@ def load_export_source(path: str) -> ExportSource:
 # ----------------------------------------------------------------------------------------------- images
 def list_images(root: str) -> list[str]:
     """Every image file under ``root`` (recursive), sorted so runs are reproducible."""
-    from utils.inference import images_under
 
     if not os.path.isdir(root):
         raise UserError(f"image folder {root} not found; pass an existing folder of images")
     return images_under(root)
-
-
-def list_labelled_images(root: str, classes: Sequence[str]) -> list[tuple[str, int]]:
-    """``root/<class>/*`` images with the checkpoint's class index; a folder the model doesn't know is an error."""
-    if not os.path.isdir(root):
-        raise UserError(f"validation folder {root} not found; pass --val-data DIR with one sub-folder per class")
-    index = {c: i for i, c in enumerate(classes)}
-    items: list[tuple[str, int]] = []
-    for name in sorted(os.listdir(root)):
-        sub = os.path.join(root, name)
-        if not os.path.isdir(sub):
-            continue
-        if name not in index:
-            raise UserError(f"{sub}: class '{name}' is not one of the checkpoint's classes ({', '.join(classes)}); "
-                            "pass the validation folder of the data the model was trained on (--val-data)")
-        items += [(p, index[name]) for p in list_images(sub)]
-    if not items:
-        raise UserError(f"no images found in {root}/<class>/; pass --val-data DIR with one sub-folder per class")
-    return items
 
 
 def evenly_spaced(items: list, limit: int) -> list:
@@ -112,10 +90,8 @@ class ReadImages:
 
 
 def read_images(paths: Sequence[str], preprocess: dict[str, Any], chunk: int = 64) -> ReadImages:
-    """Decode and preprocess images exactly like evaluation does (utils.inference.ImageFiles), skipping the
+    """Decode and preprocess images exactly like evaluation does (utils.deploy.inference.ImageFiles), skipping the
     unreadable ones (not reported here: callers pass ``failed`` to a utils.data.SkippedFiles)."""
-    from utils.data import build_eval_transform
-    from utils.inference import ImageFiles, collate_readable
 
     files = ImageFiles(paths, build_eval_transform(preprocess))
     xs, kept, failed = [], [], []
@@ -150,7 +126,7 @@ def export_onnx(model: nn.Module, path: str, img_size: int, classes: Sequence[st
 
     Returns facts checked on the written graph (op types, Clip bounds constant, checker passed).
     """
-    import onnx
+    import onnx  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
     model = model.float().eval().cpu()
     x = torch.zeros(1, 3, img_size, img_size)
@@ -227,7 +203,7 @@ def stem_convs(onnx_path: str) -> list[str]:
     mobilenet_v2 1.0 at 224 px, one thread, stem conv 290 us int8 vs 107 us fp32; keeping both layers fp32 made
     the whole int8 model 1.78 -> 1.53 ms (1.09 -> 1.02 ms with two threads).
     """
-    import onnx
+    import onnx  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
     convs = [n for n in onnx.load(onnx_path).graph.node if n.op_type == "Conv"]
     grouped = [n for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
@@ -240,14 +216,14 @@ def quantize_int8(fp32_path: str, out_path: str, calib: torch.Tensor, per_channe
     """Static post-training int8 quantization (QDQ, s8 weights, u8 activations) calibrated on ``calib``.
 
     ``reduce_range`` (default) keeps weights within [-64, 64]: no int16 saturation on x86 CPUs without VNNI;
-    False gives full 8-bit weights for VNNI/AMX and ARM targets (utils.int8.TARGETS).
+    False gives full 8-bit weights for VNNI/AMX and ARM targets (utils.deploy.int8.TARGETS).
 
     ``quant_pre_process`` first runs shape inference and graph optimisation, so every Conv/Gemm gets
     quantization parameters (BatchNorm is already folded into the convolutions by the exporter).
     ``fp32_stem`` keeps :func:`stem_convs` in fp32 (faster and a little more accurate; see there).
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static  # noqa: PLC0415  (lazy: optional/heavy dependency)
+    from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
@@ -275,7 +251,7 @@ def quantize_int8(fp32_path: str, out_path: str, calib: torch.Tensor, per_channe
 
 def _copy_with_metadata(src_with_meta: str, model_path: str, dst: str) -> None:
     """Save ``model_path`` to ``dst`` carrying over ``src_with_meta``'s metadata_props (classes, preprocess)."""
-    import onnx
+    import onnx  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
     meta = {p.key: p.value for p in onnx.load(src_with_meta).metadata_props}
     proto = onnx.load(model_path)
@@ -302,7 +278,6 @@ def require_tensorrt(cmd: str, first: str = "") -> None:
     CPU-only torch) and a CUDA memory API to run the engine on the verification images (torch with CUDA, or
     cuda-python). ``first`` is prepended to the trtexec line, e.g. the export.py call that writes its ONNX file.
     """
-    from utils import tensorrt_engine as te
 
     todo = f"{first}then {cmd}" if first else cmd
     trt = te.import_tensorrt()
@@ -321,10 +296,9 @@ def build_tensorrt_engine(onnx_path: str, engine_path: str, img_size: int, class
                           preprocess: dict[str, Any], max_batch: int = 32) -> dict[str, Any]:
     """Build a TensorRT engine from the ONNX file and write it with its sidecar ``<engine_path>.json``.
 
-    fp16 where the GPU and TensorRT version allow it (see utils.tensorrt_engine); returns the facts
+    fp16 where the GPU and TensorRT version allow it (see utils.deploy.tensorrt_engine); returns the facts
     (precision and how it was obtained, network flags, TensorRT version, equivalent trtexec line).
     """
-    from utils import tensorrt_engine as te
 
     cmd = trtexec_command(onnx_path, engine_path, img_size, max_batch)
     require_tensorrt(cmd)
@@ -338,7 +312,6 @@ def build_tensorrt_engine(onnx_path: str, engine_path: str, img_size: int, class
 
 def engine_predictor(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """``predict(x) -> logits`` for an engine file and its sidecar, whatever the file is named (e.g. unverified)."""
-    from utils import tensorrt_engine as te
 
     plan, meta = te.read_engine(path)
     runner, _ = te.open_engine(path, meta, plan)
@@ -347,8 +320,7 @@ def engine_predictor(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 # -------------------------------------------------------------------------------------------- inference
 def file_predictor(path: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``predict(x) -> logits`` for an exported file, through the loader evaluate/predict use (utils.runtime)."""
-    from utils.runtime import open_model
+    """``predict(x) -> logits`` for an exported file, through the loader evaluate/predict use (utils.deploy.runtime)."""
 
     return open_model(path, device="cpu").predict_batch
 

@@ -5,6 +5,7 @@ the logits of every readable image, the files that failed with their reasons, an
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import os
 import time
@@ -12,32 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.data import IMAGE_EXTENSIONS, build_eval_transform, describe_error, unreadable_line
+from utils.data import ImageFiles, build_eval_transform, collate_readable, images_under, is_image_file, unreadable_line
+from utils.deploy.runtime import LoadedModel
 from utils.errors import UserError
-from utils.runtime import LoadedModel
-
-
-def is_image_file(path: str) -> bool:
-    """True when the file name has an image extension (case-insensitive)."""
-    return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
 def default_workers() -> int:
     """DataLoader worker processes: up to 4, never more than the machine's cores."""
     return min(4, os.cpu_count() or 1)
-
-
-def images_under(folder: str) -> list[str]:
-    """Every image file under ``folder`` (recursive, hidden files and folders skipped), in sorted order."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f) and not f.startswith(".")]
-    return found
 
 
 def expand_image_args(items: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -63,51 +49,19 @@ def expand_image_args(items: Sequence[str]) -> tuple[list[str], list[str]]:
     return unique, unmatched
 
 
-def scan_class_folders(root: str) -> tuple[dict[str, list[str]], list[str]]:
-    """Read an ImageFolder split ``root/<class>/*``: ``({class: [image paths]}, [class folders without images])``.
-
-    Classes are sorted by name (as torchvision's ImageFolder does); images anywhere under a class folder count.
-    """
-    if not os.path.isdir(root):
-        raise UserError(f"data folder {root} not found; pass a split folder with one sub-folder per class "
-                        "(e.g. DATA/val) or a split name of the run (train, val, test)")
-    class_dirs = sorted(d.name for d in os.scandir(root) if d.is_dir() and not d.name.startswith("."))
-    per_class = {c: images_under(os.path.join(root, c)) for c in class_dirs}
-    empty = [c for c, files in per_class.items() if not files]
-    per_class = {c: files for c, files in per_class.items() if files}
-    if not per_class:
-        loose = [f for f in os.listdir(root) if is_image_file(f)]
-        hint = (f" (it holds {len(loose)} loose images: evaluation needs them sorted into one sub-folder per class; "
-                "use predict.py for unlabelled images)") if loose else ""
-        raise UserError(f"no images found in {root}{hint}; expected {root}/<class name>/<image files>")
-    return per_class, empty
-
-
-class ImageFiles(Dataset):
-    """Images by path; an unreadable file yields ``None`` and its error instead of stopping the run."""
-
-    def __init__(self, paths: Sequence[str], transform) -> None:
-        self.paths = list(paths)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str | None]:
-        try:
-            with Image.open(self.paths[i]) as im:
-                im.load()
-                return self.transform(im), i, None
-        except Exception as e:  # any decode failure: report it and carry on with the other images
-            return None, i, describe_error(e)
-
-
-def collate_readable(batch: list[tuple[torch.Tensor | None, int, str | None]]):
-    """Stack the readable images; return ``(x or None, indices of x, [(index, error)])``."""
-    ok = [(x, i) for x, i, err in batch if err is None]
-    failed = [(i, err) for x, i, err in batch if err is not None]
-    x = torch.stack([t for t, _ in ok]) if ok else None
-    return x, torch.tensor([i for _, i in ok], dtype=torch.long), failed
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags evaluate.py and predict.py share: how images are batched, decoded and run."""
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: 64)")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"DataLoader worker processes decoding images (default: {default_workers()}, "
+                        "min(4, CPU cores); 0 decodes in the main process)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads of the model runtime (default: the runtime's own choice, about one per "
+                        "core; on a machine busy with other jobs 1 can be faster)")
+    p.add_argument("--device", default=None,
+                   help="cpu, cuda or cuda:N (default: cuda when torch has it, else cpu; a TensorRT engine always "
+                        "runs on a GPU, cuda:0 by default)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def torch_threads_beside_workers(model: LoadedModel, workers: int) -> int | None:

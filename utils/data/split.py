@@ -25,10 +25,12 @@ import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+from PIL import Image
+from tqdm import tqdm
+
+from utils.data.images import IMAGE_EXTENSIONS, is_image_file
 from utils.errors import UserError
 
-# torchvision's ImageFolder extensions (compared lower-case), so every kept file is loadable for training.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")
 
 
@@ -81,7 +83,6 @@ def _sort_key(path: str) -> str:
 
 def _check_image(data: bytes) -> tuple[str | None, str]:
     """(error or None, PIL mode). Fully decodes, so truncated files are caught."""
-    from PIL import Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -126,14 +127,13 @@ def scan_folder(raw: str, progress: bool = False) -> SplitResult:
                 src = f"{cls}/{rel}"
                 if name.startswith("."):
                     skipped.append((src, "hidden file (e.g. .DS_Store or a macOS ._ resource fork)"))
-                elif not name.lower().endswith(IMAGE_EXTENSIONS):
+                elif not is_image_file(name):
                     skipped.append((src, f"not an image file (extension '{os.path.splitext(name)[1]}'; "
                                          f"accepted: {' '.join(IMAGE_EXTENSIONS)})"))
                 else:
                     todo.append((cls, rel, os.path.join(dirpath, name)))
     iterator = todo
     if progress:
-        from tqdm import tqdm
         iterator = tqdm(todo, desc="checking images", unit="img")
     for cls, rel, path in iterator:
         src = f"{cls}/{rel}"
@@ -263,7 +263,6 @@ def split_dataset(raw: str, out: str, *, val: float = 0.2, test: float = 0.0, se
         files = sorted(result.files, key=lambda f: (f.split, _sort_key(f.cls), _sort_key(f.relpath)))
         iterator = files
         if progress:
-            from tqdm import tqdm
             iterator = tqdm(files, desc=f"{mode} -> {os.path.basename(out)}", unit="img")
         for f in iterator:
             used[_place(os.path.join(raw, f.source), os.path.join(tmp, f.split, f.cls, f.relpath), mode)] += 1

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from utils.errors import UserError
+from utils.files import atomic_write, write_json
 
 ENGINE_EXTENSIONS = (".engine", ".plan")
 FP16_CONVERTER = "onnxruntime.transformers.float16"
@@ -50,7 +51,7 @@ def sidecar_path(engine_path: str) -> str:
 def import_tensorrt():
     """The ``tensorrt`` module, or None when it is not installed."""
     try:
-        import tensorrt
+        import tensorrt  # noqa: PLC0415  (lazy: optional/heavy dependency)
     except ImportError:
         return None
     return tensorrt
@@ -59,12 +60,12 @@ def import_tensorrt():
 def _import_cudart():
     """cuda-python's runtime API module (``cuda.bindings.runtime``, older ``cuda.cudart``), or None."""
     try:
-        from cuda.bindings import runtime
+        from cuda.bindings import runtime  # noqa: PLC0415  (lazy: optional/heavy dependency)
         return runtime
     except ImportError:
         pass
     try:
-        from cuda import cudart
+        from cuda import cudart  # noqa: PLC0415  (lazy: optional/heavy dependency)
         return cudart
     except ImportError:
         return None
@@ -162,8 +163,8 @@ def _sort_topologically(graph) -> None:
 
 def convert_onnx_fp16(src: str, dst: str) -> None:
     """Write an fp16 copy of ``src`` to ``dst`` whose input and output stay fp32 (Casts inside the graph)."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    import onnx  # noqa: PLC0415  (lazy: optional/heavy dependency)
+    from onnxruntime.transformers.float16 import convert_float_to_float16  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
     proto = convert_float_to_float16(onnx.load(src), keep_io_types=True)
     _sort_topologically(proto.graph)
@@ -206,19 +207,13 @@ def build_plan(trt, onnx_path: str, input_name: str, img_size: int, max_batch: i
 # ----------------------------------------------------------------------------------------- plan + sidecar
 def write_engine(engine_path: str, plan: bytes, meta: dict[str, Any]) -> None:
     """Write the plan and its sidecar (with the plan's SHA-256), each atomically; the sidecar goes first."""
-    from utils.files import atomic_write
-
     doc = {**meta, "engine_sha256": hashlib.sha256(plan).hexdigest()}
-
-    def write_sidecar(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(doc, indent=2) + "\n")
 
     def write_plan(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(plan)
 
-    atomic_write(sidecar_path(engine_path), write_sidecar)
+    write_json(sidecar_path(engine_path), doc)
     atomic_write(engine_path, write_plan)
 
 

@@ -15,7 +15,7 @@ compare ratios, and read the reported load average.
 from __future__ import annotations
 
 import argparse
-import csv
+import copy
 import io
 import os
 import tempfile
@@ -24,16 +24,24 @@ from typing import Any
 
 import torch
 
+from models import build_model, count_macs, count_params, load_pretrained
+from utils.data import IMAGENET_MEAN, IMAGENET_STD
+from utils.deploy import export as ex
+from utils.deploy.export import INPUT_NAME, load_export_source
+from utils.deploy.onnx_io import onnx_session
 from utils.errors import UserError
+from utils.files import REPO_ROOT, csv_text, write_text
+from utils.machine import describe_machine
+from utils.timing import interleaved_timings, load_average, median, percentile
 
-DEFAULT_CALIB = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "assets", "photos")
+DEFAULT_CALIB = os.path.join(REPO_ROOT, "tests", "assets", "photos")
 VARIANTS = ("eager", "channels_last", "torchscript", "onnxruntime", "onnxruntime_int8")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``benchmark.py infer``."""
     parser.add_argument("checkpoint", nargs="?",
-                        help="checkpoint to benchmark (train.py or utils.prune); omit it to use --model")
+                        help="checkpoint to benchmark (train.py or utils.pruning); omit it to use --model")
     parser.add_argument("--model", default="mobilenet_v2",
                         help="architecture when no checkpoint is given (default mobilenet_v2)")
     parser.add_argument("--width-mult", type=float, default=1.0, help="width multiplier for --model (default 1.0)")
@@ -70,9 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _model_and_meta(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any], str]:
     """The fp32 eval model, its preprocess dict (for calibration images) and a label for the table."""
-    from models import build_model, load_pretrained
-    from utils.data import IMAGENET_MEAN, IMAGENET_STD
-    from utils.export import load_export_source
 
     if args.checkpoint:
         src = load_export_source(args.checkpoint)
@@ -100,7 +105,6 @@ def _state_dict_bytes(model: torch.nn.Module) -> int:
 def build_variants(model: torch.nn.Module, pre: dict[str, Any], args: argparse.Namespace, tmp: str
                    ) -> dict[str, tuple[Any, str, int]]:
     """name -> (callable taking an NCHW fp32 tensor, input layout, file bytes)."""
-    from utils import export as ex
 
     size = int(pre["img_size"])
     out: dict[str, tuple[Any, str, int]] = {}
@@ -121,7 +125,7 @@ def build_variants(model: torch.nn.Module, pre: dict[str, Any], args: argparse.N
         onnx_path = os.path.join(tmp, "model.onnx")
         ex.export_onnx(model, onnx_path, size, [], pre)
         if "onnxruntime" in want:
-            sess = ex.onnx_session(onnx_path, threads=args.threads, spinning=args.ort_spinning == "on")
+            sess = onnx_session(onnx_path, threads=args.threads, spinning=args.ort_spinning == "on")
             out["onnxruntime"] = (_ort_fn(sess), "numpy", os.path.getsize(onnx_path))
         if "onnxruntime_int8" in want:
             calib_paths = ex.evenly_spaced(ex.list_images(args.calib_data), args.calib_images)
@@ -129,7 +133,7 @@ def build_variants(model: torch.nn.Module, pre: dict[str, Any], args: argparse.N
                 raise UserError(f"no images in {args.calib_data}; pass --calib-data DIR with real photos")
             int8_path = os.path.join(tmp, "model.int8.onnx")
             ex.quantize_int8(onnx_path, int8_path, ex.load_images(calib_paths, pre))
-            sess = ex.onnx_session(int8_path, threads=args.threads, spinning=args.ort_spinning == "on")
+            sess = onnx_session(int8_path, threads=args.threads, spinning=args.ort_spinning == "on")
             out["onnxruntime_int8"] = (_ort_fn(sess), "numpy", os.path.getsize(int8_path))
     return out
 
@@ -142,13 +146,11 @@ def _at_least_one(text: str) -> int:
 
 
 def _clone(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
 
     return copy.deepcopy(model)
 
 
 def _ort_fn(sess):
-    from utils.export import INPUT_NAME
 
     return lambda x: sess.run(None, {INPUT_NAME: x})
 
@@ -156,7 +158,6 @@ def _ort_fn(sess):
 def measure(variants: dict[str, tuple[Any, str, int]], size: int, batch: int, repeats: int, batch_repeats: int,
             warmup: int, block: int = 1) -> dict[str, dict[str, float]]:
     """Batch-1 latency p50/p90 (ms) and batch throughput (images/s) per variant, interleaved."""
-    from utils.timing import interleaved_timings, median, percentile
 
     def calls(n: int) -> dict[str, Any]:
         x = torch.rand(n, 3, size, size)
@@ -172,9 +173,6 @@ def measure(variants: dict[str, tuple[Any, str, int]], size: int, batch: int, re
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Build every variant, time them interleaved, print the Markdown table, save CSV + Markdown."""
-    from models import count_macs, count_params
-    from utils.machine import describe_machine
-    from utils.timing import load_average
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -224,17 +222,5 @@ def format_table(rows: list[dict[str, Any]], batch: int) -> str:
 
 
 def _save(path: str, rows: list[dict[str, Any]], table: str) -> None:
-    from utils.checkpoint import atomic_write
-
-    def write_csv(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-
-    def write_md(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(table + "\n")
-
-    atomic_write(path, write_csv)
-    atomic_write(os.path.splitext(path)[0] + ".md", write_md)
+    write_text(path, csv_text(list(rows[0]), rows))
+    write_text(os.path.splitext(path)[0] + ".md", table + "\n")

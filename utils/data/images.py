@@ -1,0 +1,255 @@
+"""Image files and class folders: which files are images, reading them (RGB, skipping unreadable ones with
+one line each), the checked ImageFolder of a split."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+import warnings
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torchvision.io
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2 as T
+
+from utils.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def is_image_file(path: str) -> bool:
+    """True for a non-hidden file whose name has an image extension (case-insensitive): the one test every
+    tool uses (training folders, evaluation, predict, export calibration, split_dataset)."""
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def class_folders(root: str) -> list[str]:
+    """The class sub-folders of an ImageFolder split ``root``: non-hidden folders, sorted by name (as
+    torchvision's ImageFolder sorts them)."""
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+
+
+def to_rgb(img: Any) -> Any:
+    """PIL image in any mode (L, P, RGBA, CMYK, I;16 ...) or uint8 CHW tensor -> 3-channel RGB of the same kind."""
+    if isinstance(img, torch.Tensor):
+        if img.shape[-3] == 1:
+            return img.expand(*img.shape[:-3], 3, *img.shape[-2:])
+        return img[..., :3, :, :] if img.shape[-3] == 4 else img
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run small tensor ops with one intra-op thread, then restore the previous thread count."""
+    threads = torch.get_num_threads()
+    if threads > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if threads > 1:
+            torch.set_num_threads(threads)
+
+
+
+
+# --------------------------------------------------------------------------------------------- unreadable files
+def unreadable_line(path: str, error: str) -> str:
+    """The one line every tool prints for a skipped file: ``skipped unreadable image PATH (Error: reason)``."""
+    return f"skipped unreadable image {path} ({error.strip().splitlines()[0][:160] if error.strip() else 'error'})"
+
+
+def report_unreadable(path: str, error: str) -> None:
+    """Print :func:`unreadable_line` to stderr (one plain line: a warning would add its source line)."""
+    print(f"warning: {unreadable_line(path, error)}", file=sys.stderr, flush=True)
+
+
+def describe_error(e: BaseException) -> str:
+    """``Type: message`` of a decoder error, as the skip lines and reports show it."""
+    return f"{type(e).__name__}: {e}".strip()
+
+
+class SkippedFiles:
+    """Unreadable files met by one or more passes over images: each is named in one line the first time it is
+    met (:func:`report_unreadable`) and counted once, however often it comes round again."""
+
+    def __init__(self, report: bool = True) -> None:
+        self.errors: dict[str, str] = {}  # path -> error, in the order met
+        self.report = report
+
+    def add(self, failed: list[tuple[str, str]]) -> None:
+        """Record ``[(path, error)]``; new files are reported."""
+        for path, error in failed:
+            if path not in self.errors:
+                self.errors[path] = error
+                if self.report:
+                    report_unreadable(path, error)
+
+    def merge(self, paths: "set[str] | list[str]", error: str) -> None:
+        """Count files another pass has already reported (e.g. a DataBundle's), without naming them again."""
+        for path in paths:
+            self.errors.setdefault(path, error)
+
+    def __len__(self) -> int:
+        return len(self.errors)
+
+    @property
+    def paths(self) -> list[str]:
+        return list(self.errors)
+
+    def records(self) -> list[dict[str, str]]:
+        """``[{"file", "error"}]`` for JSON reports."""
+        return [{"file": p, "error": e} for p, e in self.errors.items()]
+
+
+# --------------------------------------------------------------------------------------------- folders
+def load_pil_rgb(path: str):
+    """Open ``path`` fully decoded as an RGB PIL image (raises on corrupt files)."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    return to_rgb(img)
+
+
+_IO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+_IO_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
+
+
+def decode_rgb(path: str) -> torch.Tensor:
+    """Decode ``path`` to a uint8 RGB tensor (3, H, W); raises on corrupt files.
+
+    JPEG/PNG/WebP go through torchvision.io (libjpeg-turbo/libpng/libwebp on the bytes: the fastest decoder
+    here, see README; pixels identical to PIL's RGB conversion for grey, palette, RGBA and CMYK files);
+    anything else (BMP, TIFF, 16-bit PNG, ...) or anything it rejects goes through PIL.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    if path.lower().endswith(_IO_EXTENSIONS) and data:
+        try:
+            with warnings.catch_warnings():  # torchvision 0.29 marks these decoders deprecated, once per call
+                warnings.filterwarnings("ignore", message=_IO_DEPRECATION, category=DeprecationWarning)
+                t = torchvision.io.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                                mode=torchvision.io.ImageReadMode.RGB)
+            if t.dtype == torch.uint8:
+                return t
+        except (RuntimeError, AttributeError):  # corrupt (PIL then says why) or a torchvision without image.io
+            pass
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return T.functional.pil_to_tensor(to_rgb(img))
+
+
+class ImageFolderRGB(ImageFolder):
+    """torchvision ImageFolder that ignores hidden folders/files (``.DS_Store``, ``._x``, ``.ipynb_checkpoints``)
+    and returns RGB images whatever their mode."""
+
+    def __init__(self, root: str, transform: Callable | None = None):
+        super().__init__(root, transform=transform, loader=load_pil_rgb, is_valid_file=is_image_file,
+                         allow_empty=True)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = class_folders(directory)
+        return classes, {c: i for i, c in enumerate(classes)}
+
+
+def load_image_folder(root: str) -> ImageFolderRGB:
+    """The ImageFolder at ``root`` (``root/<class>/**/*.jpg``), checked: UserError if it is missing, has no
+    class sub-folders, no images, or fewer than 2 classes."""
+    fix = "it must hold one sub-folder of images per class (make one with split_dataset.py)"
+    if not os.path.exists(root):
+        raise UserError(f"{root} does not exist; {fix}")
+    if not os.path.isdir(root):
+        raise UserError(f"{root} is a file, not a folder; {fix}")
+    if not any(e.is_dir() and not e.name.startswith(".") for e in os.scandir(root)):
+        raise UserError(f"{root} has no class sub-folders; {fix}")
+    ds = ImageFolderRGB(root)
+    if not ds.samples:
+        raise UserError(f"{root} has class folders ({', '.join(ds.classes[:5])}...) but no images with "
+                        f"extensions {' '.join(IMAGE_EXTENSIONS)}; {fix}")
+    if len(ds.classes) < 2:
+        raise UserError(f"{root} has {len(ds.classes)} class folder ({ds.classes[0]}); a classifier needs at "
+                        "least 2 classes")
+    return ds
+
+
+# ------------------------------------------------------------------------------------ listing image files
+def images_under(folder: str) -> list[str]:
+    """Every image file under ``folder`` (recursive, hidden files and folders skipped), in sorted order."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f)]
+    return found
+
+
+def scan_class_folders(root: str) -> tuple[dict[str, list[str]], list[str]]:
+    """Read an ImageFolder split ``root/<class>/*``: ``({class: [image paths]}, [class folders without images])``.
+
+    Classes are sorted by name (as torchvision's ImageFolder does); images anywhere under a class folder count.
+    """
+    if not os.path.isdir(root):
+        raise UserError(f"data folder {root} not found; pass a split folder with one sub-folder per class "
+                        "(e.g. DATA/val) or a split name of the run (train, val, test)")
+    class_dirs = class_folders(root)
+    per_class = {c: images_under(os.path.join(root, c)) for c in class_dirs}
+    empty = [c for c, files in per_class.items() if not files]
+    per_class = {c: files for c, files in per_class.items() if files}
+    if not per_class:
+        loose = [f for f in os.listdir(root) if is_image_file(f)]
+        hint = (f" (it holds {len(loose)} loose images: evaluation needs them sorted into one sub-folder per class; "
+                "use predict.py for unlabelled images)") if loose else ""
+        raise UserError(f"no images found in {root}{hint}; expected {root}/<class name>/<image files>")
+    return per_class, empty
+
+
+class ImageFiles(Dataset):
+    """Images by path; an unreadable file yields ``None`` and its error instead of stopping the run."""
+
+    def __init__(self, paths: Sequence[str], transform) -> None:
+        self.paths = list(paths)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str | None]:
+        try:
+            with Image.open(self.paths[i]) as im:
+                im.load()
+                return self.transform(im), i, None
+        except Exception as e:  # any decode failure: report it and carry on with the other images
+            return None, i, describe_error(e)
+
+
+def collate_readable(batch: list[tuple[torch.Tensor | None, int, str | None]]):
+    """Stack the readable images; return ``(x or None, indices of x, [(index, error)])``."""
+    ok = [(x, i) for x, i, err in batch if err is None]
+    failed = [(i, err) for x, i, err in batch if err is not None]
+    x = torch.stack([t for t, _ in ok]) if ok else None
+    return x, torch.tensor([i for _, i in ok], dtype=torch.long), failed
+
+
+def list_labelled_images(root: str, classes: Sequence[str]) -> list[tuple[str, int]]:
+    """``root/<class>/*`` images with the checkpoint's class index; a folder the model doesn't know is an error."""
+    if not os.path.isdir(root):
+        raise UserError(f"validation folder {root} not found; pass --val-data DIR with one sub-folder per class")
+    index = {c: i for i, c in enumerate(classes)}
+    items: list[tuple[str, int]] = []
+    for name in class_folders(root):
+        sub = os.path.join(root, name)
+        if name not in index:
+            raise UserError(f"{sub}: class '{name}' is not one of the checkpoint's classes ({', '.join(classes)}); "
+                            "pass the validation folder of the data the model was trained on (--val-data)")
+        items += [(p, index[name]) for p in images_under(sub)]
+    if not items:
+        raise UserError(f"no images found in {root}/<class>/; pass --val-data DIR with one sub-folder per class")
+    return items
+
+

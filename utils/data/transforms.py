@@ -1,0 +1,74 @@
+"""Named preprocessing: the evaluation transform (from a checkpoint's preprocess spec) and the per-image
+train transform of the disk path."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torchvision.transforms import v2 as T
+
+from utils.data.images import to_rgb
+from utils.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# --------------------------------------------------------------------------------------------- transforms
+def build_eval_transform(preprocess: dict[str, Any]) -> Callable:
+    """PIL image -> normalised float tensor (3, img_size, img_size), from a checkpoint's ``preprocess`` dict.
+
+    Keys: ``img_size``, ``resize_size`` (shorter side before the center crop), ``mean``, ``std``.
+    Greyscale/CMYK/RGBA/palette images become 3-channel RGB first.
+    """
+    return T.Compose([
+        T.Lambda(to_rgb),
+        T.PILToTensor(),
+        T.Resize(int(preprocess["resize_size"]), antialias=True),
+        T.CenterCrop(int(preprocess["img_size"])),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(list(preprocess["mean"]), list(preprocess["std"])),
+    ])
+
+
+def _pil_to_uint8(img: Any) -> torch.Tensor:
+    return img if isinstance(img, torch.Tensor) else T.functional.pil_to_tensor(img)
+
+
+def build_train_transform(img_size: int, *, mean, std, scale=(0.08, 1.0), hflip: float = 0.5,
+                          color_jitter: float = 0.0, rotation: float = 0.0, auto_augment: str | None = None,
+                          random_erasing: float = 0.0, backend: str = "tensor") -> Callable:
+    """Train augmentation: image -> float tensor (3, img_size, img_size), normalised with ``mean``/``std``.
+
+    RandomResizedCrop(``scale``) -> horizontal flip (prob ``hflip``) -> ColorJitter(brightness, contrast and
+    saturation = ``color_jitter``) -> RandomRotation(+-``rotation`` degrees) -> TrivialAugmentWide
+    (``auto_augment="trivial"``) -> normalise -> RandomErasing (prob ``random_erasing``).
+    ``backend="tensor"`` (default; with decode_rgb the fastest here, see README) takes a PIL image or a uint8
+    CHW tensor and works on the tensor; ``"pil"`` crops/resizes the PIL image, then converts;
+    Randomness comes from torch's global generator (seed it per image for reproducible runs).
+    """
+    if auto_augment not in (None, "trivial"):
+        raise UserError(f"auto_augment={auto_augment!r}: use null/None or 'trivial'")
+    scale = tuple(float(s) for s in scale)
+    if not (len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+        raise UserError(f"scale={scale}: use two fractions 0 < min <= max <= 1, e.g. [0.08, 1.0]")
+    if backend not in ("pil", "tensor"):
+        raise ValueError(f"backend {backend!r}")
+    ops = [T.Lambda(to_rgb)]
+    if backend == "tensor":
+        ops.append(T.Lambda(_pil_to_uint8))
+    ops.append(T.RandomResizedCrop(img_size, scale=scale, antialias=True))
+    if hflip > 0:
+        ops.append(T.RandomHorizontalFlip(hflip))
+    if color_jitter > 0:
+        ops.append(T.ColorJitter(color_jitter, color_jitter, color_jitter))
+    if rotation > 0:
+        ops.append(T.RandomRotation(rotation))
+    if auto_augment == "trivial":
+        ops.append(T.TrivialAugmentWide())
+    if backend == "pil":
+        ops.append(T.Lambda(_pil_to_uint8))
+    ops += [T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))]
+    if random_erasing > 0:
+        ops.append(T.RandomErasing(random_erasing))
+    return T.Compose(ops)
