@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     report: dict[str, Any] = {
         "checkpoint": os.path.abspath(args.checkpoint), "arch": src.arch, "classes": src.classes,
-        "preprocess": src.preprocess, "pruned": src.pruned, "val_data": val_dir,
+        "preprocess": src.preprocess, "pruned": src.pruned, "val_data": val_dir, "calibration": src.calibration,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "machine": describe_machine("cpu"),
         "files": {}, "checks": {},
@@ -193,12 +193,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if "onnx" in formats:
         tmp = paths["onnx"] + ".unverified"
-        facts = ex.export_onnx(src.model, tmp, img_size, src.classes, src.preprocess)
+        facts = ex.export_onnx(src.model, tmp, img_size, src.classes, src.preprocess, calibration=src.calibration)
         facts["exporter"] = f"torch.onnx.export(dynamo=False, opset_version={ex.ONNX_OPSET}, do_constant_folding=True)"
         verified("onnx", tmp, facts)
     if "torchscript" in formats:
         tmp = paths["torchscript"] + ".unverified"
-        verified("torchscript", tmp, ex.export_torchscript(src.model, tmp, img_size, src.classes, src.preprocess))
+        verified("torchscript", tmp, ex.export_torchscript(src.model, tmp, img_size, src.classes, src.preprocess,
+                                                           calibration=src.calibration))
     if "int8" in formats:
         report["checks"]["int8"] = _export_int8(args, src, paths, report, val, verify_x, ex, skipped)
     report.update(skipped_images=len(skipped), skipped_files=skipped.records())
@@ -292,7 +293,8 @@ def _export_tensorrt(args, src, paths, report, verify_x, reference, ex) -> dict[
     from utils.tensorrt_engine import sidecar_path
 
     tmp, final = paths["tensorrt"] + ".unverified", paths["tensorrt"]
-    facts = ex.build_tensorrt_engine(paths["onnx"], tmp, int(src.preprocess["img_size"]), src.classes, src.preprocess)
+    facts = ex.build_tensorrt_engine(paths["onnx"], tmp, int(src.preprocess["img_size"]), src.classes, src.preprocess,
+                                     calibration=src.calibration)
     report["versions"]["tensorrt"] = facts["tensorrt"]
     try:
         got = ex.batched_logits(ex.engine_predictor(tmp), verify_x)
