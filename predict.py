@@ -4,6 +4,8 @@
     python predict.py runs/fmnist/export/model.onnx photos/ 'more/**/*.png' --topk 3 --json preds.json
 
 Class names and preprocessing come from the model file. Unreadable files are reported and skipped.
+Probabilities are calibrated with the temperature stored with the model (docs/trust.md); ``--threshold auto``
+answers ``unknown`` below the model's stored reject threshold.
 """
 from __future__ import annotations
 
@@ -27,21 +29,32 @@ from utils.data import SkippedFiles
 from utils.errors import UserError, run_main
 from utils.inference import as_records, default_workers, expand_image_args, run_on_files
 from utils.runtime import LoadedModel, open_model
+from utils.calibration import calibrated_probs
+from utils.reject import UNKNOWN
 
 
 def predict_files(model: LoadedModel, paths: list[str], topk: int = 5, batch_size: int = 64,
-                  workers: int | None = None, progress: bool = True) -> dict[str, Any]:
+                  workers: int | None = None, progress: bool = True, temperature: float = 1.0,
+                  threshold: float | None = None, tta: bool = False) -> dict[str, Any]:
     """Top-k predictions for every readable file: ``{"predictions": [...], "failed": [...], ...speed}``.
 
-    Each prediction is ``{"file", "top": [{"class", "prob"}, ...]}`` in input order.
+    Each prediction is ``{"file", "top": [{"class", "prob"}, ...], "answer"}`` in input order; probabilities
+    are ``softmax(logits / temperature)``; ``answer`` is the top-1 class, or ``unknown`` when ``threshold`` is
+    given and the top-1 probability is below it. ``tta`` averages the logits of each image and its mirror image.
     """
+    if tta:
+        from utils.tta import with_flip_tta
+
+        model = with_flip_tta(model)
     res = run_on_files(model, paths, batch_size=batch_size, workers=workers, desc="predict", progress=progress)
     k = min(topk, model.num_classes)
-    probs = res.logits.softmax(dim=1)
+    probs = calibrated_probs(res.logits, temperature)
     p, idx = probs.topk(k, dim=1) if len(probs) else (probs, probs.long())
     preds = [{"file": paths[int(i)], "top": [{"class": model.classes[int(c)], "prob": float(q)}
                                              for c, q in zip(idx[row], p[row])]}
              for row, i in enumerate(res.indices)]
+    for pr in preds:
+        pr["answer"] = UNKNOWN if threshold is not None and pr["top"][0]["prob"] < threshold else pr["top"][0]["class"]
     return {"predictions": preds, "failed": res.failed, "images_per_s": res.images_per_s,
             "model_images_per_s": res.model_images_per_s, "seconds": res.seconds}
 
@@ -60,8 +73,14 @@ def format_table(preds: list[dict[str, Any]]) -> str:
         prefix = [f"(files in {base})"]
     fw = min(max(len("file"), *(len(f) for f in files)), 60)
     cells = [[f"{t['class']} {100 * t['prob']:5.1f}%" for t in p["top"]] for p in preds]
-    cw = [max(len(f"top-{j + 1}"), *(len(c[j]) for c in cells)) for j in range(k)]
-    head = f"{'file':<{fw}}  " + "  ".join(f"{f'top-{j + 1}':<{cw[j]}}" for j in range(k))
+    if any(p.get("answer") == UNKNOWN for p in preds):  # a reject threshold is in use: show the answer first
+        cells = [[p["answer"]] + c for p, c in zip(preds, cells)]
+        names = ["answer"] + [f"top-{j + 1}" for j in range(k)]
+    else:
+        names = [f"top-{j + 1}" for j in range(k)]
+    k = len(names)
+    cw = [max(len(names[j]), *(len(c[j]) for c in cells)) for j in range(k)]
+    head = f"{'file':<{fw}}  " + "  ".join(f"{names[j]:<{cw[j]}}" for j in range(k))
     lines = prefix + [head, "-" * len(head)]
     for f, c in zip(files, cells):
         shown = f if len(f) <= fw else "..." + f[-(fw - 3):]
@@ -71,20 +90,23 @@ def format_table(preds: list[dict[str, Any]]) -> str:
 
 def write_json(path: str, result: dict[str, Any], model: LoadedModel) -> None:
     doc = {"model": model.path, "kind": model.kind, "engine": model.engine.value,
+           "temperature": result.get("temperature"), "threshold": result.get("threshold"),
            "predictions": result["predictions"],
            "skipped": as_records(result["failed"])}
     atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(doc, indent=2) + "\n"))
 
 
 def write_csv(path: str, result: dict[str, Any]) -> None:
-    """Wide CSV: file, class_1, prob_1, ..., class_k, prob_k (one row per readable image)."""
+    """Wide CSV: file, class_1, prob_1, ..., class_k, prob_k[, answer with a threshold] (one row per image)."""
     preds = result["predictions"]
     k = len(preds[0]["top"]) if preds else 0
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["file"] + [h for j in range(1, k + 1) for h in (f"class_{j}", f"prob_{j}")])
+    answer = result.get("threshold") is not None  # the answer column (class or unknown) with a reject threshold
+    w.writerow(["file"] + [h for j in range(1, k + 1) for h in (f"class_{j}", f"prob_{j}")] + ["answer"] * answer)
     for p in preds:
-        w.writerow([p["file"]] + [v for t in p["top"] for v in (t["class"], f"{t['prob']:.6f}")])
+        w.writerow([p["file"]] + [v for t in p["top"] for v in (t["class"], f"{t['prob']:.6f}")]
+                   + [p["answer"]] * answer)
     atomic_write(path, lambda tmp: open(tmp, "w", newline="").write(buf.getvalue()))
 
 
@@ -110,7 +132,36 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="cpu, cuda or cuda:N (default: cuda when torch has it, else cpu; a TensorRT engine always "
                         "runs on a GPU, cuda:0 by default)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--threshold", default=None, metavar="auto|X",
+                   help="answer 'unknown' when the calibrated top-1 probability is below X (0-1); auto = the "
+                        "threshold stored with the model (evaluate.py/train.py fit it for a target accuracy). "
+                        "Default: always answer the top-1 class")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="show the plain softmax instead of probabilities calibrated with the model's stored "
+                        "temperature")
+    p.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average each image with its mirror image (2x the cost)")
     return p
+
+
+def resolve_threshold(value: str | None, model: LoadedModel) -> float | None:
+    """``--threshold``: None, a probability, or ``auto`` (the model's stored threshold, an error if it has none)."""
+    if value is None:
+        return None
+    if value == "auto":
+        thr = (model.calibration or {}).get("threshold")
+        if thr is None:
+            raise UserError(f"--threshold auto: {model.path} carries no reject threshold; fit one with "
+                            "`python evaluate.py CHECKPOINT val --write-calibration` (train.py stores one in best.pt) "
+                            "and export again, or pass a number such as --threshold 0.9")
+        return float(thr)
+    try:
+        thr = float(value)
+    except ValueError:
+        thr = -1.0
+    if not 0.0 <= thr <= 1.0:
+        raise UserError(f"--threshold must be 'auto' or a probability between 0 and 1, got '{value}'")
+    return thr
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -123,8 +174,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not paths:
         raise UserError(f"no images found in {', '.join(args.images)}; pass image files, folders or glob patterns")
     model = open_model(args.model, device=args.device, threads=args.threads)
+    threshold = resolve_threshold(args.threshold, model)
+    stored_t = (model.calibration or {}).get("temperature")
+    temperature = 1.0 if args.no_calibration or stored_t is None else float(stored_t)
     result = predict_files(model, paths, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
-                           progress=not args.no_progress)
+                           progress=not args.no_progress, temperature=temperature, threshold=threshold, tta=args.tta)
+    result.update(temperature=temperature, threshold=threshold)
     SkippedFiles().add(result["failed"])  # one line each on stderr
     if result["predictions"]:
         print(format_table(result["predictions"]))
@@ -134,6 +189,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         write_csv(args.csv, result)
     print(model.engine_line())
     n = len(result["predictions"])
+    if args.no_calibration or stored_t is None:
+        how = "plain softmax" + ("" if args.no_calibration else
+                                 f" ({os.path.basename(model.path)} carries no temperature; see docs/trust.md)")
+    else:
+        how = f"calibrated, temperature {temperature:.3f}"
+    unknown = sum(p["answer"] == UNKNOWN for p in result["predictions"])
+    print(f"probabilities: {how}" + ("" if threshold is None else
+                                     f"; threshold {threshold:.4f}: {unknown}/{n} answered {UNKNOWN}"))
     written = "".join(f", wrote {f}" for f in (args.json, args.csv) if f)
     skipped = len(result["failed"]) + len(unmatched)
     print(f"{model.kind} {os.path.basename(model.path)}: {n} images predicted"
