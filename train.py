@@ -309,10 +309,26 @@ def main(argv: list[str] | None = None) -> dict:
     if run.lr_find:
         return run.lr_find
     if main_proc:
+        calibrate_best(run, data_dir)
         print(f"done: best {run.best_name} {run.best_acc:.2f}% -> {os.path.join(run.out, 'best.pt')}")
     barrier()
     cleanup()
     return {"best_acc": run.best_acc, "last": run.row, "out": run.out}
+
+
+def calibrate_best(run: Run, data_dir: str) -> None:
+    """Fit temperature + reject threshold of best.pt on the val images and store them in it (docs/trust.md), so
+    every export made from best.pt carries them."""
+    from utils.calibration import calibrate_checkpoint
+    from utils.reject import DEFAULT_TARGET_ACCURACY
+
+    best = os.path.join(run.out, "best.pt")
+    if not os.path.isfile(best):
+        return
+    c = calibrate_checkpoint(best, os.path.join(data_dir, "val"), DEFAULT_TARGET_ACCURACY, workers=None)
+    print(f"calibration (val, {c['images']} images): temperature {c['temperature']:.3f}, ECE {c['ece_before']:.2f}% -> "
+          f"{c['ece_after']:.2f}%; threshold {c['threshold']:.4f} answers {100 * c['coverage']:.1f}% of val at "
+          f"{100 * c['target_accuracy']:g}% accuracy (fitted on val: optimistic there) -> stored in best.pt")
 
 
 def run_phases(run: Run, phases: list[Phase], model: nn.Module, device: torch.device, dist, ckpt: dict | None,
