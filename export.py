@@ -172,11 +172,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     report: dict[str, Any] = {
         "checkpoint": os.path.abspath(args.checkpoint), "arch": src.arch, "classes": src.classes,
-        "preprocess": src.preprocess, "pruned": src.pruned, "val_data": val_dir, "calibration": src.calibration,
+        "preprocess": src.preprocess, "pruned": src.pruned, "val_data": val_dir,
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
         "machine": describe_machine("cpu"),
         "files": {}, "checks": {},
     }
+    report["calibration"] = src.calibration  # temperature + reject threshold every file carries (docs/trust.md)
 
     def verified(fmt: str, tmp: str, facts: dict[str, Any]) -> None:
         got = ex.batched_logits(ex.file_predictor(tmp), verify_x)
@@ -193,13 +194,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if "onnx" in formats:
         tmp = paths["onnx"] + ".unverified"
-        facts = ex.export_onnx(src.model, tmp, img_size, src.classes, src.preprocess, calibration=src.calibration)
+        facts = ex.export_onnx(src.model, tmp, img_size, src.classes, src.preprocess)
         facts["exporter"] = f"torch.onnx.export(dynamo=False, opset_version={ex.ONNX_OPSET}, do_constant_folding=True)"
         verified("onnx", tmp, facts)
     if "torchscript" in formats:
         tmp = paths["torchscript"] + ".unverified"
-        verified("torchscript", tmp, ex.export_torchscript(src.model, tmp, img_size, src.classes, src.preprocess,
-                                                           calibration=src.calibration))
+        verified("torchscript", tmp, ex.export_torchscript(src.model, tmp, img_size, src.classes, src.preprocess))
     if "int8" in formats:
         report["checks"]["int8"] = _export_int8(args, src, paths, report, val, verify_x, ex, skipped)
     report.update(skipped_images=len(skipped), skipped_files=skipped.records())

@@ -162,7 +162,7 @@ def test_threshold_fitted_on_one_half_reaches_the_target_on_the_other():
 
 
 def test_evaluate_writes_trust_files_stores_calibration_and_exports_carry_it(run, tmp_path, capsys):
-    from utils import export as ex
+    import export
 
     data, ckpt0 = run
     ckpt = str(tmp_path / "best.pt")
@@ -180,10 +180,11 @@ def test_evaluate_writes_trust_files_stores_calibration_and_exports_carry_it(run
     stored = load_checkpoint(ckpt)["calibration"]
     assert stored["target_accuracy"] == 0.95 and stored["threshold"] == m["reject"]["fitted_here"]["threshold"]
 
-    src = ex.load_export_source(ckpt)
-    onnx_path, ts_path = str(tmp_path / "model.onnx"), str(tmp_path / "model.torchscript.pt")
-    ex.export_onnx(src.model, onnx_path, 32, src.classes, src.preprocess, calibration=src.calibration)
-    ex.export_torchscript(src.model, ts_path, 32, src.classes, src.preprocess, calibration=src.calibration)
+    report = export.main([ckpt, "--format", "onnx", "torchscript", "int8", "--out", str(tmp_path / "export"),
+                          "--max-drop", "100", "--min-agreement", "0"])
+    assert report["calibration"] == stored
+    onnx_path, ts_path = str(tmp_path / "export" / "model.onnx"), str(tmp_path / "export" / "model.torchscript.pt")
+    assert open_model(str(tmp_path / "export" / "model.int8.onnx")).calibration == stored
     answers = {}
     for path in (ckpt, onnx_path, ts_path):
         model = open_model(path, device="cpu")

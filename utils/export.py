@@ -60,6 +60,8 @@ def load_export_source(path: str) -> ExportSource:
         if key not in ckpt:
             raise UserError(f"checkpoint {path} has no '{key}' entry; export a checkpoint written by train.py")
     model = model_from_checkpoint(ckpt).float().eval()
+    # The network carries its calibration like its ``arch``: every exporter given ``model`` embeds it.
+    model.calibration = ckpt.get("calibration")
     return ExportSource(model=model, classes=list(ckpt["classes"]), preprocess=dict(ckpt["preprocess"]),
                         arch=dict(ckpt["arch"]), config=dict(ckpt.get("config") or {}), path=path,
                         pruned=bool(ckpt.get("pruned")), calibration=ckpt.get("calibration"))
@@ -143,6 +145,7 @@ def load_images(paths: Sequence[str], preprocess: dict[str, Any]) -> torch.Tenso
 # --------------------------------------------------------------------------------------------- exporters
 def _meta(classes: Sequence[str], preprocess: dict[str, Any],
           calibration: dict[str, Any] | None = None) -> dict[str, str]:
+    """Metadata every exported file carries; ``calibration`` defaults to the model's own (load_export_source)."""
     meta = {"classes": json.dumps(list(classes)), "preprocess": json.dumps(dict(preprocess))}
     if calibration:  # temperature + reject threshold travel like the class names
         meta["calibration"] = json.dumps(dict(calibration))
@@ -167,7 +170,7 @@ def export_onnx(model: nn.Module, path: str, img_size: int, classes: Sequence[st
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
         proto = onnx.load(raw)
-    for k, v in _meta(classes, preprocess, calibration).items():
+    for k, v in _meta(classes, preprocess, calibration or getattr(model, "calibration", None)).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
     proto.producer_name = "mobilenet-export"
@@ -209,7 +212,8 @@ def export_torchscript(model: nn.Module, path: str, img_size: int, classes: Sequ
         warnings.simplefilter("ignore", FutureWarning)  # torch>=2.9 flags jit as deprecated; the format still works
         traced = torch.jit.trace(model, x)
         frozen = torch.jit.freeze(traced)
-        atomic_write(path, lambda tmp: torch.jit.save(frozen, tmp, _extra_files=_meta(classes, preprocess, calibration)))
+        meta = _meta(classes, preprocess, calibration or getattr(model, "calibration", None))
+        atomic_write(path, lambda tmp: torch.jit.save(frozen, tmp, _extra_files=meta))
     return {"traced": True, "frozen": True}
 
 
