@@ -36,8 +36,6 @@ from utils.inference import as_records, default_workers, run_on_files, scan_clas
 from utils.metrics import class_summary, confusion_matrix, macro_average, per_class_report, topk_correct
 from utils.plots import plot_confusion_matrix, plot_mistakes
 from utils.runtime import LoadedModel, open_model
-from utils.trust import CALIBRATION_MODES, assess, trust_lines, write_trust_files
-from utils.reject import DEFAULT_TARGET_ACCURACY
 
 SPLIT_NAMES = ("train", "val", "test")
 REPO_ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -116,12 +114,14 @@ def default_out_dir(model_path: str, kind: str) -> str:
 
 
 def evaluate(model: LoadedModel, data_dir: str, batch_size: int = 64, workers: int | None = None,
-             progress: bool = True, target_accuracy: float = DEFAULT_TARGET_ACCURACY, calibration: str = "auto",
+             progress: bool = True, target_accuracy: float | None = None, calibration: str = "auto",
              tta: bool = False) -> dict[str, Any]:
     """Run ``model`` over every image of ``data_dir`` and compute all metrics (nothing is written).
 
-    ``calibration`` picks the temperature (utils.trust.choose_temperature), ``tta`` averages the logits of each
-    image and its mirror image (utils.tta)."""
+    ``calibration`` picks the temperature (utils.trust.choose_temperature), ``target_accuracy`` the reject
+    threshold's goal (default utils.reject.DEFAULT_TARGET_ACCURACY), ``tta`` averages the logits of each image
+    and its mirror image (utils.tta)."""
+    from utils.trust import assess
     if tta:
         from utils.tta import with_flip_tta
 
@@ -223,8 +223,10 @@ def write_outputs(result: dict[str, Any], out_dir: str) -> dict[str, str]:
         [[r["file"], r["true"], r["predicted"], f"{r['confidence']:.4f}", f"{r['true_class_prob']:.4f}"]
          for r in result["mistakes"]]))
     plot_mistakes(result["mistakes"], files["mistakes.png"])
-    files.update(write_trust_files(result["trust"], out_dir, title=title))
     from utils.report import write_report
+    from utils.trust import write_trust_files
+
+    files.update(write_trust_files(result["trust"], out_dir, title=title))
 
     files["report.html"] = write_report(result, files, os.path.join(out_dir, "report.html"))
     return files
@@ -270,6 +272,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="split folder with one sub-folder per class (e.g. DATA/val), or a split name "
                         "(train, val, test) of the run's training data folder (from the checkpoint's config, "
                         "or RUN/config.yaml for files in RUN/export/)")
+    from utils.trust import add_trust_arguments
+
+    add_trust_arguments(p)  # --target-accuracy, --calibration, --write-calibration, --compare, --tta
     p.add_argument("--out", default=None,
                    help="output folder (default: RUN/eval for RUN/best.pt, RUN/eval_<name> for other "
                         "checkpoints, <folder>/eval_<file name> for exported files)")
@@ -284,21 +289,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="cpu, cuda or cuda:N (default: cuda when torch has it, else cpu; a TensorRT engine always "
                         "runs on a GPU, cuda:0 by default)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    t = p.add_argument_group("trust (docs/trust.md)")
-    t.add_argument("--target-accuracy", type=float, default=DEFAULT_TARGET_ACCURACY,
-                   help="accuracy the reject threshold must reach on the answered images (default: "
-                        f"{DEFAULT_TARGET_ACCURACY:g}, i.e. at most 1 wrong answer in 100; the rest answer 'unknown')")
-    t.add_argument("--calibration", choices=CALIBRATION_MODES, default="auto",
-                   help="temperature for calibrated probabilities: auto = the one stored with the model, else "
-                        "fitted on these images; stored; fit (on these images); none (plain softmax). Default: auto")
-    t.add_argument("--write-calibration", action="store_true",
-                   help="fit temperature and reject threshold on these images and store them in the checkpoint "
-                        "(checkpoints only; export it again so the exported files carry them)")
-    t.add_argument("--compare", default=None, metavar="MODEL_B",
-                   help="also evaluate MODEL_B on the same images and report the paired 95%% interval of the "
-                        "difference (MODEL minus MODEL_B), e.g. fp32 vs int8 or two runs")
-    t.add_argument("--tta", action="store_true",
-                   help="test-time augmentation: average the logits of each image and its mirror image (2x the cost)")
     return p
 
 
@@ -324,6 +314,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(model.engine_line())
     print(f"wrote {out_dir}/: " + ", ".join(os.path.basename(f) for f in files.values()))
     print(f"confusion matrix: {files['confusion_matrix.png']}")
+    from utils.trust import trust_lines
+
     for line in trust_lines(result["trust"]):
         print(line)
     if args.write_calibration:

@@ -29,8 +29,6 @@ from utils.data import SkippedFiles
 from utils.errors import UserError, run_main
 from utils.inference import as_records, default_workers, expand_image_args, run_on_files
 from utils.runtime import LoadedModel, open_model
-from utils.calibration import calibrated_probs
-from utils.reject import UNKNOWN
 
 
 def predict_files(model: LoadedModel, paths: list[str], topk: int = 5, batch_size: int = 64,
@@ -42,6 +40,9 @@ def predict_files(model: LoadedModel, paths: list[str], topk: int = 5, batch_siz
     are ``softmax(logits / temperature)``; ``answer`` is the top-1 class, or ``unknown`` when ``threshold`` is
     given and the top-1 probability is below it. ``tta`` averages the logits of each image and its mirror image.
     """
+    from utils.calibration import calibrated_probs
+    from utils.reject import UNKNOWN
+
     if tta:
         from utils.tta import with_flip_tta
 
@@ -73,7 +74,7 @@ def format_table(preds: list[dict[str, Any]]) -> str:
         prefix = [f"(files in {base})"]
     fw = min(max(len("file"), *(len(f) for f in files)), 60)
     cells = [[f"{t['class']} {100 * t['prob']:5.1f}%" for t in p["top"]] for p in preds]
-    if any(p.get("answer") == UNKNOWN for p in preds):  # a reject threshold is in use: show the answer first
+    if any(p.get("answer") == "unknown" for p in preds):  # a reject threshold is in use: show the answer first
         cells = [[p["answer"]] + c for p, c in zip(preds, cells)]
         names = ["answer"] + [f"top-{j + 1}" for j in range(k)]
     else:
@@ -97,16 +98,14 @@ def write_json(path: str, result: dict[str, Any], model: LoadedModel) -> None:
 
 
 def write_csv(path: str, result: dict[str, Any]) -> None:
-    """Wide CSV: file, class_1, prob_1, ..., class_k, prob_k[, answer with a threshold] (one row per image)."""
+    """Wide CSV: file, class_1, prob_1, ..., class_k, prob_k (one row per readable image)."""
     preds = result["predictions"]
     k = len(preds[0]["top"]) if preds else 0
     buf = io.StringIO()
     w = csv.writer(buf)
-    answer = result.get("threshold") is not None  # the answer column (class or unknown) with a reject threshold
-    w.writerow(["file"] + [h for j in range(1, k + 1) for h in (f"class_{j}", f"prob_{j}")] + ["answer"] * answer)
+    w.writerow(["file"] + [h for j in range(1, k + 1) for h in (f"class_{j}", f"prob_{j}")])
     for p in preds:
-        w.writerow([p["file"]] + [v for t in p["top"] for v in (t["class"], f"{t['prob']:.6f}")]
-                   + [p["answer"]] * answer)
+        w.writerow([p["file"]] + [v for t in p["top"] for v in (t["class"], f"{t['prob']:.6f}")])
     atomic_write(path, lambda tmp: open(tmp, "w", newline="").write(buf.getvalue()))
 
 
@@ -118,6 +117,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "are read from it")
     p.add_argument("images", metavar="IMAGE", nargs="+",
                    help="image files, folders (searched recursively) or quoted glob patterns such as 'photos/**/*.jpg'")
+    from utils.trust import add_predict_arguments
+
+    add_predict_arguments(p)  # --threshold, --no-calibration, --tta
     p.add_argument("--topk", type=int, default=5, help="classes shown per image (default: 5, capped at the class count)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the predictions as JSON to FILE")
     p.add_argument("--csv", default=None, metavar="FILE",
@@ -132,15 +134,6 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="cpu, cuda or cuda:N (default: cuda when torch has it, else cpu; a TensorRT engine always "
                         "runs on a GPU, cuda:0 by default)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.add_argument("--threshold", default=None, metavar="auto|X",
-                   help="answer 'unknown' when the calibrated top-1 probability is below X (0-1); auto = the "
-                        "threshold stored with the model (evaluate.py/train.py fit it for a target accuracy). "
-                        "Default: always answer the top-1 class")
-    p.add_argument("--no-calibration", action="store_true",
-                   help="show the plain softmax instead of probabilities calibrated with the model's stored "
-                        "temperature")
-    p.add_argument("--tta", action="store_true",
-                   help="test-time augmentation: average each image with its mirror image (2x the cost)")
     return p
 
 
@@ -194,9 +187,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  f" ({os.path.basename(model.path)} carries no temperature; see docs/trust.md)")
     else:
         how = f"calibrated, temperature {temperature:.3f}"
-    unknown = sum(p["answer"] == UNKNOWN for p in result["predictions"])
+    unknown = sum(p["answer"] == "unknown" for p in result["predictions"])
     print(f"probabilities: {how}" + ("" if threshold is None else
-                                     f"; threshold {threshold:.4f}: {unknown}/{n} answered {UNKNOWN}"))
+                                     f"; threshold {threshold:.4f}: {unknown}/{n} answered unknown"))
     written = "".join(f", wrote {f}" for f in (args.json, args.csv) if f)
     skipped = len(result["failed"]) + len(unmatched)
     print(f"{model.kind} {os.path.basename(model.path)}: {n} images predicted"

@@ -306,10 +306,11 @@ def main(argv: list[str] | None = None) -> dict:
     finally:  # SIGINT gets its handler back however the run ends
         if stop is not None:
             stop.uninstall()
+    if dist.is_main and not run.lr_find:
+        calibrate_best(run, data_dir)  # temperature + reject threshold on val -> best.pt (docs/trust.md)
     if run.lr_find:
         return run.lr_find
     if main_proc:
-        calibrate_best(run, data_dir)
         print(f"done: best {run.best_name} {run.best_acc:.2f}% -> {os.path.join(run.out, 'best.pt')}")
     barrier()
     cleanup()

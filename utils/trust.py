@@ -12,7 +12,8 @@ import torch
 
 from utils.calibration import calibrated_probs, calibration_report, fit_temperature, plot_reliability
 from utils.int8_check import wilson_interval
-from utils.reject import apply_threshold, coverage_curve, plot_coverage, threshold_for_accuracy
+from utils.reject import (DEFAULT_TARGET_ACCURACY, apply_threshold, coverage_curve, plot_coverage,
+                          threshold_for_accuracy)
 from utils.uncertainty import bootstrap_intervals, ci_text
 
 CALIBRATION_MODES = ("auto", "stored", "fit", "none")
@@ -40,12 +41,13 @@ def choose_temperature(logits: torch.Tensor, target: torch.Tensor, stored: dict[
 
 
 def assess(logits: torch.Tensor, target: torch.Tensor, labels: Sequence[int], names: Sequence[str],
-           stored: dict[str, Any] | None, target_accuracy: float, mode: str = "auto") -> dict[str, Any]:
+           stored: dict[str, Any] | None, target_accuracy: float | None = None, mode: str = "auto") -> dict[str, Any]:
     """Intervals, calibration (ECE before/after) and the reject option for one evaluation.
 
     Returns ``{"intervals", "calibration", "reject", "curve", "confidence"}``; ``confidence`` is the calibrated
     top-1 probability per image (a tensor, not for JSON).
     """
+    target_accuracy = DEFAULT_TARGET_ACCURACY if target_accuracy is None else target_accuracy
     pred = logits.argmax(dim=1)
     intervals = bootstrap_intervals(target.tolist(), pred.tolist(), labels, names)
     temperature, source = choose_temperature(logits, target, stored, mode)
@@ -101,3 +103,36 @@ def trust_lines(trust: dict[str, Any]) -> list[str]:
                      f"({st['accepted']}/{n}) with accuracy {acc} (95% CI {100 * lo:.1f}-{100 * hi:.1f}), the rest "
                      "'unknown'")
     return lines
+
+
+def add_trust_arguments(p) -> None:
+    """evaluate.py's options for calibration, intervals, the reject option and TTA (an argparse group)."""
+    t = p.add_argument_group("trust (docs/trust.md)")
+    t.add_argument("--target-accuracy", type=float, default=DEFAULT_TARGET_ACCURACY,
+                   help="accuracy the reject threshold must reach on the answered images (default: "
+                        f"{DEFAULT_TARGET_ACCURACY:g}, i.e. at most 1 wrong answer in 100; the rest answer 'unknown')")
+    t.add_argument("--calibration", choices=CALIBRATION_MODES, default="auto",
+                   help="temperature for calibrated probabilities: auto = the one stored with the model, else "
+                        "fitted on these images; stored; fit (on these images); none (plain softmax). Default: auto")
+    t.add_argument("--write-calibration", action="store_true",
+                   help="fit temperature and reject threshold on these images and store them in the checkpoint "
+                        "(checkpoints only; export it again so the exported files carry them)")
+    t.add_argument("--compare", default=None, metavar="MODEL_B",
+                   help="also evaluate MODEL_B on the same images and report the paired 95%% interval of the "
+                        "difference (MODEL minus MODEL_B), e.g. fp32 vs int8 or two runs")
+    t.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average the logits of each image and its mirror image (2x the cost)")
+
+
+def add_predict_arguments(p) -> None:
+    """predict.py's options for calibrated probabilities, the ``unknown`` answer and TTA (an argparse group)."""
+    t = p.add_argument_group("trust (docs/trust.md)")
+    t.add_argument("--threshold", default=None, metavar="auto|X",
+                   help="answer 'unknown' when the calibrated top-1 probability is below X (0-1); auto = the "
+                        "threshold stored with the model (evaluate.py/train.py fit it for a target accuracy). "
+                        "Default: always answer the top-1 class")
+    t.add_argument("--no-calibration", action="store_true",
+                   help="show the plain softmax instead of probabilities calibrated with the model's stored "
+                        "temperature")
+    t.add_argument("--tta", action="store_true",
+                   help="test-time augmentation: average each image with its mirror image (2x the cost)")
