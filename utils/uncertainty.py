@@ -50,6 +50,18 @@ def _metrics(target: np.ndarray, pred: np.ndarray, labels: Sequence[int]) -> dic
             "macro_f1": f1[:, present].mean(axis=1), "recall": recall}
 
 
+def _boot(target: np.ndarray, preds: Sequence[np.ndarray], labels: Sequence[int], n_boot: int, seed: int,
+          chunk: int = 100) -> list[dict[str, np.ndarray]]:
+    """:func:`_metrics` of every prediction array over the same ``n_boot`` stratified resamples, computed
+    ``chunk`` resamples at a time (memory stays ~chunk x images, not n_boot x images)."""
+    idx = [_resamples(target, min(chunk, n_boot - i), seed + i) for i in range(0, n_boot, chunk)]
+    out = []
+    for p in preds:
+        parts = [_metrics(target[ix], p[ix], labels) for ix in idx]
+        out.append({k: np.concatenate([m[k] for m in parts]) for k in parts[0]})
+    return out
+
+
 def _interval(values: np.ndarray) -> list[float]:
     lo, hi = np.percentile(values, [2.5, 97.5])
     return [float(lo), float(hi)]
@@ -64,8 +76,7 @@ def bootstrap_intervals(target: Sequence[int], pred: Sequence[int], labels: Sequ
     """
     t, p = np.asarray(target, dtype=np.int64), np.asarray(pred, dtype=np.int64)
     full = _metrics(t[None, :], p[None, :], labels)
-    idx = _resamples(t, n_boot, seed)
-    boot = _metrics(t[idx], p[idx], labels)
+    boot, = _boot(t, [p], labels, n_boot, seed)
     out: dict[str, Any] = {k: {"value": float(full[k][0]), "ci": _interval(boot[k])}
                            for k in ("top1", "balanced_acc", "macro_f1")}
     present = set(t.tolist())
@@ -82,9 +93,8 @@ def paired_difference(target: Sequence[int], pred_a: Sequence[int], pred_b: Sequ
     t = np.asarray(target, dtype=np.int64)
     a, b = np.asarray(pred_a, dtype=np.int64), np.asarray(pred_b, dtype=np.int64)
     labels = sorted(set(labels) | set(t.tolist()) | set(a.tolist()) | set(b.tolist()))
-    idx = _resamples(t, n_boot, seed)
     fa, fb = _metrics(t[None, :], a[None, :], labels), _metrics(t[None, :], b[None, :], labels)
-    ba, bb = _metrics(t[idx], a[idx], labels), _metrics(t[idx], b[idx], labels)
+    ba, bb = _boot(t, [a, b], labels, n_boot, seed)
     out: dict[str, Any] = {k: {"value": float(fa[k][0] - fb[k][0]), "ci": _interval(ba[k] - bb[k])}
                            for k in ("balanced_acc", "macro_f1")}
     ra, rb = a == t, b == t
