@@ -5,7 +5,9 @@
 
 Reports top-1, top-5, balanced accuracy (mean per-class recall), macro-F1, mean loss and per-class
 precision/recall/F1/support, and writes metrics.json, per_class.csv, confusion_matrix.csv/.png, mistakes.csv
-and mistakes.png into the output folder.
+and mistakes.png into the output folder. Trust (docs/trust.md): 95% bootstrap intervals, calibration (ECE before
+and after temperature scaling, reliability.png), the reject option (coverage.png/.csv, the threshold for
+--target-accuracy) and report.html, one self-contained page with all of it.
 Class names and preprocessing always come from the model file itself.
 """
 from __future__ import annotations
@@ -33,6 +35,11 @@ from utils.errors import UserError, run_main
 from utils.files import REPO_ROOT, write_text
 from utils.metrics import class_summary, confusion_matrix, macro_average, per_class_report, topk_correct
 from utils.plots import plot_confusion_matrix, plot_mistakes
+from utils.trust.calibration import fit_calibration, write_calibration_to_checkpoint
+from utils.trust.report import write_report
+from utils.trust.summary import add_trust_arguments, assess, trust_lines, write_trust_files
+from utils.trust.tta import with_flip_tta
+from utils.trust.uncertainty import ci_text, paired_difference
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -110,8 +117,16 @@ def default_out_dir(model_path: str, kind: str) -> str:
 
 
 def evaluate(model: LoadedModel, data_dir: str, batch_size: int = 64, workers: int | None = None,
-             progress: bool = True) -> dict[str, Any]:
-    """Run ``model`` over every image of ``data_dir`` and compute all metrics (nothing is written)."""
+             progress: bool = True, target_accuracy: float | None = None, calibration: str = "auto",
+             tta: bool = False) -> dict[str, Any]:
+    """Run ``model`` over every image of ``data_dir`` and compute all metrics (nothing is written).
+
+    ``calibration`` picks the temperature (utils.trust.summary.choose_temperature), ``target_accuracy`` the reject
+    threshold's goal (default utils.trust.reject.DEFAULT_TARGET_ACCURACY), ``tta`` averages the logits of each image
+    and its mirror image (utils.trust.tta)."""
+    if tta:
+
+        model = with_flip_tta(model)
     per_class, empty = scan_class_folders(data_dir)
     notes = match_classes(list(per_class), model, data_dir)
     if empty:
@@ -148,6 +163,9 @@ def evaluate(model: LoadedModel, data_dir: str, batch_size: int = 64, workers: i
                  "predicted": model.classes[int(pred[k])], "confidence": float(conf[k]),
                  "true_class_prob": float(probs[k, target[k]])} for k in wrong]
     mistakes.sort(key=lambda m: -m["confidence"])
+    trust = assess(logits, target, labels, model.classes, model.calibration, target_accuracy, calibration)
+    for m, k in zip(mistakes, sorted(wrong, key=lambda k: -float(conf[k]))):
+        m["calibrated_confidence"] = float(trust["confidence"][k])
 
     metrics = {
         "model": model.path, "kind": model.kind, "data": data_dir, "device": model.device.type,
@@ -162,9 +180,12 @@ def evaluate(model: LoadedModel, data_dir: str, batch_size: int = 64, workers: i
         "images_per_s": res.images_per_s, "model_images_per_s": res.model_images_per_s, "seconds": res.seconds,
         "batch_size": batch_size, "preprocess": model.preprocess,
         "per_class": rows, "skipped_files": as_records(res.failed), "notes": notes,
+        "tta": "hflip" if tta else None, "intervals": trust["intervals"], "calibration": trust["calibration"],
+        "reject": trust["reject"],
     }
     return {"metrics": metrics, "cm": cm, "cm_names": names, "per_class": rows, "mistakes": mistakes,
-            "failed": res.failed, "notes": notes}
+            "failed": res.failed, "notes": notes, "trust": trust, "logits": logits, "target": target,
+            "files": [paths[int(i)] for i in res.indices], "labels": labels}
 
 
 def _csv_text(header: list[str], rows: list[list[Any]]) -> str:
@@ -196,6 +217,10 @@ def write_outputs(result: dict[str, Any], out_dir: str) -> dict[str, str]:
         [[r["file"], r["true"], r["predicted"], f"{r['confidence']:.4f}", f"{r['true_class_prob']:.4f}"]
          for r in result["mistakes"]]))
     plot_mistakes(result["mistakes"], files["mistakes.png"])
+
+    files.update(write_trust_files(result["trust"], out_dir, title=title))
+
+    files["report.html"] = write_report(result, files, os.path.join(out_dir, "report.html"))
     return files
 
 
@@ -216,7 +241,11 @@ def summary_line(m: dict[str, Any]) -> str:
     skipped = f", {m['skipped']} unreadable skipped" if m["skipped"] else ""
     smoothed = (f" ({m['loss_label_smoothed']:.4f} with label smoothing {m['label_smoothing']:g}, as train.py logs it)"
                 if m["label_smoothing"] else "")
-    return (f"{m['kind']} {m['model']} on {m['data']}: top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  "
+    top1 = f"top-1 {m['top1']:.2f}%"
+    if m.get("intervals"):
+
+        top1 = ci_text("top-1", m["intervals"]["top1"], m["intervals"]["n"])
+    return (f"{m['kind']} {m['model']} on {m['data']}: {top1}  top-5 {m['top5']:.2f}%  "
             f"loss {m['loss']:.4f}{smoothed}  balanced accuracy {m['balanced_acc']:.2f}%  macro-F1 {m['macro_f1']:.4f}  "
             f"| {m['images']} images{skipped} in "
             f"{m['seconds']:.1f} s, {m['images_per_s']:.0f} images/s (model alone {m['model_images_per_s']:.0f} images/s, "
@@ -234,6 +263,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="split folder with one sub-folder per class (e.g. DATA/val), or a split name "
                         "(train, val, test) of the run's training data folder (from the checkpoint's config, "
                         "or RUN/config.yaml for files in RUN/export/)")
+
+    add_trust_arguments(p)  # --target-accuracy, --calibration, --write-calibration, --compare, --tta
     p.add_argument("--out", default=None,
                    help="output folder (default: RUN/eval for RUN/best.pt, RUN/eval_<name> for other "
                         "checkpoints, <folder>/eval_<file name> for exported files)")
@@ -247,8 +278,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data_dir = resolve_data(args.data, model)
     out_dir = args.out or default_out_dir(args.model, model.kind)
     print(f"model: {model.describe()}")
+    if args.write_calibration and model.kind != "checkpoint":
+        raise UserError(f"--write-calibration stores the fit in a checkpoint, but {args.model} is a {model.kind} "
+                        "file; fit on the checkpoint, then export it again")
     result = evaluate(model, data_dir, batch_size=args.batch_size, workers=args.workers,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, target_accuracy=args.target_accuracy,
+                      calibration="fit" if args.write_calibration else args.calibration, tta=args.tta)
+    if args.compare:
+        result["metrics"]["compare"] = compare_models(result, model, args, data_dir)
     for line in result["notes"]:
         print(line)
     SkippedFiles().add(result["failed"])  # one line each on stderr; metrics.json lists them too
@@ -257,8 +294,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(model.engine_line())
     print(f"wrote {out_dir}/: " + ", ".join(os.path.basename(f) for f in files.values()))
     print(f"confusion matrix: {files['confusion_matrix.png']}")
+
+    for line in trust_lines(result["trust"]):
+        print(line)
+    if args.write_calibration:
+
+        entry = fit_calibration(result["logits"], result["target"], args.target_accuracy, fitted_on=data_dir)
+        write_calibration_to_checkpoint(args.model, entry)
+        print(f"stored temperature {entry['temperature']:.3f} and threshold {entry['threshold']:.4f} in {args.model}")
+    if args.compare:
+        c = result["metrics"]["compare"]
+        lo, hi = c["top1"]["ci"]
+        print(f"compare: {os.path.basename(args.model)} minus {os.path.basename(args.compare)} on the same {c['n']} "
+              f"images: top-1 {c['top1']['value']:+.2f} points (95% CI {lo:+.2f} to {hi:+.2f}); only the first right "
+              f"on {c['only_a_right']}, only the second on {c['only_b_right']}")
     print(summary_line(result["metrics"]))
     return result["metrics"]
+
+
+def compare_models(result: dict[str, Any], model: LoadedModel, args: argparse.Namespace,
+                   data_dir: str) -> dict[str, Any]:
+    """Evaluate ``args.compare`` on the same images and return the paired difference (first minus second)."""
+
+    other = open_model(args.compare, device=args.device, threads=args.threads)
+    if list(other.classes) != list(model.classes):
+        raise UserError(f"--compare {args.compare} has other classes than {args.model}; compare models of one run")
+    res_b = evaluate(other, data_dir, batch_size=args.batch_size, workers=args.workers, progress=not args.no_progress,
+                     tta=args.tta)
+    pred_b = dict(zip(res_b["files"], res_b["logits"].argmax(1).tolist()))
+    keep = [k for k, f in enumerate(result["files"]) if f in pred_b]
+    target = result["target"][keep].tolist()
+    pred_a = result["logits"].argmax(1)[keep].tolist()
+    diff = paired_difference(target, pred_a, [pred_b[result["files"][k]] for k in keep], result["labels"])
+    return {"model_b": args.compare, **diff}
 
 
 if __name__ == "__main__":

@@ -178,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": machine.describe_machine("cpu"),
         "files": {}, "checks": {},
     }
+    report["calibration"] = src.calibration  # temperature + reject threshold every file carries (docs/trust.md)
 
     def verified(fmt: str, tmp: str, facts: dict[str, Any]) -> None:
         got = ex.batched_logits(ex.file_predictor(tmp), verify_x)
@@ -290,7 +291,8 @@ def _export_tensorrt(args, src, paths, report, verify_x, reference, ex) -> dict[
     """Build the engine under a temporary name, check it on the verification images, then publish it + sidecar."""
 
     tmp, final = paths["tensorrt"] + ".unverified", paths["tensorrt"]
-    facts = ex.build_tensorrt_engine(paths["onnx"], tmp, int(src.preprocess["img_size"]), src.classes, src.preprocess)
+    facts = ex.build_tensorrt_engine(paths["onnx"], tmp, int(src.preprocess["img_size"]), src.classes, src.preprocess,
+                                     calibration=src.calibration)
     report["versions"]["tensorrt"] = facts["tensorrt"]
     try:
         got = ex.batched_logits(ex.engine_predictor(tmp), verify_x)

@@ -68,6 +68,8 @@ from utils.train_loop import (
     training_device,
     validate,
 )
+from utils.trust.calibration import calibrate_checkpoint
+from utils.trust.reject import DEFAULT_TARGET_ACCURACY
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -311,6 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
     finally:  # SIGINT gets its handler back however the run ends
         if stop is not None:
             stop.uninstall()
+    if dist.is_main and not run.lr_find:
+        calibrate_best(run, data_dir)  # temperature + reject threshold on val -> best.pt (docs/trust.md)
     if run.lr_find:
         return run.lr_find
     if dist.is_main:
@@ -318,6 +322,19 @@ def main(argv: list[str] | None = None) -> dict:
     barrier()
     cleanup()
     return {"best_acc": run.best_acc, "last": run.row, "out": run.out}
+
+
+def calibrate_best(run: Run, data_dir: str) -> None:
+    """Fit temperature + reject threshold of best.pt on the val images and store them in it (docs/trust.md), so
+    every export made from best.pt carries them."""
+
+    best = os.path.join(run.out, "best.pt")
+    if not os.path.isfile(best):
+        return
+    c = calibrate_checkpoint(best, os.path.join(data_dir, "val"), DEFAULT_TARGET_ACCURACY, workers=None)
+    print(f"calibration (val, {c['images']} images): temperature {c['temperature']:.3f}, ECE {c['ece_before']:.2f}% -> "
+          f"{c['ece_after']:.2f}%; threshold {c['threshold']:.4f} answers {100 * c['coverage']:.1f}% of val at "
+          f"{100 * c['target_accuracy']:g}% accuracy (fitted on val: optimistic there) -> stored in best.pt")
 
 
 def run_phases(run: Run, phases: list[Phase], model: nn.Module, device: torch.device, dist, ckpt: dict | None,

@@ -12,6 +12,14 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && comm
     || echo "   (could not install it: datasets/fashion_mnist/prepare.py will try torchvision's download)"
 fi
 
+# A headless browser for the report.html rendering test (tests/test_trust.py skips without one).
+if ! command -v chromium-headless-shell >/dev/null && ! command -v chromium >/dev/null && command -v apt-get >/dev/null \
+   && [ "$(id -u)" = 0 ]; then
+  echo "== installing the Debian package chromium-headless-shell (report.html test)"
+  apt-get install -y -qq chromium-headless-shell >/dev/null \
+    || echo "   (could not install it: the report.html browser test will be skipped)"
+fi
+
 if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv"
   "$PY" -m venv .venv

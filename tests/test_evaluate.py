@@ -170,7 +170,8 @@ def test_end_to_end_checkpoint_split_name_and_default_out(tmp_path):
     metrics = evaluate.main([str(run / "best.pt"), "val", "--batch-size", "5", "--workers", "1", "--no-progress"])
     out = run / "eval"
     assert sorted(os.listdir(out)) == sorted(["metrics.json", "per_class.csv", "confusion_matrix.csv",
-                                              "confusion_matrix.png", "mistakes.csv", "mistakes.png"])
+                                              "confusion_matrix.png", "mistakes.csv", "mistakes.png",
+                                              "reliability.png", "coverage.png", "coverage.csv", "report.html"])
     assert metrics["data"] == str(data_root / "val") and metrics["images"] == 12
     with open(out / "confusion_matrix.csv") as f:
         cm = [[int(v) for v in row[1:]] for row in list(csv.reader(f))[1:]]

@@ -158,6 +158,10 @@ def test_checkpoint_format_log_and_config(data, tmp_path):
     model = model_from_checkpoint(best)
     assert _max_diff(model.state_dict(), best["ema"]) == 0
     assert any((best["ema"][k].float() - best["model"][k].float()).abs().max() > 0 for k in best["model"])
+    # train.py fitted temperature and reject threshold on val and stored them in best.pt (docs/trust.md)
+    cal = best["calibration"]
+    assert cal["temperature"] > 0 and 0 <= cal["threshold"] <= 1 and cal["target_accuracy"] == 0.99
+    assert cal["images"] == sum(len(os.listdir(os.path.join(data, "val", c))) for c in os.listdir(os.path.join(data, "val")))
 
 
 def test_failed_checkpoint_write_keeps_the_previous_file(data, tmp_path, monkeypatch):

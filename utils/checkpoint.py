@@ -11,6 +11,7 @@ A checkpoint is a plain dict that ``torch.load(weights_only=True)`` can read (wr
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
@@ -24,6 +25,7 @@ from utils.errors import UserError
 from utils.files import atomic_write
 
 PREPROCESS_KEYS = ("img_size", "resize_size", "mean", "std")
+CALIBRATION_KEY = "calibration"  # checkpoint key / metadata name: temperature + reject threshold (utils/trust)
 
 
 @dataclass(frozen=True)
@@ -157,3 +159,22 @@ def shrink_to_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> nn
             if m.bias is not None:
                 m.bias = nn.Parameter(torch.empty(w.shape[0]))
     return model
+
+
+def read_calibration(path: str, value: Any) -> dict[str, Any] | None:
+    """Validate a model file's ``calibration`` entry (dict or JSON text); None when absent."""
+    if value in (None, "", b""):
+        return None
+    if isinstance(value, (str, bytes)):
+        try:
+            value = json.loads(value)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{path}: metadata '{CALIBRATION_KEY}' is not valid JSON; re-export it with export.py") from None
+    t = value.get("temperature") if isinstance(value, dict) else None
+    if not isinstance(t, (int, float)) or not t > 0:
+        raise UserError(f"{path}: metadata '{CALIBRATION_KEY}' has no positive 'temperature'; refit it with evaluate.py "
+                        "--write-calibration, or re-export")
+    thr = value.get("threshold")
+    if thr is not None and not (isinstance(thr, (int, float)) and 0.0 <= thr <= 1.0):
+        raise UserError(f"{path}: metadata '{CALIBRATION_KEY}' threshold {thr!r} is not a probability between 0 and 1")
+    return dict(value)

@@ -47,6 +47,7 @@ class ExportSource:
     config: dict[str, Any] = field(default_factory=dict)
     path: str = ""
     pruned: bool = False
+    calibration: dict[str, Any] | None = None  # temperature + reject threshold (utils/trust/calibration.py)
 
 
 def load_export_source(path: str) -> ExportSource:
@@ -57,9 +58,11 @@ def load_export_source(path: str) -> ExportSource:
         if key not in ckpt:
             raise UserError(f"checkpoint {path} has no '{key}' entry; export a checkpoint written by train.py")
     model = model_from_checkpoint(ckpt).float().eval()
+    # The network carries its calibration like its ``arch``: every exporter given ``model`` embeds it.
+    model.calibration = ckpt.get("calibration")
     return ExportSource(model=model, classes=list(ckpt["classes"]), preprocess=dict(ckpt["preprocess"]),
                         arch=dict(ckpt["arch"]), config=dict(ckpt.get("config") or {}), path=path,
-                        pruned=bool(ckpt.get("pruned")))
+                        pruned=bool(ckpt.get("pruned")), calibration=ckpt.get("calibration"))
 
 
 # ----------------------------------------------------------------------------------------------- images
@@ -116,12 +119,17 @@ def load_images(paths: Sequence[str], preprocess: dict[str, Any]) -> torch.Tenso
 
 
 # --------------------------------------------------------------------------------------------- exporters
-def _meta(classes: Sequence[str], preprocess: dict[str, Any]) -> dict[str, str]:
-    return {"classes": json.dumps(list(classes)), "preprocess": json.dumps(dict(preprocess))}
+def _meta(classes: Sequence[str], preprocess: dict[str, Any],
+          calibration: dict[str, Any] | None = None) -> dict[str, str]:
+    """Metadata every exported file carries; ``calibration`` defaults to the model's own (load_export_source)."""
+    meta = {"classes": json.dumps(list(classes)), "preprocess": json.dumps(dict(preprocess))}
+    if calibration:  # temperature + reject threshold travel like the class names
+        meta["calibration"] = json.dumps(dict(calibration))
+    return meta
 
 
 def export_onnx(model: nn.Module, path: str, img_size: int, classes: Sequence[str], preprocess: dict[str, Any],
-                opset: int = ONNX_OPSET) -> dict[str, Any]:
+                opset: int = ONNX_OPSET, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write an fp32 ONNX file with a dynamic batch axis, folded constants and class/preprocess metadata.
 
     Returns facts checked on the written graph (op types, Clip bounds constant, checker passed).
@@ -138,7 +146,7 @@ def export_onnx(model: nn.Module, path: str, img_size: int, classes: Sequence[st
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
         proto = onnx.load(raw)
-    for k, v in _meta(classes, preprocess).items():
+    for k, v in _meta(classes, preprocess, calibration or getattr(model, "calibration", None)).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
     proto.producer_name = "mobilenet-export"
@@ -172,7 +180,7 @@ def describe_onnx(proto) -> dict[str, Any]:
 
 
 def export_torchscript(model: nn.Module, path: str, img_size: int, classes: Sequence[str],
-                       preprocess: dict[str, Any]) -> dict[str, Any]:
+                       preprocess: dict[str, Any], calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """Trace + freeze the model and save it with ``classes``/``preprocess`` as ``_extra_files``."""
     model = model.float().eval().cpu()
     x = torch.zeros(1, 3, img_size, img_size)
@@ -180,7 +188,8 @@ def export_torchscript(model: nn.Module, path: str, img_size: int, classes: Sequ
         warnings.simplefilter("ignore", FutureWarning)  # torch>=2.9 flags jit as deprecated; the format still works
         traced = torch.jit.trace(model, x)
         frozen = torch.jit.freeze(traced)
-        atomic_write(path, lambda tmp: torch.jit.save(frozen, tmp, _extra_files=_meta(classes, preprocess)))
+        meta = _meta(classes, preprocess, calibration or getattr(model, "calibration", None))
+        atomic_write(path, lambda tmp: torch.jit.save(frozen, tmp, _extra_files=meta))
     return {"traced": True, "frozen": True}
 
 
@@ -293,7 +302,8 @@ def require_tensorrt(cmd: str, first: str = "") -> None:
 
 
 def build_tensorrt_engine(onnx_path: str, engine_path: str, img_size: int, classes: Sequence[str],
-                          preprocess: dict[str, Any], max_batch: int = 32) -> dict[str, Any]:
+                          preprocess: dict[str, Any], max_batch: int = 32,
+                          calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build a TensorRT engine from the ONNX file and write it with its sidecar ``<engine_path>.json``.
 
     fp16 where the GPU and TensorRT version allow it (see utils.deploy.tensorrt_engine); returns the facts
@@ -306,6 +316,8 @@ def build_tensorrt_engine(onnx_path: str, engine_path: str, img_size: int, class
     plan, facts = te.build_plan(trt, onnx_path, INPUT_NAME, img_size, max_batch)
     meta = {"format": "tensorrt-engine", "classes": list(classes), "preprocess": dict(preprocess),
             "input": INPUT_NAME, "output": OUTPUT_NAME, "onnx": os.path.abspath(onnx_path), **facts}
+    if calibration:
+        meta["calibration"] = dict(calibration)
     te.write_engine(engine_path, plan, meta)
     return {**facts, "sidecar": te.sidecar_path(engine_path), "equivalent": cmd}
 

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from utils.checkpoint import Preprocess, load_checkpoint, model_from_checkpoint
+from utils.checkpoint import Preprocess, load_checkpoint, model_from_checkpoint, read_calibration
 from utils.deploy import tensorrt_engine as te
 from utils.deploy.engine import fast_forward
 from utils.deploy.onnx_io import onnx_session
@@ -56,8 +56,11 @@ class LoadedModel:
     def __init__(self, path: str, kind: str, classes: list[str], preprocess: dict[str, Any],
                  run: Callable[[torch.Tensor], torch.Tensor], device: torch.device,
                  arch: dict | None = None, config: dict | None = None, threads: int | None = None,
-                 providers: list[str] | None = None, engine: Choice | None = None) -> None:
+                 providers: list[str] | None = None, engine: Choice | None = None,
+                 calibration: dict[str, Any] | None = None) -> None:
         self.path = path
+        # Temperature + reject threshold fitted on validation images (utils/trust/calibration.py), None if not fitted.
+        self.calibration = calibration
         self.providers = providers
         self.threads = threads  # intra-op threads the caller asked for (None: runtime default)
         self.kind = kind
@@ -117,6 +120,11 @@ def _validate_meta(path: str, classes: Any, preprocess: Any) -> tuple[list[str],
         raise UserError(f"{path} carries no class names (metadata 'classes' missing or not a list of names); {fix}")
     pre = Preprocess.from_dict(preprocess, path, fix).as_dict()
     return list(classes), pre
+
+
+def _calibration(path: str, value: Any) -> dict[str, Any] | None:
+    """The file's temperature/threshold entry (utils/trust/calibration.py), None when it has none."""
+    return read_calibration(path, value)
 
 
 def _parse_json(path: str, key: str, text: str | bytes | None) -> Any:
@@ -191,7 +199,7 @@ def _open_checkpoint(path: str, device: torch.device, threads: int | None = None
                         "the checkpoint is inconsistent, re-save it with train.py")
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
     return LoadedModel(path, "checkpoint", classes, pre, _FastCheckpoint(model.eval(), threads or 0), device,
-                       arch=dict(model.arch), config=config)
+                       arch=dict(model.arch), config=config, calibration=_calibration(path, ckpt.get("calibration")))
 
 
 def _optimize_torchscript(module: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
@@ -209,7 +217,7 @@ def _optimize_torchscript(module: torch.jit.ScriptModule) -> torch.jit.ScriptMod
 
 
 def _open_torchscript(path: str, device: torch.device) -> LoadedModel:
-    extra = {"classes": "", "preprocess": ""}
+    extra = {"classes": "", "preprocess": "", "calibration": ""}
     try:
         with warnings.catch_warnings():  # torch>=2.9 flags jit.load as deprecated; the format still works
             warnings.simplefilter("ignore", FutureWarning)
@@ -226,7 +234,8 @@ def _open_torchscript(path: str, device: torch.device) -> LoadedModel:
             return module(x.to(device, non_blocking=True))
 
     return LoadedModel(path, "torchscript", classes, pre, run, device,
-                       engine=Choice("torchscript", "a TorchScript file runs on PyTorch's TorchScript runtime"))
+                       engine=Choice("torchscript", "a TorchScript file runs on PyTorch's TorchScript runtime"),
+                       calibration=_calibration(path, extra["calibration"]))
 
 
 def _ort_tensorrt_cache() -> str:
@@ -299,7 +308,8 @@ def _open_onnx(path: str, device: torch.device, threads: int | None = None) -> L
         return torch.from_numpy(sess.run([out_name], {in_name: arr})[0])
 
     return LoadedModel(path, "onnx", classes, pre, run, used, providers=got,
-                       engine=Choice("onnxruntime", f"an ONNX file runs on onnxruntime ({got[0]})"))
+                       engine=Choice("onnxruntime", f"an ONNX file runs on onnxruntime ({got[0]})"),
+                       calibration=_calibration(path, meta.get("calibration")))
 
 
 def _open_engine(path: str, device: str | torch.device | None) -> LoadedModel:
@@ -309,7 +319,8 @@ def _open_engine(path: str, device: str | torch.device | None) -> LoadedModel:
     classes, pre = _validate_meta(te.sidecar_path(path), meta.get("classes"), meta.get("preprocess"))
     runner, used = te.open_engine(path, meta, plan, device)
     return LoadedModel(path, "engine", classes, pre, runner, used,
-                       engine=Choice("tensorrt", "a TensorRT engine runs on TensorRT"))
+                       engine=Choice("tensorrt", "a TensorRT engine runs on TensorRT"),
+                       calibration=_calibration(path, meta.get("calibration")))
 
 
 def open_model(path: str, device: str | torch.device | None = None, threads: int | None = None) -> LoadedModel:

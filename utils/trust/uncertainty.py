@@ -1,0 +1,117 @@
+"""Intervals that fit the folder's size: stratified bootstrap confidence intervals and paired differences.
+
+On 8 test images one image is 12.5 points; a number without an interval says nothing about that. The
+bootstrap resamples images with replacement *within each class* (the class counts stay those of the folder),
+recomputes each metric and takes the 2.5th and 97.5th percentiles. Seeded, so the same data gives the same
+interval. For two models on the same images, the same resamples give a paired interval of the difference,
+much narrower than comparing two separate intervals.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from utils.deploy.int8_check import paired_difference_interval
+
+N_BOOT = 1000
+SEED = 0
+
+
+def _resamples(target: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n) indices: each row resamples every class's images with replacement (stratified)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n_boot, len(target)), dtype=np.int64)
+    start = 0
+    for c in np.unique(target):
+        members = np.nonzero(target == c)[0]
+        out[:, start:start + len(members)] = members[rng.integers(0, len(members), size=(n_boot, len(members)))]
+        start += len(members)
+    return out
+
+
+def _metrics(target: np.ndarray, pred: np.ndarray, labels: Sequence[int]) -> dict[str, np.ndarray]:
+    """Top-1 (%), balanced accuracy (%), macro-F1 (0-1) and per-class recall (0-1) of each row of (B, n) arrays."""
+    k = len(labels)
+    pos = {c: i for i, c in enumerate(labels)}
+    lut = np.full(max(max(labels), int(target.max()), int(pred.max())) + 1, -1, dtype=np.int64)
+    for c, i in pos.items():
+        lut[c] = i
+    t, p = lut[target], lut[pred]
+    b = t.shape[0]
+    flat = (np.arange(b)[:, None] * k * k + t * k + p).ravel()
+    cm = np.bincount(flat, minlength=b * k * k).reshape(b, k, k).astype(np.float64)
+    tp = np.einsum("bii->bi", cm)
+    support, predicted = cm.sum(axis=2), cm.sum(axis=1)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    f1 = np.divide(2 * tp, support + predicted, out=np.zeros_like(tp), where=(support + predicted) > 0)
+    present = support[0] > 0  # stratified: every resample has the folder's class counts
+    return {"top1": 100.0 * tp.sum(axis=1) / t.shape[1], "balanced_acc": 100.0 * recall[:, present].mean(axis=1),
+            "macro_f1": f1[:, present].mean(axis=1), "recall": recall}
+
+
+def _boot(target: np.ndarray, preds: Sequence[np.ndarray], labels: Sequence[int], n_boot: int, seed: int,
+          chunk: int = 100) -> list[dict[str, np.ndarray]]:
+    """:func:`_metrics` of every prediction array over the same ``n_boot`` stratified resamples, computed
+    ``chunk`` resamples at a time (memory stays ~chunk x images, not n_boot x images)."""
+    idx = [_resamples(target, min(chunk, n_boot - i), seed + i) for i in range(0, n_boot, chunk)]
+    out = []
+    for p in preds:
+        parts = [_metrics(target[ix], p[ix], labels) for ix in idx]
+        out.append({k: np.concatenate([m[k] for m in parts]) for k in parts[0]})
+    return out
+
+
+def _interval(values: np.ndarray) -> list[float]:
+    lo, hi = np.percentile(values, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def bootstrap_intervals(target: Sequence[int], pred: Sequence[int], labels: Sequence[int], names: Sequence[str],
+                        n_boot: int = N_BOOT, seed: int = SEED) -> dict[str, Any]:
+    """95% stratified-bootstrap intervals of top-1, balanced accuracy, macro-F1 and each class's recall.
+
+    ``labels`` are the class indices of the confusion matrix, ``names`` the names of all the model's classes.
+    Returns ``{"top1": {"value", "ci": [lo, hi]}, ..., "recall": {class: {"value", "ci"}}, "n", "n_boot", "seed"}``.
+    """
+    t, p = np.asarray(target, dtype=np.int64), np.asarray(pred, dtype=np.int64)
+    full = _metrics(t[None, :], p[None, :], labels)
+    boot, = _boot(t, [p], labels, n_boot, seed)
+    out: dict[str, Any] = {k: {"value": float(full[k][0]), "ci": _interval(boot[k])}
+                           for k in ("top1", "balanced_acc", "macro_f1")}
+    present = set(t.tolist())
+    out["recall"] = {names[c]: {"value": float(full["recall"][0, i]), "ci": _interval(boot["recall"][:, i])}
+                     for i, c in enumerate(labels) if c in present}
+    out.update(n=int(len(t)), n_boot=n_boot, seed=seed, method="stratified bootstrap (percentile), 95%")
+    return out
+
+
+def paired_difference(target: Sequence[int], pred_a: Sequence[int], pred_b: Sequence[int], labels: Sequence[int],
+                      n_boot: int = N_BOOT, seed: int = SEED) -> dict[str, Any]:
+    """A - B for top-1, balanced accuracy and macro-F1 on the same images with paired 95% intervals (bootstrap:
+    both models scored on the same resamples; top-1: Newcombe). Also the images only A / only B gets right."""
+    t = np.asarray(target, dtype=np.int64)
+    a, b = np.asarray(pred_a, dtype=np.int64), np.asarray(pred_b, dtype=np.int64)
+    labels = sorted(set(labels) | set(t.tolist()) | set(a.tolist()) | set(b.tolist()))
+    fa, fb = _metrics(t[None, :], a[None, :], labels), _metrics(t[None, :], b[None, :], labels)
+    ba, bb = _boot(t, [a, b], labels, n_boot, seed)
+    out: dict[str, Any] = {k: {"value": float(fa[k][0] - fb[k][0]), "ci": _interval(ba[k] - bb[k])}
+                           for k in ("balanced_acc", "macro_f1")}
+    ra, rb = a == t, b == t
+    counts = [int((ra & rb).sum()), int((ra & ~rb).sum()), int((~ra & rb).sum()), int((~ra & ~rb).sum())]
+    # Top-1: Newcombe's closed-form paired interval (as export.py's int8 check), which stays honest when the two
+    # models disagree on no or one image, where a bootstrap interval collapses to a point.
+    est, lo, hi = paired_difference_interval(*counts)
+    out["top1"] = {"value": 100.0 * est, "ci": [100.0 * lo, 100.0 * hi], "method": "Newcombe paired"}
+    out.update(n=int(len(t)), only_a_right=counts[1], only_b_right=counts[2], n_boot=n_boot, seed=seed)
+    return out
+
+
+def ci_text(name: str, entry: dict[str, Any], n: int, percent: bool = True) -> str:
+    """``top-1 87.5% (95% CI 62.5-100, n=8)``; macro-F1 style (0-1) with ``percent=False``."""
+    lo, hi = entry["ci"]
+    if percent:
+        def short(v: float) -> str:
+            return f"{v:.1f}".rstrip("0").rstrip(".")
+        return f"{name} {entry['value']:.1f}% (95% CI {short(lo)}-{short(hi)}, n={n})"
+    return f"{name} {entry['value']:.3f} (95% CI {lo:.3f}-{hi:.3f}, n={n})"
