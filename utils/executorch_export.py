@@ -19,6 +19,7 @@ here feeds a batch one image at a time.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -106,6 +107,14 @@ def _meta(classes: Sequence[str], preprocess: dict[str, Any]) -> dict[str, str]:
     return onnx_meta(classes, preprocess)
 
 
+def _write_bytes(path: str, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(path, write)
+
+
 def _example(img_size: int, n: int = 1) -> tuple[torch.Tensor]:
     return (torch.zeros(n, 3, img_size, img_size),)
 
@@ -117,7 +126,9 @@ def export_pt2(model: nn.Module, path: str, img_size: int, classes: Sequence[str
     batch = torch.export.Dim("batch", min=1, max=PT2_MAX_BATCH)
     with torch.no_grad():
         ep = torch.export.export(model, _example(img_size, 2), dynamic_shapes=({0: batch},))
-    atomic_write(path, lambda tmp: torch.export.save(ep, tmp, extra_files=_meta(classes, preprocess)))
+    buf = io.BytesIO()  # a buffer: torch.export.save warns about any file name not ending in .pt2 (temp names)
+    torch.export.save(ep, buf, extra_files=_meta(classes, preprocess))
+    _write_bytes(path, buf.getvalue())
     return {"exporter": "torch.export.export", "dynamic_batch": [1, PT2_MAX_BATCH],
             "load": "torch.export.load(path).module()"}
 
@@ -133,12 +144,7 @@ def _lower(ep, path: str, classes: Sequence[str], preprocess: dict[str, Any]) ->
     graph = program.exported_program().graph
     calls = [str(n.target) for n in graph.nodes if n.op == "call_function"]
     left = sorted({c for c in calls if "executorch_call_delegate" not in c and "getitem" not in c})
-
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            program.write_to_file(f)
-
-    atomic_write(path, write)
+    _write_bytes(path, program.buffer)
     return {"backend": "XNNPACK", "delegated_subgraphs": sum("executorch_call_delegate" in c for c in calls),
             "not_delegated_ops": left, "input_shape": list(ep.example_inputs[0][0].shape),
             "metadata_methods": list(META_METHODS), "executorch": executorch_version()}
@@ -221,7 +227,8 @@ def open_pt2(path: str) -> tuple[str, str, Callable[[torch.Tensor], torch.Tensor
     """``(classes JSON, preprocess JSON, run)`` of a ``torch.export`` archive."""
     extra = {k: "" for k in META_METHODS}
     try:
-        module = torch.export.load(path, extra_files=extra).module()
+        with open(path, "rb") as f:  # a buffer: torch.export.load refuses names not ending in .pt2 (temp names)
+            module = torch.export.load(io.BytesIO(f.read()), extra_files=extra).module()
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read torch.export file {path} ({first[:160]}); re-export it with "
@@ -232,3 +239,15 @@ def open_pt2(path: str) -> tuple[str, str, Callable[[torch.Tensor], torch.Tensor
             return module(x.to("cpu", torch.float32))
 
     return extra["classes"], extra["preprocess"], run
+
+
+def set_threads(threads: int) -> int | None:
+    """Set the threads of ExecuTorch's XNNPACK thread pool (process-wide); returns the count now, None if the
+    runtime has no such switch."""
+    try:
+        from executorch.extension.pybindings import portable_lib as pl
+    except Exception:
+        return None
+    if threads:
+        pl._unsafe_reset_threadpool(int(threads))
+    return int(pl._threadpool_get_thread_count())
