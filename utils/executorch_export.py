@@ -55,7 +55,7 @@ def require_executorch(what: str = "the executorch formats") -> str:
     """ExecuTorch's version, or a one-line UserError saying why it cannot be used here and what still works."""
     problem = executorch_problem()
     if problem:
-        raise UserError(f"{what} need ExecuTorch, which cannot be imported here ({problem}); install it with "
+        raise UserError(f"{what}: ExecuTorch cannot be imported here ({problem}); install it with "
                         f"`{INSTALL}` (requirements.txt); the onnx, torchscript, int8 and pt2 formats work without it")
     return executorch_version()
 
