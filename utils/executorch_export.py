@@ -180,7 +180,8 @@ def quantize_pte_int8(model: nn.Module, path: str, img_size: int, calib: torch.T
     facts = _lower(ep, path, classes, preprocess)
     return {"precision": "int8", "quantizer": "XNNPACKQuantizer (PT2E static)",
             "weights": "int8 symmetric " + ("per-channel" if per_channel else "per-tensor"),
-            "activations": "int8", "calibration_images": len(calib), **facts}
+            "activations": "int8 (HistogramObserver ranges: the quantizer's own; --calib-method is for ONNX)",
+            "calibration_images": len(calib), **facts}
 
 
 # ------------------------------------------------------------------------------------------------ readers
