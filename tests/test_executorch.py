@@ -136,17 +136,24 @@ def test_evaluate_pte(run, tmp_path):
     assert abs(m["top1"] - report["checks"]["executorch_int8"]["fp32_top1"]) < 0.01
 
 
-@needs_executorch
-def test_pruned_checkpoint_exports_to_a_smaller_pte(run, tmp_path):
+@pytest.fixture(scope="module")
+def pruned(run, tmp_path_factory):
+    """The run's checkpoint with half of its expanded channels pruned (utils.prune), saved like utils.prune does."""
     from utils import prune
     from utils.checkpoint import load_checkpoint, save_checkpoint
 
-    ckpt, out, _ = run
-    c = load_checkpoint(ckpt)
+    ckpt = run[0]
     model = ex.load_export_source(ckpt).model
     prune.prune_expanded_channels(model, 0.5, img_size=32)
-    pruned = str(tmp_path / "pruned.pt")
-    save_checkpoint(pruned, {**c, "model": model.state_dict(), "arch": dict(model.arch), "pruned": {"ratio": 0.5}})
+    path = str(tmp_path_factory.mktemp("pruned") / "pruned.pt")
+    save_checkpoint(path, {**load_checkpoint(ckpt), "model": model.state_dict(), "arch": dict(model.arch),
+                           "pruned": {"ratio": 0.5}})
+    return path
+
+
+@needs_executorch
+def test_pruned_checkpoint_exports_to_a_smaller_pte(run, pruned, tmp_path):
+    out = run[1]
     rep = export.main([pruned, "--format", "executorch", "--out", str(tmp_path / "exp"), "--verify-images", "20"])
     assert rep["pruned"] and rep["checks"]["executorch"]["passed"]
     assert rep["files"]["executorch"]["bytes"] < 0.8 * os.path.getsize(os.path.join(out, "model.pte"))
@@ -177,16 +184,15 @@ def test_broken_pte_is_a_user_error(run, tmp_path):
 
 
 @needs_executorch
-def test_bench_infer_executorch_rows(tmp_path):
+def test_bench_infer_executorch_int8_row_of_a_pruned_checkpoint(pruned, tmp_path):
     out = str(tmp_path / "infer.csv")
     p = argparse.ArgumentParser()
     bench_infer.add_arguments(p)
     rows = bench_infer.run(p.parse_args([
-        "--model", "mobilenet_v2", "--width-mult", "0.25", "--num-classes", "10", "--img-size", "32",
-        "--repeats", "3", "--batch-repeats", "1", "--batch-size", "4", "--warmup", "1", "--calib-images", "4",
-        "--out", out, "--variants", "onnxruntime", "executorch", "executorch_int8"]))
+        pruned, "--repeats", "3", "--batch-repeats", "1", "--batch-size", "4", "--warmup", "1", "--calib-images", "4",
+        "--out", out, "--variants", "onnxruntime", "executorch_int8"]))  # fp32 .pte: same writer as export.py's
     by = {r["variant"]: r for r in rows}
-    assert list(by) == ["onnxruntime", "executorch", "executorch_int8"]
+    assert list(by) == ["onnxruntime", "executorch_int8"] and "pruned" in rows[0]["model"]
     assert all(r["b1_p50_ms"] > 0 and r["b4_img_s"] > 0 for r in rows)
-    assert by["executorch_int8"]["file_mb"] < 0.5 * by["executorch"]["file_mb"]
-    assert "int8 / fp32 ExecuTorch (XNNPACK) batch-1 latency" in open(os.path.splitext(out)[0] + ".md").read()
+    assert by["executorch_int8"]["file_mb"] < 0.5 * by["onnxruntime"]["file_mb"]
+    assert "| executorch_int8 |" in open(os.path.splitext(out)[0] + ".md").read()
