@@ -164,8 +164,6 @@ def _exported_variants(model: torch.nn.Module, pre: dict[str, Any], args: argpar
             else:
                 etx.quantize_pte_int8(model, path, size, _calibration_images(args, pre), [], pre)
             out[name] = (etx.open_pte(path)[2], "nchw", os.path.getsize(path))
-    if args.threads and want & set(EXECUTORCH_VARIANTS):
-        etx.set_threads(args.threads)
     return out
 
 

@@ -241,14 +241,3 @@ def open_pt2(path: str) -> tuple[str, str, Callable[[torch.Tensor], torch.Tensor
 
     return extra["classes"], extra["preprocess"], run
 
-
-def set_threads(threads: int) -> int | None:
-    """Set the threads of ExecuTorch's XNNPACK thread pool (process-wide); returns the count now, None if the
-    runtime has no such switch."""
-    try:
-        from executorch.extension.pybindings import portable_lib as pl
-    except Exception:
-        return None
-    if threads:
-        pl._unsafe_reset_threadpool(int(threads))
-    return int(pl._threadpool_get_thread_count())

@@ -357,12 +357,6 @@ def _open_exported(path: str, kind: str) -> LoadedModel:
     return LoadedModel(path, kind, classes, pre, run, torch.device("cpu"), engine=engine)
 
 
-def _set_executorch_threads(threads: int) -> None:
-    from utils.executorch_export import set_threads
-
-    set_threads(threads)
-
-
 def open_model(path: str, device: str | torch.device | None = None, threads: int | None = None) -> LoadedModel:
     """Load a checkpoint, TorchScript, ONNX, TensorRT engine, .pt2 or .pte file as a :class:`LoadedModel`.
 
@@ -380,8 +374,8 @@ def open_model(path: str, device: str | torch.device | None = None, threads: int
         model = _open_onnx(path, dev, threads)
     elif kind in ("pt2", "pte"):
         model = _open_exported(path, kind)
-        if threads:  # PyTorch's threads for a .pt2, ExecuTorch's XNNPACK thread pool for a .pte
-            torch.set_num_threads(threads) if kind == "pt2" else _set_executorch_threads(threads)
+        if threads and kind == "pt2":  # a .pte keeps ExecuTorch's own thread pool (resetting it hung here)
+            torch.set_num_threads(threads)
     else:
         if threads:
             torch.set_num_threads(threads)
