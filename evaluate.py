@@ -2,6 +2,7 @@
 
     python evaluate.py runs/fmnist/best.pt val                 # split name of the run -> runs/fmnist/eval/
     python evaluate.py runs/fmnist/export/model.onnx DATA/test --out eval_onnx
+    python evaluate.py runs/fmnist/export/model.int8.pte DATA/val          # the phone file, on ExecuTorch's runtime
 
 Reports top-1, top-5, balanced accuracy (mean per-class recall), macro-F1, mean loss and per-class
 precision/recall/F1/support, and writes metrics.json, per_class.csv, confusion_matrix.csv/.png, mistakes.csv
@@ -257,7 +258,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Evaluate a model file on a labelled ImageFolder split: top-1/top-5, loss, per-class "
                     "precision/recall/F1, confusion matrix and the most confident mistakes.")
     p.add_argument("model", metavar="MODEL",
-                   help="train.py checkpoint (RUN/best.pt), TorchScript, ONNX or TensorRT .engine file (export.py "
+                   help="train.py checkpoint (RUN/best.pt), TorchScript, ONNX, .pt2, ExecuTorch .pte or TensorRT .engine file (export.py "
                         "output); class names and preprocessing are read from it")
     p.add_argument("data", metavar="DATA",
                    help="split folder with one sub-folder per class (e.g. DATA/val), or a split name "

@@ -5,13 +5,15 @@
     python export.py RUN/best.pt --format onnx --out /tmp/ship
     python export.py RUN/best.pt --format int8 --calib-data photos/ --max-drop 0.5
     python export.py RUN/best.pt --format tensorrt                # needs a GPU + tensorrt (untested here)
+    python export.py RUN/best.pt --format executorch executorch_int8   # phone files: model.pte, model.int8.pte
 
-Files: DIR/model.onnx (fp32), DIR/model.torchscript.pt, DIR/model.int8.onnx, DIR/model.engine (TensorRT) with
-its sidecar DIR/model.engine.json (class names, preprocessing), DIR/export.json (every check below). Each file
+Files: DIR/model.onnx (fp32), DIR/model.torchscript.pt, DIR/model.pt2 (torch.export), DIR/model.int8.onnx,
+DIR/model.pte and DIR/model.int8.pte (ExecuTorch, XNNPACK: for phones, docs/phone.md), DIR/model.engine (TensorRT)
+with its sidecar DIR/model.engine.json (class names, preprocessing), DIR/export.json (every check below). Each file
 is verified on real validation images before it appears under its final name: fp32 files must match the
 PyTorch logits within --tol (1e-4, relative to the largest logit when that exceeds 1) with the same top-1 on
 every image; the TensorRT engine (fp16) within --tol-fp16 (same top-1 except near-ties); the int8 file is compared
-with model.onnx image by image: top-1 accuracy on the validation images, with a 95% interval of the change (paired,
+with model.onnx (model.int8.pte with model.pte) image by image: top-1 accuracy on the validation images, with a 95% interval of the change (paired,
 Newcombe), and top-1 agreement on those plus the calibration images. It is refused only when the loss is real: the
 whole interval lies below -MAX_DROP, or agreement is significantly below --min-agreement (utils/deploy/int8_check.py), so
 one flipped image on a small validation folder does not fail the export. A failed check is an error and leaves no
@@ -32,22 +34,25 @@ import torch
 
 from utils import machine
 from utils.data import SkippedFiles, list_labelled_images
+from utils.deploy import executorch_export as etx
 from utils.deploy import export as ex
 from utils.deploy import int8, int8_check
 from utils.deploy.tensorrt_engine import sidecar_path
 from utils.errors import UserError, run_main
 from utils.files import write_json
 
-FORMATS = ("onnx", "torchscript", "int8", "tensorrt")
+FORMATS = ("onnx", "torchscript", "pt2", "int8", "executorch", "executorch_int8", "tensorrt")
 FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "int8": "model.int8.onnx",
-         "tensorrt": "model.engine"}
+         "tensorrt": "model.engine", "pt2": "model.pt2", "executorch": "model.pte", "executorch_int8": "model.int8.pte"}
+DEFAULT_FORMATS = ["onnx", "torchscript", "pt2", "int8"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint written by train.py or prune.py (e.g. RUN/best.pt)")
-    p.add_argument("--format", nargs="+", choices=FORMATS, default=["onnx", "torchscript", "int8"],
-                   help="what to write (default: onnx torchscript int8); int8 and tensorrt also write model.onnx")
+    p.add_argument("--format", nargs="+", choices=FORMATS, default=DEFAULT_FORMATS,
+                   help="what to write (default: onnx torchscript pt2 int8); int8 and tensorrt also write model.onnx, "
+                        "executorch_int8 also writes model.pte (the phone files need ExecuTorch, docs/phone.md)")
     p.add_argument("--out", help="output folder (default: the checkpoint's folder + /export)")
     p.add_argument("--val-data", help="validation folder with one sub-folder per class, used for every check "
                                       "(default: DATA/val, DATA = the 'data' entry of the checkpoint's config)")
@@ -56,9 +61,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-images", type=int, default=300,
                    help="calibration images, spread evenly over the folder (default 300)")
     p.add_argument("--calib-method", choices=("minmax", "percentile", "entropy"), default="minmax",
-                   help="how activation ranges are chosen from the calibration images (default minmax)")
+                   help="how activation ranges of model.int8.onnx are chosen from the calibration images (default "
+                        "minmax; model.int8.pte uses the XNNPACK quantizer's histogram observer)")
     p.add_argument("--per-tensor", action="store_true",
-                   help="one int8 scale per weight tensor instead of per output channel (less accurate)")
+                   help="one int8 scale per weight tensor instead of per output channel (less accurate; "
+                        "model.int8.onnx and model.int8.pte alike)")
     p.add_argument("--int8-target", choices=("any-x86", "vnni", "arm"), default=None,
                    help="CPU the int8 file is for (default any-x86): any-x86 writes 7-bit weights, exact on every "
                         "x86 CPU (without VNNI, e.g. AVX2-only AMD Zen 2, 8-bit weights saturate in onnxruntime's "
@@ -152,6 +159,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     formats = list(dict.fromkeys(args.format))
     if ("int8" in formats or "tensorrt" in formats) and "onnx" not in formats:
         formats.insert(0, "onnx")  # both are built from the verified fp32 ONNX file
+    if "executorch_int8" in formats and "executorch" not in formats:
+        formats.insert(formats.index("executorch_int8"), "executorch")  # its accuracy is checked against model.pte
+    et_version = _require_executorch(formats)  # one line, before any work, when ExecuTorch is missing
     src = ex.load_export_source(args.checkpoint)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "export")
     img_size = int(src.preprocess["img_size"])
@@ -174,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "checkpoint": os.path.abspath(args.checkpoint), "arch": src.arch, "classes": src.classes,
         "preprocess": src.preprocess, "pruned": src.pruned, "val_data": val_dir,
-        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                     **({"executorch": et_version} if et_version else {})},
         "machine": machine.describe_machine("cpu"),
         "files": {}, "checks": {},
     }
@@ -201,8 +212,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "torchscript" in formats:
         tmp = paths["torchscript"] + ".unverified"
         verified("torchscript", tmp, ex.export_torchscript(src.model, tmp, img_size, src.classes, src.preprocess))
+    if "pt2" in formats:
+
+        tmp = paths["pt2"] + ".unverified"
+        verified("pt2", tmp, etx.export_pt2(src.model, tmp, img_size, src.classes, src.preprocess))
     if "int8" in formats:
         report["checks"]["int8"] = _export_int8(args, src, paths, report, val, verify_x, ex, skipped)
+    if "executorch" in formats:
+        _export_executorch(args, src, paths, report, val, verify_x, ex, skipped, verified, "executorch_int8" in formats)
     report.update(skipped_images=len(skipped), skipped_files=skipped.records())
     _write_report(out, report)
     if "tensorrt" in formats:  # built from the verified ONNX file; runs here only against a fake TensorRT
@@ -215,13 +232,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _export_int8(args, src, paths, report, val, verify_x, ex, skipped: SkippedFiles) -> dict[str, Any]:
     """Quantize, check top-1 against fp32 on the validation set, time both files here, publish."""
     target = int8.TARGETS[args.int8_target]
-    calib_dir = args.calib_data or _data_folder(args, src.config, "train", "--calib-data")
-    calib_paths = ex.evenly_spaced(ex.list_images(calib_dir), args.calib_images)
-    if not calib_paths:
-        raise UserError(f"no images found in {calib_dir}; pass --calib-data DIR with a few hundred real images")
-    print(f"calibrating int8 on {len(calib_paths)} images from {calib_dir} "
-          f"({target.weight_bits}-bit weights for --int8-target {target.name})")
-    calib = _read(ex, calib_paths, src.preprocess, skipped, f"calibration images from {calib_dir}").x
+    calib_dir, calib = _calibration(args, src, ex, skipped,
+                                    f"{target.weight_bits}-bit weights for --int8-target {target.name}")
     tmp = paths["int8"] + ".unverified"
     t0 = time.time()
     facts = ex.quantize_int8(paths["onnx"], tmp, calib, per_channel=not args.per_tensor,
@@ -237,22 +249,79 @@ def _export_int8(args, src, paths, report, val, verify_x, ex, skipped: SkippedFi
         print(f"note: this CPU ({missing}) saturates 8-bit int8 products, so the accuracy check below can be "
               f"lower than on the {target.name} target")
     verdict = _int8_accuracy(args, src, paths["onnx"], tmp, val, calib, ex, skipped)
-    check = verdict.record()
-    check["passed"] = verdict.passed
-    if not verdict.passed:
-        _discard(tmp)
-        e = UserError(f"int8 model {paths['int8']} {verdict.reason()}; use more or more representative --calib-data, "
-                      "try --calib-method percentile/entropy, or ship the fp32 model.onnx")
-        if not args.int8_fallback:
-            raise e
-        _discard(paths["int8"])  # an int8 file from an earlier export must not pass for this one
-        print(f"int8         not written, continuing with the fp32 files (--int8-fallback): {e}")
+    check = _int8_verdict(args, verdict, tmp, paths["int8"], "model.onnx",
+                          "try --calib-method percentile/entropy, ")
+    if not check["passed"]:
         return check
     report["speed"] = _int8_speed(paths["onnx"], tmp, verify_x)
     _publish(tmp, paths["int8"])
     report["files"]["int8"] = {"path": paths["int8"], "bytes": os.path.getsize(paths["int8"]), **facts}
     print(f"int8         {paths['int8']}  {os.path.getsize(paths['int8']) / 1e6:.2f} MB")
     return check
+
+
+def _calibration(args, src, ex, skipped: SkippedFiles, what: str) -> tuple[str, torch.Tensor]:
+    """(folder, decoded images) of the int8 calibration set: --calib-images spread over --calib-data."""
+    calib_dir = args.calib_data or _data_folder(args, src.config, "train", "--calib-data")
+    calib_paths = ex.evenly_spaced(ex.list_images(calib_dir), args.calib_images)
+    if not calib_paths:
+        raise UserError(f"no images found in {calib_dir}; pass --calib-data DIR with a few hundred real images")
+    print(f"calibrating int8 on {len(calib_paths)} images from {calib_dir} ({what})")
+    return calib_dir, _read(ex, calib_paths, src.preprocess, skipped, f"calibration images from {calib_dir}").x
+
+
+def _int8_verdict(args, verdict: int8_check.Int8Verdict, tmp: str, final: str, fp32_name: str,
+                  hint: str = "") -> dict[str, Any]:
+    """The int8 check's record; a refused file is discarded and raised as a UserError (one printed line and no
+    file with --int8-fallback, when the caller goes on with the fp32 files)."""
+    check = verdict.record()
+    check["passed"] = verdict.passed
+    if not verdict.passed:
+        _discard(tmp)
+        e = UserError(f"int8 model {final} {verdict.reason()}; use more or more representative --calib-data, "
+                      f"{hint}or ship the fp32 {fp32_name}")
+        if not args.int8_fallback:
+            raise e
+        _discard(final)  # an int8 file from an earlier export must not pass for this one
+        label = "int8" if final.endswith(".onnx") else "pte int8"
+        print(f"{label:12s} not written, continuing with the fp32 files (--int8-fallback): {e}")
+    return check
+
+
+def _require_executorch(formats: list[str]) -> str | None:
+    """ExecuTorch's version when a phone format is asked for (a one-line UserError when it is missing)."""
+    if not {"executorch", "executorch_int8"} & set(formats):
+        return None
+
+    return etx.require_executorch("--format " + " ".join(f for f in formats if f.startswith("executorch")))
+
+
+def _export_executorch(args, src, paths, report, val, verify_x, ex, skipped: SkippedFiles, verified,
+                       with_int8: bool) -> None:
+    """model.pte (fp32, checked like the other fp32 files) and, with ``with_int8``, model.int8.pte: PT2E int8
+    calibrated like model.int8.onnx and checked against model.pte by the same accuracy check."""
+
+    img_size = int(src.preprocess["img_size"])
+    tmp = paths["executorch"] + ".unverified"
+    t0 = time.time()
+    facts = etx.export_pte(src.model, tmp, img_size, src.classes, src.preprocess)
+    verified("executorch", tmp, {**facts, "seconds": round(time.time() - t0, 1)})
+    if not with_int8:
+        return
+    final = paths["executorch_int8"]
+    calib_dir, calib = _calibration(args, src, ex, skipped, "ExecuTorch XNNPACK quantizer, int8 "
+                                    + ("per-tensor" if args.per_tensor else "per-channel") + " weights")
+    tmp = final + ".unverified"
+    t0 = time.time()
+    facts = etx.quantize_pte_int8(src.model, tmp, img_size, calib, src.classes, src.preprocess,
+                                  per_channel=not args.per_tensor)
+    facts.update(seconds=round(time.time() - t0, 1), calibration_data=calib_dir)
+    verdict = _int8_accuracy(args, src, paths["executorch"], tmp, val, calib, ex, skipped)
+    report["checks"]["executorch_int8"] = check = _int8_verdict(args, verdict, tmp, final, "model.pte")
+    if check["passed"]:
+        _publish(tmp, final)
+        report["files"]["executorch_int8"] = {"path": final, "bytes": os.path.getsize(final), **facts}
+        print(f"{'pte int8':12s} {final}  {os.path.getsize(final) / 1e6:.2f} MB")
 
 
 def _cpu():

@@ -104,9 +104,10 @@ def write_predictions_csv(path: str, result: dict[str, Any]) -> None:
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        description="Print the top-k classes of each image for a checkpoint, TorchScript, ONNX or TensorRT engine file.")
+        description="Print the top-k classes of each image for a checkpoint, TorchScript, ONNX, torch.export (.pt2), "
+                    "ExecuTorch (.pte) or TensorRT engine file.")
     p.add_argument("model", metavar="MODEL",
-                   help="train.py checkpoint, TorchScript, ONNX or TensorRT .engine file; class names and preprocessing "
+                   help="train.py checkpoint, TorchScript, ONNX, .pt2, ExecuTorch .pte or TensorRT .engine file; class names and preprocessing "
                         "are read from it")
     p.add_argument("images", metavar="IMAGE", nargs="+",
                    help="image files, folders (searched recursively) or quoted glob patterns such as 'photos/**/*.jpg'")

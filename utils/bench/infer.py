@@ -1,8 +1,9 @@
 """Inference speed of the deployment variants of one model, measured interleaved in one run.
 
 Variants: PyTorch eager fp32, eager channels_last, TorchScript (trace + freeze), onnxruntime fp32 and
-onnxruntime int8 (static QDQ, u8 activations + s8 per-channel weights) - the files export.py writes,
-produced here with the same code. For each: file size, batch-1 latency p50/p90 (ms) and batch-32
+onnxruntime int8 (static QDQ, u8 activations + s8 per-channel weights), torch.export (.pt2) and ExecuTorch fp32
+and int8 (.pte, XNNPACK; fed one image at a time, the program's input shape) - the files export.py writes,
+produced here with the same code. The ExecuTorch rows are measured when ExecuTorch imports here. For each: file size, batch-1 latency p50/p90 (ms) and batch-32
 throughput (images/s); plus params and MACs. Prints a Markdown table under the machine it was measured on
 (CPU model and features: int8 pays only with VNNI/AMX/ARM dot-product), saves CSV + Markdown.
 
@@ -26,6 +27,7 @@ import torch
 
 from models import build_model, count_macs, count_params, load_pretrained
 from utils.data import IMAGENET_MEAN, IMAGENET_STD
+from utils.deploy import executorch_export as etx
 from utils.deploy import export as ex
 from utils.deploy.export import INPUT_NAME, load_export_source
 from utils.deploy.onnx_io import onnx_session
@@ -35,7 +37,9 @@ from utils.machine import describe_machine
 from utils.timing import interleaved_timings, load_average, median, percentile
 
 DEFAULT_CALIB = os.path.join(REPO_ROOT, "tests", "assets", "photos")
-VARIANTS = ("eager", "channels_last", "torchscript", "onnxruntime", "onnxruntime_int8")
+VARIANTS = ("eager", "channels_last", "torchscript", "onnxruntime", "onnxruntime_int8", "pt2", "executorch",
+            "executorch_int8")
+EXECUTORCH_VARIANTS = ("executorch", "executorch_int8")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,8 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-repeats", type=_at_least_one, default=5,
                         help="timed batch calls per variant for throughput (default 5)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per variant first (default 3)")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
-                        help="which variants to measure (default: all)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                        help="which variants to measure (default: all; the executorch ones only when ExecuTorch "
+                             "is installed)")
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads for PyTorch and onnxruntime alike (default 0: each library's default). "
                              "On a busy shared machine use 1: multi-threaded PyTorch stalls at every barrier when "
@@ -128,14 +133,55 @@ def build_variants(model: torch.nn.Module, pre: dict[str, Any], args: argparse.N
             sess = onnx_session(onnx_path, threads=args.threads, spinning=args.ort_spinning == "on")
             out["onnxruntime"] = (_ort_fn(sess), "numpy", os.path.getsize(onnx_path))
         if "onnxruntime_int8" in want:
-            calib_paths = ex.evenly_spaced(ex.list_images(args.calib_data), args.calib_images)
-            if not calib_paths:
-                raise UserError(f"no images in {args.calib_data}; pass --calib-data DIR with real photos")
             int8_path = os.path.join(tmp, "model.int8.onnx")
-            ex.quantize_int8(onnx_path, int8_path, ex.load_images(calib_paths, pre))
+            ex.quantize_int8(onnx_path, int8_path, _calibration_images(args, pre))
             sess = onnx_session(int8_path, threads=args.threads, spinning=args.ort_spinning == "on")
             out["onnxruntime_int8"] = (_ort_fn(sess), "numpy", os.path.getsize(int8_path))
+    if want & {"pt2", *EXECUTORCH_VARIANTS}:
+        out.update(_exported_variants(model, pre, args, tmp, want))
     return out
+
+
+def _calibration_images(args: argparse.Namespace, pre: dict[str, Any]) -> torch.Tensor:
+
+    calib_paths = ex.evenly_spaced(ex.list_images(args.calib_data), args.calib_images)
+    if not calib_paths:
+        raise UserError(f"no images in {args.calib_data}; pass --calib-data DIR with real photos")
+    return ex.load_images(calib_paths, pre)
+
+
+def _exported_variants(model: torch.nn.Module, pre: dict[str, Any], args: argparse.Namespace, tmp: str,
+                       want: set[str]) -> dict[str, tuple[Any, str, int]]:
+    """pt2 and ExecuTorch (.pte, XNNPACK) variants, written by utils/deploy/executorch_export.py as export.py does."""
+
+    size, out = int(pre["img_size"]), {}
+    if "pt2" in want:
+        path = os.path.join(tmp, "model.pt2")
+        etx.export_pt2(model, path, size, [], pre)
+        out["pt2"] = (etx.open_pt2(path)[1], "nchw", os.path.getsize(path))
+    for name in EXECUTORCH_VARIANTS:
+        if name in want:
+            path = os.path.join(tmp, f"{name}.pte")
+            if name == "executorch":
+                etx.export_pte(model, path, size, [], pre)
+            else:
+                etx.quantize_pte_int8(model, path, size, _calibration_images(args, pre), [], pre)
+            out[name] = (etx.open_pte(path)[1], "nchw", os.path.getsize(path))
+    return out
+
+
+def resolve_variants(args: argparse.Namespace) -> list[str]:
+    """--variants, or every variant (the ExecuTorch ones only when ExecuTorch imports here, else a note line)."""
+
+    if args.variants:
+        if set(args.variants) & set(EXECUTORCH_VARIANTS):
+            etx.require_executorch("the executorch variants")
+        return list(dict.fromkeys(args.variants))
+    problem = etx.executorch_problem()
+    if problem:
+        print(f"note: no ExecuTorch rows: ExecuTorch cannot be imported here ({problem}; `{etx.INSTALL}`)")
+        return [v for v in VARIANTS if v not in EXECUTORCH_VARIANTS]
+    return list(VARIANTS)
 
 
 def _at_least_one(text: str) -> int:
@@ -176,6 +222,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.variants = resolve_variants(args)
     model, pre, label = _model_and_meta(args)
     size = int(pre["img_size"])
     params, macs = count_params(model), count_macs(model, size)
@@ -215,9 +262,10 @@ def format_table(rows: list[dict[str, Any]], batch: int) -> str:
         lines.append(f"| {r['variant']} | {r['file_mb']:.2f} | {r['b1_p50_ms']:.2f} | {r['b1_p90_ms']:.2f} | "
                      f"{r[f'b{batch}_img_s']:.1f} | {ratio} |")
     by = {r["variant"]: r for r in rows}
-    if "onnxruntime_int8" in by and "onnxruntime" in by:
-        lines += ["", f"int8 / fp32 onnxruntime batch-1 latency: "
-                      f"{by['onnxruntime_int8']['b1_p50_ms'] / by['onnxruntime']['b1_p50_ms']:.2f}x"]
+    pairs = (("onnxruntime", "onnxruntime_int8", "onnxruntime"), ("executorch", "executorch_int8", "ExecuTorch (XNNPACK)"))
+    ratios = [f"int8 / fp32 {what} batch-1 latency: {by[q]['b1_p50_ms'] / by[fp32]['b1_p50_ms']:.2f}x"
+              for fp32, q, what in pairs if q in by and fp32 in by]
+    lines += [""] + ratios if ratios else []
     return "\n".join(lines)
 
 

@@ -17,7 +17,6 @@ in its sidecar ``model.engine.json``.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import warnings
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.checkpoint import atomic_write, load_checkpoint, model_from_checkpoint
+from utils.checkpoint import atomic_write, load_checkpoint, model_from_checkpoint, model_metadata
 from utils.data import ImageFiles, build_eval_transform, collate_readable, images_under
 from utils.deploy import tensorrt_engine as te
 from utils.deploy.onnx_io import INPUT_NAME, ONNX_OPSET, OUTPUT_NAME
@@ -119,15 +118,6 @@ def load_images(paths: Sequence[str], preprocess: dict[str, Any]) -> torch.Tenso
 
 
 # --------------------------------------------------------------------------------------------- exporters
-def _meta(classes: Sequence[str], preprocess: dict[str, Any],
-          calibration: dict[str, Any] | None = None) -> dict[str, str]:
-    """Metadata every exported file carries; ``calibration`` defaults to the model's own (load_export_source)."""
-    meta = {"classes": json.dumps(list(classes)), "preprocess": json.dumps(dict(preprocess))}
-    if calibration:  # temperature + reject threshold travel like the class names
-        meta["calibration"] = json.dumps(dict(calibration))
-    return meta
-
-
 def export_onnx(model: nn.Module, path: str, img_size: int, classes: Sequence[str], preprocess: dict[str, Any],
                 opset: int = ONNX_OPSET, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write an fp32 ONNX file with a dynamic batch axis, folded constants and class/preprocess metadata.
@@ -146,7 +136,7 @@ def export_onnx(model: nn.Module, path: str, img_size: int, classes: Sequence[st
                               input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                               dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
         proto = onnx.load(raw)
-    for k, v in _meta(classes, preprocess, calibration or getattr(model, "calibration", None)).items():
+    for k, v in model_metadata(classes, preprocess, calibration or getattr(model, "calibration", None)).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
     proto.producer_name = "mobilenet-export"
@@ -188,7 +178,7 @@ def export_torchscript(model: nn.Module, path: str, img_size: int, classes: Sequ
         warnings.simplefilter("ignore", FutureWarning)  # torch>=2.9 flags jit as deprecated; the format still works
         traced = torch.jit.trace(model, x)
         frozen = torch.jit.freeze(traced)
-        meta = _meta(classes, preprocess, calibration or getattr(model, "calibration", None))
+        meta = model_metadata(classes, preprocess, calibration or getattr(model, "calibration", None))
         atomic_write(path, lambda tmp: torch.jit.save(frozen, tmp, _extra_files=meta))
     return {"traced": True, "frozen": True}
 

@@ -1,4 +1,5 @@
-"""Open any model file (train.py checkpoint, TorchScript, ONNX, TensorRT engine) behind one ``predict_batch``.
+"""Open any model file (train.py checkpoint, TorchScript, ONNX, TensorRT engine, torch.export .pt2, ExecuTorch
+.pte) behind one ``predict_batch``.
 
 Every format carries its own class names and preprocessing (checkpoint entries, TorchScript
 ``_extra_files``, ONNX ``metadata_props``, the ``.engine.json`` sidecar of a TensorRT engine), so evaluation
@@ -24,6 +25,7 @@ from typing import Any, Callable
 import torch
 
 from utils.checkpoint import Preprocess, load_checkpoint, model_from_checkpoint, read_calibration
+from utils.deploy import executorch_export as etx
 from utils.deploy import tensorrt_engine as te
 from utils.deploy.engine import fast_forward
 from utils.deploy.onnx_io import onnx_session
@@ -31,8 +33,8 @@ from utils.deploy.tensorrt_engine import ENGINE_EXTENSIONS
 from utils.errors import UserError
 from utils.machine import Choice, cache_dir
 
-ACCEPTED = ("a train.py checkpoint (.pt), a TorchScript file, an ONNX file (.onnx) or a TensorRT engine (.engine) "
-            "written by export.py")
+ACCEPTED = ("a train.py checkpoint (.pt), a TorchScript file, an ONNX file (.onnx), a torch.export file (.pt2), "
+            "an ExecuTorch program (.pte) or a TensorRT engine (.engine) written by export.py")
 
 
 def inference_device(device: str | torch.device | None = None) -> torch.device:
@@ -45,7 +47,7 @@ def inference_device(device: str | torch.device | None = None) -> torch.device:
 class LoadedModel:
     """A model ready for inference, whatever file it came from.
 
-    Attributes: ``path``, ``kind`` ("checkpoint" | "torchscript" | "onnx" | "engine"), ``classes`` (list of
+    Attributes: ``path``, ``kind`` ("checkpoint" | "torchscript" | "onnx" | "engine" | "pt2" | "pte"), ``classes`` (list of
     names, index = logit position), ``preprocess`` (dict img_size/resize_size/mean/std), ``device``,
     ``arch`` (build args, checkpoints only, else None), ``config`` (training config, checkpoints only),
     ``threads`` (intra-op threads asked for in :func:`open_model`, else None), ``providers`` (ONNX only:
@@ -137,7 +139,7 @@ def _parse_json(path: str, key: str, text: str | bytes | None) -> Any:
 
 
 def detect_kind(path: str) -> str:
-    """Tell the format: checkpoint, torchscript or onnx from the content; engine from the name (.engine/.plan).
+    """Tell the format: checkpoint, torchscript, pt2, pte or onnx from the content; engine from the name (.engine/.plan).
 
     A TensorRT plan has no signature of its own (its layout changes between TensorRT versions), hence the name.
     """
@@ -154,8 +156,12 @@ def detect_kind(path: str) -> str:
                 names = z.namelist()
         except (zipfile.BadZipFile, OSError):
             names = []
+        if etx.is_pt2(names):  # torch.export.save archive (utils/deploy/executorch_export.py)
+            return "pt2"
         # TorchScript archives hold compiled code (<archive>/code/...); torch.save archives do not.
         return "torchscript" if any("/code/" in n for n in names) else "checkpoint"
+    if etx.is_pte(path):
+        return "pte"
     with open(path, "rb") as f:
         head = f.read(2)
     if head[:1] == b"\x80":  # legacy (non-zip) torch.save pickle
@@ -323,8 +329,24 @@ def _open_engine(path: str, device: str | torch.device | None) -> LoadedModel:
                        calibration=_calibration(path, meta.get("calibration")))
 
 
+def _open_exported(path: str, kind: str) -> LoadedModel:
+    """A torch.export archive (.pt2, runs on PyTorch) or an ExecuTorch program (.pte, runs on ExecuTorch's
+    runtime with XNNPACK), CPU only; see utils/deploy/executorch_export.py."""
+
+    if kind == "pte":
+        meta, run = etx.open_pte(path)
+        engine = Choice("executorch", "an ExecuTorch program runs on ExecuTorch's runtime (XNNPACK)")
+    else:
+        meta, run = etx.open_pt2(path)
+        engine = Choice("torch.export", "a .pt2 file runs its exported graph on PyTorch")
+    classes, pre = _validate_meta(path, _parse_json(path, "classes", meta["classes"]),
+                                  _parse_json(path, "preprocess", meta["preprocess"]))
+    return LoadedModel(path, kind, classes, pre, run, torch.device("cpu"), engine=engine,
+                       calibration=_calibration(path, meta.get("calibration")))
+
+
 def open_model(path: str, device: str | torch.device | None = None, threads: int | None = None) -> LoadedModel:
-    """Load a checkpoint, TorchScript, ONNX or TensorRT engine file as a :class:`LoadedModel`.
+    """Load a checkpoint, TorchScript, ONNX, TensorRT engine, .pt2 or .pte file as a :class:`LoadedModel`.
 
     ``threads`` sets the intra-op threads (onnxruntime sessions, a checkpoint's included; for PyTorch this is
     process-wide ``torch.set_num_threads``); None keeps each runtime's default. Unknown or corrupt files raise
@@ -338,6 +360,10 @@ def open_model(path: str, device: str | torch.device | None = None, threads: int
         model = _open_engine(path, device)
     elif kind == "onnx":
         model = _open_onnx(path, dev, threads)
+    elif kind in ("pt2", "pte"):
+        model = _open_exported(path, kind)
+        if threads and kind == "pt2":  # a .pte keeps ExecuTorch's own thread pool (resetting it hung here)
+            torch.set_num_threads(threads)
     else:
         if threads:
             torch.set_num_threads(threads)
