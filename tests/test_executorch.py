@@ -19,6 +19,7 @@ import export
 import predict
 from utils.bench import infer as bench_infer
 from utils.checkpoint import load_checkpoint, pruned_state, save_checkpoint
+from utils.data import list_labelled_images
 from utils.deploy import executorch_export as etx
 from utils.deploy import export as ex
 from utils.deploy.runtime import detect_kind, open_model
@@ -47,7 +48,7 @@ def run(tmp_path_factory):
 
 def _val(ckpt):
     c = torch.load(ckpt, weights_only=True)
-    items = ex.list_labelled_images(os.path.join(c["config"]["data"], "val"), c["classes"])
+    items = list_labelled_images(os.path.join(c["config"]["data"], "val"), c["classes"])
     return ex.load_images([p for p, _ in items], c["preprocess"]), torch.tensor([y for _, y in items]), c
 
 
