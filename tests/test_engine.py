@@ -15,7 +15,6 @@ from eval_helpers import (
     link_sample_split,
     make_checkpoint,
     make_class_folders,
-    one_thread,
     photo_paths,
 )
 from PIL import Image
@@ -33,10 +32,7 @@ from utils.deploy.engine import ThreadProbe, fast_forward, parity
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in photo_paths()]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: one torch thread
 
 
 @pytest.fixture(scope="module")

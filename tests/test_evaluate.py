@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from eval_helpers import PHOTOS, PREPROCESS, make_checkpoint, make_class_folders, one_thread, photo_paths
+from eval_helpers import PHOTOS, PREPROCESS, make_checkpoint, make_class_folders, photo_paths
 from PIL import Image
 
 import evaluate
@@ -20,10 +20,7 @@ from utils.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: one torch thread
 CLASSES = ["animal", "object", "scene"]
 # photo -> (true class, probabilities the stub model gives for animal/object/scene)
 TABLE = {

@@ -81,7 +81,11 @@ def test_command_line(two_runs, tmp_path):
 def test_confusion_matrix_and_mistakes_figures(tmp_path):
     cm = np.array([[5, 1], [2, 7]])
     plot_confusion_matrix(cm, ["cat", "dog"], str(tmp_path / "cm.png"), title="t")
-    assert Image.open(tmp_path / "cm.png").format == "PNG"
+    plot_confusion_matrix(np.diag([3, 4, 5, 6, 7]), list("abcde"), str(tmp_path / "cm5.png"))
+    with Image.open(tmp_path / "cm.png") as two, Image.open(tmp_path / "cm5.png") as five:
+        assert two.format == five.format == "PNG" and two.tobytes() != five.tobytes()
+        # counts and row-normalised cells are drawn in a colour scale, not a blank canvas
+        assert len(two.convert("RGB").getcolors(1 << 20)) > 50 and len(five.convert("RGB").getcolors(1 << 20)) > 50
     photos = photo_paths()[:3]
     mistakes = [{"file": p, "true": "a", "predicted": "b", "confidence": 0.9 - i / 10} for i, p in enumerate(photos)]
     plot_mistakes(mistakes, str(tmp_path / "m.png"), max_images=2)

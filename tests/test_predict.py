@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from eval_helpers import PHOTOS, export_onnx, make_checkpoint, one_thread, photo_paths
+from eval_helpers import PHOTOS, export_onnx, make_checkpoint, photo_paths
 from PIL import Image
 
 import predict
@@ -19,10 +19,7 @@ from utils.errors import UserError
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: one torch thread
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in photo_paths()]
 
 

@@ -5,7 +5,7 @@ import zipfile
 
 import pytest
 import torch
-from eval_helpers import PREPROCESS, export_onnx, export_torchscript, make_checkpoint, one_thread, photo_paths
+from eval_helpers import PREPROCESS, export_onnx, export_torchscript, make_checkpoint, photo_paths
 from PIL import Image
 
 from utils.data import build_eval_transform
@@ -15,10 +15,7 @@ from utils.errors import UserError
 NAMES = [os.path.splitext(os.path.basename(p))[0] for p in photo_paths()]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: one torch thread
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from eval_helpers import fitted_sample_run, one_thread  # noqa: E402
+from eval_helpers import fitted_sample_run  # noqa: E402
 from fake_tensorrt import make_cudart, make_plan, make_tensorrt  # noqa: E402
 
 import evaluate  # noqa: E402
@@ -30,10 +30,7 @@ from utils.errors import UserError  # noqa: E402
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: one torch thread
 
 
 @pytest.fixture(scope="module")

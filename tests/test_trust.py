@@ -10,7 +10,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from eval_helpers import fitted_sample_run, one_thread, photo_paths
+from eval_helpers import fitted_sample_run, photo_paths
 
 import evaluate
 import predict
@@ -22,11 +22,7 @@ from utils.trust.calibration import calibrated_probs, expected_calibration_error
 from utils.trust.reject import apply_threshold, threshold_for_accuracy
 from utils.trust.uncertainty import bootstrap_intervals, ci_text, paired_difference
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: one torch thread
 
 
 @pytest.fixture(scope="module")
