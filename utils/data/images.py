@@ -210,17 +210,24 @@ def scan_class_folders(root: str) -> tuple[dict[str, list[str]], list[str]]:
 
 
 class ImageFiles(Dataset):
-    """Images by path; an unreadable file yields ``None`` and its error instead of stopping the run."""
+    """Images by path, for evaluation (no augmentation); an unreadable file yields ``None`` and its error instead
+    of stopping the run. ``decode``: path -> image for ``transform`` (default: the PIL image, what evaluate.py,
+    predict.py and export.py use; train.py's validation passes :func:`decode_rgb`, the training decoder)."""
 
-    def __init__(self, paths: Sequence[str], transform) -> None:
+    def __init__(self, paths: Sequence[str], transform, decode: Callable[[str], Any] | None = None) -> None:
         self.paths = list(paths)
         self.transform = transform
+        self.decode = decode
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor | None, int, str | None]:
         try:
+            if self.decode is not None:
+                img = self.decode(self.paths[i])
+                with single_thread():  # per-image ops are small (workers already run with one thread)
+                    return self.transform(img), i, None
             with Image.open(self.paths[i]) as im:
                 im.load()
                 return self.transform(im), i, None

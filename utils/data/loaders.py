@@ -34,6 +34,7 @@ from tqdm import tqdm
 from utils.data.augment import AugmentConfig, _augment_batch, _square, _stack_uniform
 from utils.data.images import (
     _IO_DEPRECATION,
+    ImageFiles,
     ImageFolderRGB,
     SkippedFiles,
     decode_rgb,
@@ -77,23 +78,6 @@ class _TrainFiles(Dataset):
             torch.set_rng_state(state)
 
 
-class _ValFiles(Dataset):
-    def __init__(self, samples: list[tuple[str, int]], transform: Callable):
-        self.samples, self.transform = samples, transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
-        try:
-            img = decode_rgb(path)
-        except Exception as e:  # any decoder error: skip this image, the loader counts it
-            return None, (path, describe_error(e))
-        with single_thread():
-            return self.transform(img), label
-
-
 def _collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
     """Stack the decoded items; unreadable ones come back as ``[(path, error)]``."""
     good = [b for b in batch if b[0] is not None]
@@ -101,6 +85,18 @@ def _collate_skipping(batch: list) -> tuple[torch.Tensor, torch.Tensor, list[tup
     if not good:
         return torch.empty(0), torch.empty(0, dtype=torch.int64), bad
     return torch.stack([b[0] for b in good]), torch.tensor([b[1] for b in good], dtype=torch.int64), bad
+
+
+class _LabelledCollate:
+    """:class:`ImageFiles` items of ``samples`` -> what ``_collate_skipping`` returns: (images, labels,
+    ``[(path, error)]``). A class, not a closure, so DataLoader workers can pickle it."""
+
+    def __init__(self, samples: list[tuple[str, int]]) -> None:
+        self.samples = samples
+
+    def __call__(self, batch: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+        return _collate_skipping([(x, self.samples[i][1]) if err is None else (None, (self.samples[i][0], err))
+                                  for x, i, err in batch])
 
 
 class SkippingLoader:
@@ -372,7 +368,8 @@ def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batc
     common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
                   collate_fn=_collate_skipping)
     train_loader = DataLoader(_TrainFiles(train_ds.samples, train_tf), batch_sampler=train_sampler, **common)
-    val_loader = DataLoader(_ValFiles(val_ds.samples, val_tf), batch_sampler=val_sampler, **common)
+    val_files = ImageFiles([p for p, _ in val_ds.samples], val_tf, decode=decode_rgb)
+    val_loader = DataLoader(val_files, batch_sampler=val_sampler, **{**common, "collate_fn": _LabelledCollate(val_ds.samples)})
     return DataBundle(SkippingLoader(train_loader, min_size=min(2, batch_size),
                                                  keep_steps=world > 1), SkippingLoader(val_loader),
                       list(train_ds.classes), len(train_ds), len(val_ds), cache="none")
