@@ -32,18 +32,22 @@ $PY evaluate.py "$RUN/best.pt" "$DATA/split/val" --out "$RUN/eval"
 # The int8 file if export.py wrote it, else the fp32 ONNX file (an int8 file refused by its accuracy check).
 pick_model() { if [ -f "$1/model.int8.onnx" ]; then echo "$1/model.int8.onnx"; else echo "$1/model.onnx"; fi; }
 
-step "export: ONNX, TorchScript, int8 ONNX -> $RUN/export"
+# The phone files (ExecuTorch .pte) when ExecuTorch installed on this platform (scripts/setup.sh goes on without it).
+PHONE=""; if $PY -c "import executorch" 2>/dev/null; then PHONE="executorch_int8"; fi
+step "export: ONNX, TorchScript, .pt2, int8 ONNX${PHONE:+, ExecuTorch .pte fp32 + int8} -> $RUN/export"
 # --int8-fallback: a refused int8 file is one line of output, then the demo goes on with fp32 model.onnx.
-$PY export.py "$RUN/best.pt" --format onnx torchscript int8 --int8-fallback --out "$RUN/export"
+$PY export.py "$RUN/best.pt" --format onnx torchscript pt2 int8 $PHONE --int8-fallback --out "$RUN/export"
 MODEL=$(pick_model "$RUN/export")
 
 step "predict: $(basename "$MODEL") on a few validation images"
-$PY predict.py "$MODEL" $(find "$DATA/split/val" -name '*.png' | sort | awk 'NR % 1000 == 1' | head -10) --topk 3
+$PY predict.py "$MODEL" $(find "$DATA/split/val" -name '*.png' | sort | awk 'NR % 1000 == 1' | head -10) --topk 3 \
+  --threshold auto
 
 step "done in $(( $(date +%s) - t0 ))s. Artefacts:"
 cat <<EOT
   data         $DATA/raw (class folders), $DATA/split/{train,val}, $DATA/split/split.csv
   run          $RUN/{config.yaml,log.csv,curves.png,last.pt,best.pt}
-  evaluation   $RUN/eval/{metrics.json,per_class.csv,confusion_matrix.csv,confusion_matrix.png,mistakes.csv,mistakes.png}
-  deployment   $RUN/export/{model.onnx,model.torchscript.pt,model.int8.onnx (if it passed its check),export.json}
+  evaluation   $RUN/eval/{report.html,metrics.json,per_class.csv,confusion_matrix.png,mistakes.png,reliability.png,coverage.png,...}
+  deployment   $RUN/export/{model.onnx,model.torchscript.pt,model.pt2,model.int8.onnx (if it passed its check),
+               model.pte + model.int8.pte (with ExecuTorch),export.json}
 EOT
