@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from utils.data import ImageFiles, build_eval_transform, collate_readable, load_image_folder
+from utils.deploy.export import evenly_spaced
 
 MAX_IMAGES = 2048  # statistics of 2,048 images are as good as of all of them, and cost ~20 s on 2 CPU cores
 
@@ -40,8 +41,7 @@ def adapt_batchnorm(model: nn.Module, data_dir: str, preprocess: dict, batch_siz
     if not layers:
         return {"images": 0, "layers": 0}
     samples = load_image_folder(os.path.join(data_dir, "train")).samples
-    step = max(1, len(samples) / max_images)
-    picked = [samples[int(i * step)][0] for i in range(min(len(samples), max_images))]
+    picked = [path for path, _ in evenly_spaced(samples, max_images)]  # every class represented
     mine = picked[rank::world_size]
     loader = torch.utils.data.DataLoader(ImageFiles(mine, build_eval_transform(preprocess)), batch_size=batch_size,
                                          num_workers=workers, collate_fn=collate_readable)
