@@ -384,8 +384,8 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
     train_loader, val_loader = data.train_loader, data.val_loader
     labels = ballib.train_labels(train_loader)
     balance = class_balance_plan(cfg, labels, run.classes)
-    if balance["class_balance"] == "sampler":  # the draw is a function of (seed, epoch): resume stays exact
-        ballib.use_balanced_sampler(train_loader, labels, len(run.classes))
+    if balance["class_balance"] in ballib.SAMPLER_POWER:  # the draw is a function of (seed, epoch): resume stays exact
+        ballib.use_balanced_sampler(train_loader, labels, len(run.classes), balance["class_balance"])
     run.best_name = ballib.SELECT_NAMES[balance["select_metric"]]
     select_key = {"top1": "val_top1", "balanced_acc": "val_bal_acc"}[balance["select_metric"]]
     steps_per_epoch = len(train_loader)

@@ -66,7 +66,7 @@ def test_imbalance_rule_and_auto_decisions():
     assert B.decide_select_metric("auto", [16, 8, 4]).value == "balanced_acc"
     assert B.decide_select_metric("auto", [10, 10, 9]).value == "top1"
     assert B.decide_select_metric("top1", [16, 8, 4]).value == "top1"
-    with pytest.raises(UserError, match="class_balance' must be one of auto, none, loss, sampler"):
+    with pytest.raises(UserError, match="class_balance' must be one of auto, none, loss, sampler, sqrt"):
         build_config(None, "x", {}, ["class_balance=focal"])
     with pytest.raises(UserError, match="select_metric' must be one of auto, top1, balanced_acc"):
         build_config(None, "x", {}, ["select_metric=f1"])
@@ -169,6 +169,23 @@ def test_feature_batches_balanced_draw_and_shards():
     assert torch.equal(parts[0], whole[0::2]) and torch.equal(parts[1], whole[1::2])
 
 
+def test_sqrt_draw_follows_square_root_of_counts():
+    """class_balance=sqrt: class totals in proportion to sqrt(count) (16:8:4 -> 4:2.83:2), between the natural
+    16:8:4 and the even draw."""
+    labels = torch.tensor([0] * 16 + [1] * 8 + [2] * 4)
+    w = B.sample_weights(labels, 3, B.SAMPLER_POWER["sqrt"])
+    totals = torch.stack([w[labels == c].sum() for c in range(3)])
+    assert torch.allclose(totals / totals.sum(), torch.tensor([4.0, 8 ** 0.5, 2.0], dtype=torch.float64) / (6 + 8 ** 0.5))
+    fb = FeatureBatches(torch.zeros(28, 1), labels, 4, shuffle=True, seed=3)
+    B.use_balanced_sampler(fb, labels, 3, "sqrt")
+    drawn = []
+    for e in range(200):
+        fb.set_epoch(e)
+        drawn.append(torch.cat([y for _, y in fb]))
+    share = torch.bincount(torch.cat(drawn), minlength=3).double() / (200 * 28)
+    assert torch.allclose(share, totals / totals.sum(), atol=0.02), share
+
+
 # ------------------------------------------------------------------------------------ train.py
 def test_resume_with_sampler_is_exact(imb, tmp_path, monkeypatch):
     import utils.train_loop as tl
@@ -229,7 +246,7 @@ def test_auto_on_imbalanced_folder_prints_records_and_logs(imb, tmp_path, capsys
     assert res["best_acc"] == pytest.approx(float(best["best_acc"]))
 
 
-@pytest.mark.parametrize("mode", ["loss", "sampler"])
+@pytest.mark.parametrize("mode", ["loss", "sampler", "sqrt"])
 def test_cached_features_path_applies_the_balance(imb, tmp_path, monkeypatch, mode):
     """finetune.yaml's path (frozen backbone, cached pooled features): the head trains with the weighted loss /
     on the balanced draw too."""
@@ -250,8 +267,10 @@ def test_cached_features_path_applies_the_balance(imb, tmp_path, monkeypatch, mo
     assert sum(counts) == 6 * 28
     if mode == "loss":
         assert seen["criterion"] == {"WeightedCrossEntropy"} and counts == [96, 48, 24]
-    else:
+    elif mode == "sampler":
         assert seen["criterion"] == {"CrossEntropyLoss"} and all(36 <= n <= 76 for n in counts), counts
+    else:  # sqrt: about 168 x (4, 2.83, 2) / 8.83 = 76, 54, 38 (natural order would be 96, 48, 24)
+        assert seen["criterion"] == {"CrossEntropyLoss"} and counts[0] > counts[1] > counts[2] > 24, counts
 
 
 def test_balanced_folder_keeps_plain_training(tmp_path, capsys):

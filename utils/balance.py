@@ -104,11 +104,12 @@ def class_weights(counts: Sequence[int]) -> torch.Tensor:
     return (w / w[c > 0].mean()).float()
 
 
-def sample_weights(labels: torch.Tensor | Sequence[int], num_classes: int) -> torch.Tensor:
-    """Draw weight of each image: 1 / (number of images of its class), so each class gets the same total."""
+def sample_weights(labels: torch.Tensor | Sequence[int], num_classes: int, power: float = 1.0) -> torch.Tensor:
+    """Draw weight of each image: 1 / (number of images of its class) ** power. ``power`` 1: each class gets the
+    same total (``sampler``); 0.5: class totals in proportion to the square root of their counts (``sqrt``)."""
     labels = torch.as_tensor(labels, dtype=torch.int64)
     counts = torch.bincount(labels, minlength=num_classes).double()
-    return (1.0 / counts)[labels]
+    return (1.0 / counts.pow(power))[labels]
 
 
 def epoch_order(n: int, generator: torch.Generator, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -161,7 +162,11 @@ def train_labels(loader) -> torch.Tensor:
     return torch.tensor([label for _, label in inner.dataset.samples], dtype=torch.int64)
 
 
-def use_balanced_sampler(loader, labels: torch.Tensor, num_classes: int) -> None:
-    """Make ``loader``'s epoch order the class-balanced draw (its batch sampler, or the FeatureBatches itself)."""
+SAMPLER_POWER = {"sampler": 1.0, "sqrt": 0.5}  # class_balance -> power of sample_weights
+
+
+def use_balanced_sampler(loader, labels: torch.Tensor, num_classes: int, mode: str = "sampler") -> None:
+    """Make ``loader``'s epoch order the class-balanced draw (its batch sampler, or the FeatureBatches itself);
+    ``mode`` is ``sampler`` (classes evenly) or ``sqrt`` (classes in proportion to the square root of their counts)."""
     target = getattr(loader, "batch_sampler", loader)
-    target.weights = sample_weights(labels, num_classes)
+    target.weights = sample_weights(labels, num_classes, SAMPLER_POWER[mode])

@@ -30,7 +30,7 @@ CHOICES = {
     "compile": ("auto", "on", "off"),
     "cache": ("auto", "memory", "none"),
     "auto_augment": ("none", "trivial"),
-    "class_balance": ("auto", "none", "loss", "sampler"),
+    "class_balance": ("auto", "none", "loss", "sampler", "sqrt"),
     "select_metric": ("auto", "top1", "balanced_acc"),
 }
 
@@ -87,7 +87,7 @@ class TrainConfig:
     ema_decay: float = 0.0  # EMA of weights, e.g. 0.999 (0 = off); validation then uses the EMA weights
     clip_grad_norm: float = 0.0  # clip the gradient norm to this value (0 = off)
     # imbalanced classes (utils/balance.py; imbalanced = largest/smallest train class count >= 1.5)
-    class_balance: str = "auto"  # none | loss (class-weighted CE) | sampler (classes drawn evenly) | auto (none if balanced, else the measured winner, docs/imbalance.md)
+    class_balance: str = "auto"  # none | loss (class-weighted CE) | sampler (classes drawn evenly) | sqrt (classes drawn in proportion to sqrt(count)) | auto (none if balanced, else the measured winner, docs/imbalance.md)
     select_metric: str = "auto"  # what picks best.pt: top1 | balanced_acc | auto (balanced_acc if imbalanced, else top1)
     # speed
     channels_last: str = "auto"  # NHWC memory format: auto (measured on a CPU, by GPU kind on CUDA) | on | off
