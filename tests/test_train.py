@@ -96,8 +96,13 @@ def test_ctrl_c_mid_epoch_saves_last_and_resume_is_exact(data, tmp_path, monkeyp
 
     monkeypatch.setattr(tl, "train_step", step_then_interrupt)
     cut = tmp_path / "cut"
-    with pytest.raises(KeyboardInterrupt):
-        train.main(TINY + RECIPE + ["--epochs", "2", "--data", data, "--out", str(cut)])
+    # Python's own handler even when SIGINT was inherited as ignored (a shell's background job)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.main(TINY + RECIPE + ["--epochs", "2", "--data", data, "--out", str(cut)])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.setattr(tl, "train_step", real_step)
     ck = load_checkpoint(str(cut / "last.pt"))
     assert ck["epoch"] == 1 and ck["step"] == 10 and ck["partial_epoch"]["batches_done"] == 2
