@@ -106,8 +106,11 @@ def resolve_config(args: argparse.Namespace) -> tuple[cfglib.TrainConfig, dict |
         if args.config is None:
             recipe, source = dict(ckpt.get("config") or {}), f"{flags['resume']} (its config)"
             recipe.pop("resume", None)
-            for key in ("class_balance", "select_metric"):  # a run from before these keys: continue as it trained
-                recipe.setdefault(key, {"class_balance": "none", "select_metric": "top1"}[key])
+            used = ckpt.get("class_balance_used") or {}
+            for key in ("class_balance", "select_metric"):
+                if recipe.get(key) == "auto" and key in used:  # what auto meant then: a newer default must not
+                    recipe[key] = used[key]                    # change the draw of a run half done
+                recipe.setdefault(key, {"class_balance": "none", "select_metric": "top1"}[key])  # a run from before these keys
             flags.setdefault("out", os.path.dirname(os.path.abspath(flags["resume"])))
         else:
             recipe, source = cfglib.read_yaml(args.config), args.config

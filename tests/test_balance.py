@@ -219,6 +219,33 @@ def test_resume_with_sampler_is_exact(imb, tmp_path, monkeypatch):
     assert rows("full") == rows("cut")
 
 
+def test_resume_keeps_what_auto_meant_when_the_run_started(imb, tmp_path, monkeypatch):
+    """A run started while auto meant the even sampler continues with it after the default changed (sqrt), so it
+    ends bit for bit as if it had never stopped."""
+    import utils.train_loop as tl
+
+    args = TINY + ["--epochs", "2", "--lr", "0.05", "--set", "label_smoothing=0.1", "--data", imb]
+    monkeypatch.setattr(B, "AUTO_IMBALANCED", "sampler")  # the default before
+    train.main(args + ["--out", str(tmp_path / "full")])
+    real_step, calls = tl.train_step, {"n": 0}
+
+    def step_then_interrupt(*a, **k):
+        if calls["n"] == 5:  # 2nd step of epoch 2
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real_step(*a, **k)
+
+    monkeypatch.setattr(tl, "train_step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args + ["--out", str(tmp_path / "cut")])
+    monkeypatch.setattr(tl, "train_step", real_step)
+    monkeypatch.setattr(B, "AUTO_IMBALANCED", "sqrt")  # the default now
+    train.main(["--resume", str(tmp_path / "cut" / "last.pt")])
+    a, b = load_checkpoint(str(tmp_path / "full" / "last.pt")), load_checkpoint(str(tmp_path / "cut" / "last.pt"))
+    assert a["class_balance_used"]["class_balance"] == b["class_balance_used"]["class_balance"] == "sampler"
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_auto_on_imbalanced_folder_prints_records_and_logs(imb, tmp_path, capsys):
     out = tmp_path / "run"
     res = train.main(TINY + ["--epochs", "2", "--lr", "0.05", "--data", imb, "--out", str(out)])
