@@ -187,16 +187,16 @@ def test_sqrt_draw_follows_square_root_of_counts():
 
 
 # ------------------------------------------------------------------------------------ train.py
-def test_resume_with_sampler_is_exact(imb, tmp_path, monkeypatch):
+def _full_then_cut(args, tmp_path, monkeypatch):
+    """``train.main(args)`` into tmp_path/full uncut, then into tmp_path/cut stopped by Ctrl-C before the 2nd step of
+    epoch 2 (4 steps per epoch: 28 images / batch 8, last batch 4)."""
     import utils.train_loop as tl
 
-    args = TINY + ["--epochs", "2", "--lr", "0.05", "--set", "class_balance=sampler", "--set", "label_smoothing=0.1",
-                   "--data", imb]
     train.main(args + ["--out", str(tmp_path / "full")])
     real_step, calls = tl.train_step, {"n": 0}
 
     def step_then_interrupt(*a, **k):
-        if calls["n"] == 5:  # 2nd step of epoch 2 (4 steps per epoch: 28 images / batch 8, last batch 4)
+        if calls["n"] == 5:
             raise KeyboardInterrupt
         calls["n"] += 1
         return real_step(*a, **k)
@@ -205,6 +205,12 @@ def test_resume_with_sampler_is_exact(imb, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--out", str(tmp_path / "cut")])
     monkeypatch.setattr(tl, "train_step", real_step)
+
+
+def test_resume_with_sampler_is_exact(imb, tmp_path, monkeypatch):
+    args = TINY + ["--epochs", "2", "--lr", "0.05", "--set", "class_balance=sampler", "--set", "label_smoothing=0.1",
+                   "--data", imb]
+    _full_then_cut(args, tmp_path, monkeypatch)
     assert load_checkpoint(str(tmp_path / "cut" / "last.pt"))["partial_epoch"]["batches_done"] == 1
     train.main(["--resume", str(tmp_path / "cut" / "last.pt")])
     a, b = load_checkpoint(str(tmp_path / "full" / "last.pt")), load_checkpoint(str(tmp_path / "cut" / "last.pt"))
@@ -222,23 +228,9 @@ def test_resume_with_sampler_is_exact(imb, tmp_path, monkeypatch):
 def test_resume_keeps_what_auto_meant_when_the_run_started(imb, tmp_path, monkeypatch):
     """A run started while auto meant the even sampler continues with it after the default changed (sqrt), so it
     ends bit for bit as if it had never stopped."""
-    import utils.train_loop as tl
-
     args = TINY + ["--epochs", "2", "--lr", "0.05", "--set", "label_smoothing=0.1", "--data", imb]
     monkeypatch.setattr(B, "AUTO_IMBALANCED", "sampler")  # the default before
-    train.main(args + ["--out", str(tmp_path / "full")])
-    real_step, calls = tl.train_step, {"n": 0}
-
-    def step_then_interrupt(*a, **k):
-        if calls["n"] == 5:  # 2nd step of epoch 2
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(tl, "train_step", step_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args + ["--out", str(tmp_path / "cut")])
-    monkeypatch.setattr(tl, "train_step", real_step)
+    _full_then_cut(args, tmp_path, monkeypatch)
     monkeypatch.setattr(B, "AUTO_IMBALANCED", "sqrt")  # the default now
     train.main(["--resume", str(tmp_path / "cut" / "last.pt")])
     a, b = load_checkpoint(str(tmp_path / "full" / "last.pt")), load_checkpoint(str(tmp_path / "cut" / "last.pt"))
