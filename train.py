@@ -198,7 +198,9 @@ class Run:
     classes: list
     t0: float  # time.perf_counter() at the run's (virtual) start: a resumed run carries its earlier minutes
     logger: CSVLogger | None = None
-    best_acc: float = 0.0
+    best_acc: float = 0.0  # the best epoch's select_metric so far
+    best_se: float = 0.0  # its standard error (select_se: later epochs within select_se of these replace best.pt)
+    kept: dict | None = None  # the epoch in best.pt: {"epoch", "value"}
     step: int = 0
     row: dict | None = None
     best_name: str = "val top-1"  # what best_acc measures (select_metric)
@@ -273,6 +275,7 @@ def open_run(cfg: cfglib.TrainConfig, args: argparse.Namespace, ckpt: dict | Non
     start_epoch = int(ckpt["epoch"]) if ckpt is not None else 0
     if ckpt is not None:
         run.step, run.best_acc = int(ckpt["step"]), float(ckpt["best_acc"])
+        run.best_se, run.kept = float(ckpt.get("best_se", 0.0)), ckpt.get("best_kept")  # absent before select_se
     if args.lr_find:
         run.lr_find = {"steps": args.lr_find_steps, "lr_range": tuple(args.lr_find_range)}
     elif is_main:
@@ -321,10 +324,20 @@ def main(argv: list[str] | None = None) -> dict:
     if run.lr_find:
         return run.lr_find
     if dist.is_main:
-        print(f"done: best {run.best_name} {run.best_acc:.2f}% -> {os.path.join(run.out, 'best.pt')}")
+        print(done_line(run))
     barrier()
     cleanup()
     return {"best_acc": run.best_acc, "last": run.row, "out": run.out}
+
+
+def done_line(run: Run) -> str:
+    """``done: best val top-1 93.10% -> RUN/best.pt``, plus which epoch best.pt holds when select_se chose a later
+    epoch than the best one."""
+    line = f"done: best {run.best_name} {run.best_acc:.2f}% -> {os.path.join(run.out, 'best.pt')}"
+    if run.kept is not None and run.kept["value"] < run.best_acc:
+        line += (f" (holds epoch {run.kept['epoch']}, {run.kept['value']:.2f}%: the latest within "
+                 f"{run.cfg.select_se:g} standard error(s), +-{run.best_se:.2f}, of the best; select_se)")
+    return line
 
 
 def calibrate_best(run: Run, data_dir: str) -> None:
@@ -488,7 +501,8 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
         state = checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch_done, progress.step,
                                  run.best_acc, run.classes, plan, part, balance)
         state["config"] = cfglib.to_dict(run.cfg)  # the whole run's settings (every phase), not this phase's
-        state.update(phase=phase.name, elapsed_s=run.elapsed(), time_budget_fit=run.budget_fit)
+        state.update(phase=phase.name, elapsed_s=run.elapsed(), time_budget_fit=run.budget_fit, best_se=run.best_se,
+                     best_kept=run.kept)
         save_checkpoint(os.path.join(run.out, name), state)
 
     # ---- loop
@@ -530,6 +544,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
                        channels_last=ctx.channels_last, bar=main_proc and cfg.progress, num_classes=len(run.classes))
         seconds = time.perf_counter() - t_epoch
         skipped = data.skipped_total()  # every process calls it: under torchrun it unites their skipped files
+        se = {k: val.pop(k) for k in ("val_top1_se", "val_bal_acc_se")}  # for select_se; not logged
         run.row = row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"],
                          "train_acc": stats["train_acc"], **val, "epoch_seconds": seconds,
                          "images_per_s": stats["images"] / max(progress.seconds, 1e-9),
@@ -548,20 +563,33 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
             if skipped:
                 print(f"  skipped {skipped} unreadable image(s) so far; split_dataset.py's report.csv lists "
                       "bad files (re-split to drop them)", flush=True)
-            is_best = val[select_key] > run.best_acc
-            run.best_acc = max(run.best_acc, val[select_key])
+        is_best = keep_as_best(run, epoch + 1, val[select_key], se[select_key + "_se"])
+        if main_proc:
             save("last.pt", epoch + 1)
             if is_best:
                 save("best.pt", epoch + 1)
             plot_curves([os.path.join(run.out, "log.csv")], os.path.join(run.out, "curves.png"))
-        else:
-            run.best_acc = max(run.best_acc, val[select_key])
         if stop is not None and stop.requested_anywhere():  # Ctrl-C after the epoch's last check: stop here
             if main_proc:
                 print(f"interrupted after epoch {epoch + 1}; saved {os.path.join(run.out, 'last.pt')} (continue with "
                       f"--resume {os.path.join(run.out, 'last.pt')})", file=sys.stderr)
             raise StopRequested
         epoch += 1
+
+
+def keep_as_best(run: Run, epoch: int, value: float, se: float) -> bool:
+    """Whether this epoch goes into best.pt; updates the best so far. With ``select_se`` 0, the epoch with the
+    best value (the first of equals). With ``select_se`` k > 0, the latest epoch whose value is within k standard
+    errors of the best epoch's (the one-standard-error rule): on a small val split the best of many noisy epochs
+    is mostly luck, and the later epoch (further down the schedule; the whole network after the classifier)
+    generalised better on held-out images (docs/finetune.md, "Which epoch becomes best.pt")."""
+    if value > run.best_acc:
+        run.best_acc, run.best_se = value, se
+    keep = value == run.best_acc if run.cfg.select_se == 0 else value >= run.best_acc - run.cfg.select_se * run.best_se
+    if keep and (run.kept is None or run.cfg.select_se > 0 or value > run.kept["value"]):
+        run.kept = {"epoch": epoch, "value": value}
+        return True
+    return False
 
 
 BUDGET_MAX_FACTOR = 10  # --time-budget never stretches a phase past 10x the recipe's epochs

@@ -317,3 +317,40 @@ def test_split_dataset_prints_the_imbalance_and_the_plan(tmp_path):
     r = subprocess.run([sys.executable, "split_dataset.py", SAMPLE, str(tmp_path / "even"), "--quiet"], cwd=ROOT,
                        capture_output=True, text=True)
     assert "ratio 1.0 (< 1.5: balanced); train.py (class_balance=auto) trains as is (class_balance=none)" in r.stdout
+
+
+# ------------------------------------------------------------------------------------ which epoch is best.pt
+def _keeps(select_se, values, se=2.0):
+    from types import SimpleNamespace
+
+    run = SimpleNamespace(cfg=SimpleNamespace(select_se=select_se), best_acc=0.0, best_se=0.0, kept=None)
+    return [e for e, v in enumerate(values, 1) if train.keep_as_best(run, e, v, se)], run
+
+
+def test_best_epoch_rule_plain_and_one_standard_error():
+    vals = [60.0, 75.6, 72.0, 75.6, 74.0, 73.7, 70.0]
+    saved, run = _keeps(0, vals)  # plain: the first epoch with the best value
+    assert saved == [1, 2] and run.kept == {"epoch": 2, "value": 75.6} and run.best_acc == 75.6
+    saved, run = _keeps(1, vals)  # latest within 2.0 of 75.6: epoch 6 (73.7); epoch 7 (70.0) is not
+    assert saved == [1, 2, 4, 5, 6] and run.kept == {"epoch": 6, "value": 73.7}
+    assert (run.best_acc, run.best_se) == (75.6, 2.0)
+    saved, run = _keeps(1, vals, se=0.0)  # a val split without noise: the best epoch, ties -> the later one
+    assert saved == [1, 2, 4] and run.kept["epoch"] == 4
+
+
+def test_select_se_keeps_the_latest_epoch_within_the_noise_and_says_so(imb, tmp_path, capsys):
+    out = tmp_path / "run"
+    train.main(TINY + ["--epochs", "4", "--lr", "0.05", "--data", imb, "--out", str(out), "--set", "select_se=1"])
+    text = capsys.readouterr().out
+    with open(out / "log.csv") as f:
+        bal = [float(r["val_bal_acc"]) for r in csv.DictReader(f)]
+    best = load_checkpoint(str(out / "best.pt"))
+    # the 12-image val split: 4 per class, so one image is 8.3 points of balanced accuracy and the SE is large
+    assert best["best_acc"] == pytest.approx(max(bal), abs=1e-3) and 5 < best["best_se"] < 30
+    want = max(e for e, v in enumerate(bal, 1) if v >= max(bal) - best["best_se"] - 1e-6)
+    assert best["epoch"] == best["best_kept"]["epoch"] == want
+    assert best["best_kept"]["value"] == pytest.approx(bal[want - 1], abs=1e-3)
+    if bal[want - 1] < max(bal):
+        assert f"(holds epoch {want}, {bal[want - 1]:.2f}%: the latest within 1 standard error(s)" in text
+    with pytest.raises(UserError, match="select_se must be 0"):
+        build_config(None, "x", {}, ["select_se=-1"])

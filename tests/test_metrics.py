@@ -10,6 +10,7 @@ from utils.metrics import (
     per_class_from_confusion,
     per_class_report,
     row_normalize,
+    standard_errors,
     topk_correct,
 )
 
@@ -97,3 +98,20 @@ def test_class_summary_skips_classes_without_samples():
     assert class_summary(cm)["balanced_acc"] == pytest.approx(62.5)
     assert class_summary(cm)["macro_f1"] == pytest.approx((0.75 + 2 / 3) / 2)
     assert class_summary(np.zeros((3, 3))) == {"balanced_acc": 0.0, "macro_f1": 0.0}
+
+
+def test_standard_errors_by_hand_and_by_simulation():
+    cm = np.array([[3, 0, 1], [1, 1, 0], [0, 0, 0]])  # recalls 3/4 (n 4), 1/2 (n 2); class 2 absent
+    se = standard_errors(cm)  # rates taken as (hits + 1) / (n + 2): 5/8 overall, 4/6 and 2/4 per class
+    assert se["top1"] == pytest.approx(100 * np.sqrt(5 / 8 * 3 / 8 / 6))
+    assert se["balanced_acc"] == pytest.approx(100 * np.sqrt(4 / 6 * 2 / 6 / 4 + 0.5 * 0.5 / 2) / 2)
+    assert standard_errors(np.diag([4, 4]))["balanced_acc"] > 5  # 100% on 4 images each is not certain
+    assert standard_errors(np.zeros((3, 3))) == {"top1": 0.0, "balanced_acc": 0.0}
+    # a val split shaped like an imbalanced inspection folder: the spread of balanced accuracy over repeated
+    # val draws (each class's hits binomial) matches the formula
+    n, r = np.array([377, 179, 74, 27]), np.array([0.94, 0.83, 0.86, 0.33])
+    hits = np.random.default_rng(0).binomial(n, r, size=(20000, 4))
+    spread = 100 * (hits / n).mean(axis=1).std()
+    cm = np.diag(n * r) + np.fliplr(np.diag(n * (1 - r)))  # misses of class c predicted as class 3 - c
+    assert standard_errors(cm)["balanced_acc"] == pytest.approx(spread, rel=0.03)
+    assert 2.3 < spread < 2.6  # the 27-image class dominates: +-2.4 points

@@ -6,7 +6,8 @@ A checkpoint is a plain dict that ``torch.load(weights_only=True)`` can read (wr
 - ``classes``: class names in label order; ``preprocess``: a :class:`Preprocess` as a dict;
 - ``optimizer``, ``scheduler``, ``scaler``, ``rng``, ``epoch``, ``step``, ``best_acc``, ``best_metric``,
   ``config`` (the run's TrainConfig as a dict), ``speed``, ``class_balance_used``, ``versions``, ``phase``,
-  ``elapsed_s``, ``time_budget_fit``, ``partial_epoch`` (set only when Ctrl-C stopped an epoch half-way);
+  ``elapsed_s``, ``time_budget_fit``, ``partial_epoch`` (set only when Ctrl-C stopped an epoch half-way),
+  ``best_se`` (standard error of ``best_acc``) and ``best_kept`` (``{"epoch", "value"}`` of the epoch in best.pt);
 - ``pruned``: present on checkpoints written by prune.py (smaller channel counts, see shrink_to_state_dict).
 """
 from __future__ import annotations

@@ -33,7 +33,7 @@ from utils.distributed import (
 )
 from utils.errors import UserError
 from utils.machine import Choice, decide_forward_threads
-from utils.metrics import class_summary, topk_correct
+from utils.metrics import class_summary, standard_errors, topk_correct
 from utils.schedule import WarmupCosine
 
 
@@ -382,8 +382,9 @@ def validate(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, cr
              bar: bool = False, desc: str = "val", num_classes: int = 0) -> dict[str, float]:
     """Mean loss, top-1/top-5 accuracy, balanced accuracy (percent) and macro-F1 (0-1) over ``loader``, summed over
     all processes. The last two come from the confusion matrix through utils.metrics.class_summary, as in
-    evaluate.py. Pass ``num_classes`` under torchrun (a process without val images must all-reduce as many
-    counts as the others); else it is read from the logits."""
+    evaluate.py; ``val_top1_se`` / ``val_bal_acc_se`` are their standard errors (utils.metrics.standard_errors).
+    Pass ``num_classes`` under torchrun (a process without val images must all-reduce as many counts as the
+    others); else it is read from the logits."""
 
     if isinstance(model, nn.Module):
         model.eval()  # BatchNorm/dropout in inference mode (train_one_epoch switches back via Trainable.train)
@@ -405,9 +406,11 @@ def validate(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, cr
     cells = cm.tolist() if cm is not None else []
     loss_sum, top1, top5, n, *cells = all_reduce_sum([loss_sum, top1, top5, n, *cells], device)
     n = max(n, 1)
-    summary = class_summary(np.asarray(cells, dtype=np.float64).reshape(k, k))
+    cm = np.asarray(cells, dtype=np.float64).reshape(k, k)
+    summary, se = class_summary(cm), standard_errors(cm)
     return {"val_loss": loss_sum / n, "val_top1": 100.0 * top1 / n, "val_top5": 100.0 * top5 / n,
-            "val_bal_acc": summary["balanced_acc"], "val_macro_f1": summary["macro_f1"]}
+            "val_bal_acc": summary["balanced_acc"], "val_macro_f1": summary["macro_f1"],
+            "val_top1_se": se["top1"], "val_bal_acc_se": se["balanced_acc"]}
 
 
 class FeatureBatches:
