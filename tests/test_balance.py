@@ -209,13 +209,16 @@ def _full_then_cut(args, tmp_path, monkeypatch):
 
 def test_resume_with_sampler_is_exact(imb, tmp_path, monkeypatch):
     args = TINY + ["--epochs", "2", "--lr", "0.05", "--set", "class_balance=sampler", "--set", "label_smoothing=0.1",
-                   "--data", imb]
+                   "--set", "select_se=1", "--data", imb]
     _full_then_cut(args, tmp_path, monkeypatch)
     assert load_checkpoint(str(tmp_path / "cut" / "last.pt"))["partial_epoch"]["batches_done"] == 1
     train.main(["--resume", str(tmp_path / "cut" / "last.pt")])
     a, b = load_checkpoint(str(tmp_path / "full" / "last.pt")), load_checkpoint(str(tmp_path / "cut" / "last.pt"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert a["class_balance_used"]["class_balance"] == "sampler"
+    # the best-epoch rule carries over: the best so far, its standard error and the epoch in best.pt
+    assert (a["best_acc"], a["best_se"], a["best_kept"]) == (b["best_acc"], b["best_se"], b["best_kept"])
+    assert a["best_se"] > 0 and a["best_kept"]["epoch"] in (1, 2)
 
     def rows(run):
         with open(tmp_path / run / "log.csv") as f:
