@@ -581,8 +581,8 @@ def keep_as_best(run: Run, epoch: int, value: float, se: float) -> bool:
     """Whether this epoch goes into best.pt; updates the best so far. With ``select_se`` 0, the epoch with the
     best value (the first of equals). With ``select_se`` k > 0, the latest epoch whose value is within k standard
     errors of the best epoch's (the one-standard-error rule): on a small val split the best of many noisy epochs
-    is mostly luck, and the later epoch (further down the schedule; the whole network after the classifier)
-    generalised better on held-out images (docs/finetune.md, "Which epoch becomes best.pt")."""
+    is mostly luck; on held-out images the later epoch (further down the schedule) beat it in most runs measured
+    (docs/finetune.md, "Which epoch becomes best.pt")."""
     if value > run.best_acc:
         run.best_acc, run.best_se = value, se
     keep = value == run.best_acc if run.cfg.select_se == 0 else value >= run.best_acc - run.cfg.select_se * run.best_se
