@@ -583,13 +583,13 @@ def keep_as_best(run: Run, epoch: int, value: float, se: float) -> bool:
     errors of the best epoch's (the one-standard-error rule): on a small val split the best of many noisy epochs
     is mostly luck; on held-out images the later epoch (further down the schedule) beat it in most runs measured
     (docs/finetune.md, "Which epoch becomes best.pt")."""
-    if value > run.best_acc:
+    improves = value > run.best_acc or epoch == 1  # epoch 1 fills best.pt even at 0%
+    if improves:
         run.best_acc, run.best_se = value, se
-    keep = value == run.best_acc if run.cfg.select_se == 0 else value >= run.best_acc - run.cfg.select_se * run.best_se
-    if keep and (run.kept is None or run.cfg.select_se > 0 or value > run.kept["value"]):
+    keep = improves or (run.cfg.select_se > 0 and value >= run.best_acc - run.cfg.select_se * run.best_se)
+    if keep:
         run.kept = {"epoch": epoch, "value": value}
-        return True
-    return False
+    return keep
 
 
 BUDGET_MAX_FACTOR = 10  # --time-budget never stretches a phase past 10x the recipe's epochs
