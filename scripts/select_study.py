@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import sys
 
-import torch
+from utils.checkpoint import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RULES = {"best balanced acc": "val_bal_acc", "best top-1": "val_top1", "best macro-F1": "val_macro_f1"}
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> list[str]:
             raise SystemExit(f"seed {seed}: the two runs trained differently; the comparison would not hold")
         epochs = {rule: max(range(len(a)), key=lambda j, k=key: (float(a[j][k]), -j)) + 1 for rule, key in RULES.items()}
         epochs["last epoch"] = len(a)
-        kept = torch.load(os.path.join(val_run, "best.pt"), map_location="cpu", weights_only=False)["best_kept"]
+        kept = load_checkpoint(os.path.join(val_run, "best.pt"))["best_kept"]
         epochs["select_se 1 (latest within 1 SE of the best balanced acc)"] = kept["epoch"]
         for rule, e in epochs.items():
             r = b[e - 1]
