@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -549,7 +550,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
                          "train_acc": stats["train_acc"], **val, "epoch_seconds": seconds,
                          "images_per_s": stats["images"] / max(progress.seconds, 1e-9),
                          "skipped_images": skipped}
-        if last and run.cfg.time_budget and run.budget_fit is None and epoch == start_epoch:
+        if last and run.cfg.time_budget and budget_fits(run) < BUDGET_FITS:
             end = fit_to_budget(run, phase, epoch, seconds)
             if end != phase.end:
                 phase.end = end
@@ -593,23 +594,41 @@ def keep_as_best(run: Run, epoch: int, value: float, se: float) -> bool:
 
 
 BUDGET_MAX_FACTOR = 10  # --time-budget never stretches a phase past 10x the recipe's epochs
+BUDGET_FITS = 3  # the last phase's epochs are fitted after each of its first 3 epochs
+
+
+def budget_fits(run: Run) -> int:
+    """How many epochs of the last phase --time-budget has fitted from (a checkpoint from before re-fitting: 1)."""
+    if not run.budget_fit:
+        return 0
+    return len(run.budget_fit.get("epoch_seconds_seen", [None]))
 
 
 def fit_to_budget(run: Run, phase: Phase, epoch: int, seconds: float) -> int:
-    """The epoch the last phase should end at so the run takes about ``time_budget`` minutes, from the first
-    epoch's measured ``seconds`` (training + validation). Decided on rank 0 and shared with every process."""
+    """The epoch the last phase should end at so the run takes about ``time_budget`` minutes. Called after each of
+    the phase's first ``BUDGET_FITS`` epochs with that epoch's ``seconds`` (training + validation): the first fit
+    uses the first epoch's time; later ones the median of the epochs after it, because the first carries one-time
+    costs (kernel selection, a cache filling, a cold machine) that once cost a 30-minute run 11 of its minutes.
+    Decided on rank 0 and shared with every process."""
+    fit = run.budget_fit or {}
+    seen = (fit.get("epoch_seconds_seen") or ([fit["epoch_seconds"]] if fit else []))[:BUDGET_FITS - 1]
+    seen = seen + [round(seconds, 2)]
+    typical = seen[0] if len(seen) == 1 else statistics.median(seen[1:])
     budget = run.cfg.time_budget * 60
     left = budget - run.elapsed()
-    more = max(0, int(left // max(seconds, 1e-6)))
+    more = max(0, int(left // max(typical, 1e-6)))
     cap = phase.first + BUDGET_MAX_FACTOR * (phase.end - phase.first)
     end = broadcast_object(min(epoch + 1 + more, cap))
-    run.budget_fit = {"epochs": end, "epoch_seconds": round(seconds, 2), "minutes_spent": round(run.elapsed() / 60, 2),
-                      "budget_minutes": run.cfg.time_budget}
-    if run.main_proc:
+    changed = run.budget_fit is None or end != run.budget_fit["epochs"]
+    run.budget_fit = {"epochs": end, "epoch_seconds": typical, "epoch_seconds_seen": seen,
+                      "minutes_spent": round(run.elapsed() / 60, 2), "budget_minutes": run.cfg.time_budget}
+    if run.main_proc and changed:
         capped = " (capped at 10x the recipe's epochs)" if end == cap and epoch + 1 + more > cap else ""
-        print(f"time budget {run.cfg.time_budget:g} min: {run.elapsed() / 60:.1f} min spent, an epoch takes "
-              f"{seconds:.0f} s -> {end - epoch - 1} more epoch(s), {end} in all{capped} (expected end after "
-              f"~{(run.elapsed() + (end - epoch - 1) * seconds) / 60:.1f} min)", flush=True)
+        took = f"an epoch takes {typical:.0f} s" if len(seen) == 1 else \
+            f"epochs after the first take {typical:.0f} s (median; the first {seen[0]:.0f} s)"
+        print(f"time budget {run.cfg.time_budget:g} min: {run.elapsed() / 60:.1f} min spent, {took} -> "
+              f"{end - epoch - 1} more epoch(s), {end} in all{capped} (expected end after "
+              f"~{(run.elapsed() + (end - epoch - 1) * typical) / 60:.1f} min)", flush=True)
     return end
 
 

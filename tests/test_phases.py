@@ -84,6 +84,26 @@ def test_time_budget_fits_the_epochs_from_the_first_epoch():
     assert train.fit_to_budget(_fake_run(0.0, 10_000), phase, 2, 1.0) == 2 + 10 * 3
 
 
+def test_time_budget_refits_from_the_epochs_after_a_slow_first_one():
+    # 30-minute budget; the whole-network phase (epochs 31-40) starts after 3 minutes; its first epoch takes 138 s
+    phase = train.Phase("full", train.cfglib.TrainConfig(), 30, 40)
+    run = _fake_run(3 + 138 / 60, 30)
+    assert train.fit_to_budget(run, phase, 30, 138.0) == 31 + 10  # 1482 s left / 138 s
+    assert train.budget_fits(run) == 1
+    run.t0 -= 80  # the second epoch takes 80 s: 1402 s left / 80 s = 17 more
+    assert train.fit_to_budget(run, phase, 31, 80.0) == 32 + 17
+    assert run.budget_fit["epoch_seconds"] == 80.0 and run.budget_fit["epoch_seconds_seen"] == [138.0, 80.0]
+    run.t0 -= 90  # the third takes 90 s: the median of 80 and 90 is 85; 1312 s left / 85 s = 15 more
+    assert train.fit_to_budget(run, phase, 32, 90.0) == 33 + 15
+    assert train.budget_fits(run) == train.BUDGET_FITS == 3
+    # a checkpoint written before re-fitting existed counts as one fit, and its epoch time as the first one
+    legacy = _fake_run(3 + 138 / 60, 30)
+    legacy.budget_fit = {"epochs": 41, "epoch_seconds": 138.0, "minutes_spent": 5.3, "budget_minutes": 30}
+    assert train.budget_fits(legacy) == 1
+    legacy.t0 -= 80
+    assert train.fit_to_budget(legacy, phase, 31, 80.0) == 32 + 17
+
+
 def test_time_budget_run_stops_on_time_and_resume_keeps_the_fit(data, tmp_path, capsys):
     out = tmp_path / "run"
     # 0.0005 minutes (30 ms) are spent before the first whole-network epoch ends: that epoch is the last
