@@ -556,8 +556,8 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
                 phase.end = end
                 run.cfg = replace(run.cfg, epochs=end)
                 schedule = make_schedule(end)
-                if main_proc:
-                    cfglib.save_config(run.cfg, os.path.join(run.out, "config.yaml"), record=record())
+            if main_proc:  # every fit, with the epoch times it used
+                cfglib.save_config(run.cfg, os.path.join(run.out, "config.yaml"), record=record())
         if main_proc:
             run.logger.log(row)
             print(summary_line(row, run.cfg.epochs), flush=True)

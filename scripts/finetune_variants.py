@@ -11,7 +11,8 @@ run one after the other (never two at once: they would share the cores), then `e
                  no warmup, best.pt by top-1 and no time budget (it stops when its epochs are done)
 
 Extra flags for every variant follow `--` (e.g. `-- --img-size 160`). Writes OUT/variants.md and OUT/variants.csv
-with val top-1, balanced accuracy (mean per-class recall), macro-F1, the minutes used and the machine.
+with top-1, balanced accuracy (mean per-class recall), macro-F1, the minutes used and the machine, measured on
+DATA/val, or with `--eval-split test` on DATA/test: images no epoch was chosen on (split_dataset.py --test 0.2).
 
     python scripts/finetune_variants.py --data /path/to/split --minutes 8
 """
@@ -59,7 +60,7 @@ def run_variant(name: str, args: argparse.Namespace, extra: list[str]) -> dict:
     with open(os.path.join(run, "log.csv"), newline="") as f:
         rows = list(csv.DictReader(f))
     subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), os.path.join(run, "best.pt"),
-                    os.path.join(args.data, "val"), "--out", os.path.join(run, "eval"), "--no-progress"],
+                    os.path.join(args.data, args.eval_split), "--out", os.path.join(run, "eval"), "--no-progress"],
                    check=True, capture_output=True)
     with open(os.path.join(run, "eval", "metrics.json")) as f:
         m = json.load(f)
@@ -74,6 +75,8 @@ def main() -> None:
     p.add_argument("--data", required=True, help="split folder with train/ and val/ class folders")
     p.add_argument("--out", default=os.path.join(ROOT, "runs", "finetune_variants"), help="work and result folder")
     p.add_argument("--minutes", type=float, default=8.0, help="training budget per variant (default 8)")
+    p.add_argument("--eval-split", default="val", choices=["val", "test"],
+                   help="split of DATA that best.pt is evaluated on (test: held out from the choice of epoch)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="what to run")
     args, extra = p.parse_known_args()
     extra = [a for a in extra if a != "--"]
@@ -82,7 +85,8 @@ def main() -> None:
     cols = list(results[0])
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in results]
-    text = (f"{args.data}, {args.minutes:g} min budget per variant, extra flags: {' '.join(extra) or '-'}\n"
+    text = (f"{args.data}, {args.minutes:g} min budget per variant, best.pt evaluated on {args.eval_split}/, "
+            f"extra flags: {' '.join(extra) or '-'}\n"
             f"machine: {machine_line()}\n\n" + "\n".join(lines) + "\n")
     print(text)
     with open(os.path.join(args.out, "variants.md"), "w") as f:
