@@ -598,10 +598,11 @@ BUDGET_FITS = 3  # the last phase's epochs are fitted after each of its first 3 
 
 
 def budget_fits(run: Run) -> int:
-    """How many epochs of the last phase --time-budget has fitted from (a checkpoint from before re-fitting: 1)."""
+    """How many epochs of the last phase --time-budget has fitted from (a checkpoint from before re-fitting keeps
+    its one fit: it has no record of the recipe's epochs to cap a re-fit with)."""
     if not run.budget_fit:
         return 0
-    return len(run.budget_fit.get("epoch_seconds_seen", [None]))
+    return len(run.budget_fit.get("epoch_seconds_seen", [None] * BUDGET_FITS))
 
 
 def fit_to_budget(run: Run, phase: Phase, epoch: int, seconds: float) -> int:
@@ -611,16 +612,16 @@ def fit_to_budget(run: Run, phase: Phase, epoch: int, seconds: float) -> int:
     costs (kernel selection, a cache filling, a cold machine) that once cost a 30-minute run 11 of its minutes.
     Decided on rank 0 and shared with every process."""
     fit = run.budget_fit or {}
-    seen = (fit.get("epoch_seconds_seen") or ([fit["epoch_seconds"]] if fit else []))[:BUDGET_FITS - 1]
-    seen = seen + [round(seconds, 2)]
+    seen = fit.get("epoch_seconds_seen", [])[:BUDGET_FITS - 1] + [round(seconds, 2)]
     typical = seen[0] if len(seen) == 1 else statistics.median(seen[1:])
     budget = run.cfg.time_budget * 60
     left = budget - run.elapsed()
     more = max(0, int(left // max(typical, 1e-6)))
-    cap = phase.first + BUDGET_MAX_FACTOR * (phase.end - phase.first)
+    # from the recipe's epochs, fixed at the first fit (phase.end moves with every fit)
+    cap = fit.get("cap", phase.first + BUDGET_MAX_FACTOR * (phase.end - phase.first))
     end = broadcast_object(min(epoch + 1 + more, cap))
     changed = run.budget_fit is None or end != run.budget_fit["epochs"]
-    run.budget_fit = {"epochs": end, "epoch_seconds": typical, "epoch_seconds_seen": seen,
+    run.budget_fit = {"epochs": end, "cap": cap, "epoch_seconds": typical, "epoch_seconds_seen": seen,
                       "minutes_spent": round(run.elapsed() / 60, 2), "budget_minutes": run.cfg.time_budget}
     if run.main_proc and changed:
         capped = " (capped at 10x the recipe's epochs)" if end == cap and epoch + 1 + more > cap else ""

@@ -96,12 +96,22 @@ def test_time_budget_refits_from_the_epochs_after_a_slow_first_one():
     run.t0 -= 90  # the third takes 90 s: the median of 80 and 90 is 85; 1312 s left / 85 s = 15 more
     assert train.fit_to_budget(run, phase, 32, 90.0) == 33 + 15
     assert train.budget_fits(run) == train.BUDGET_FITS == 3
-    # a checkpoint written before re-fitting existed counts as one fit, and its epoch time as the first one
+    # a checkpoint written before re-fitting existed keeps its one fit
     legacy = _fake_run(3 + 138 / 60, 30)
     legacy.budget_fit = {"epochs": 41, "epoch_seconds": 138.0, "minutes_spent": 5.3, "budget_minutes": 30}
-    assert train.budget_fits(legacy) == 1
-    legacy.t0 -= 80
-    assert train.fit_to_budget(legacy, phase, 31, 80.0) == 32 + 17
+    assert train.budget_fits(legacy) == train.BUDGET_FITS
+
+
+def test_time_budget_refits_keep_the_cap_of_the_recipe_epochs():
+    # epochs of 0.1 s (a classifier on cached features): every fit hits the cap, 10x the recipe's 3 epochs, not 10x
+    # the previous fit's
+    phase = train.Phase("full", train.cfglib.TrainConfig(), 2, 5)
+    run = _fake_run(0.0, 10_000)
+    ends = []
+    for epoch in range(2, 2 + train.BUDGET_FITS):
+        ends.append(train.fit_to_budget(run, phase, epoch, 0.1))
+        phase.end = ends[-1]
+    assert ends == [2 + 10 * 3] * train.BUDGET_FITS and run.budget_fit["cap"] == 32
 
 
 def test_time_budget_run_stops_on_time_and_resume_keeps_the_fit(data, tmp_path, capsys):
