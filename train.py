@@ -550,7 +550,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
                          "train_acc": stats["train_acc"], **val, "epoch_seconds": seconds,
                          "images_per_s": stats["images"] / max(progress.seconds, 1e-9),
                          "skipped_images": skipped}
-        if last and run.cfg.time_budget and budget_fits(run) < BUDGET_FITS:
+        if last and refits_budget(run, phase, epoch):
             end = fit_to_budget(run, phase, epoch, seconds)
             if end != phase.end:
                 phase.end = end
@@ -594,25 +594,28 @@ def keep_as_best(run: Run, epoch: int, value: float, se: float) -> bool:
 
 
 BUDGET_MAX_FACTOR = 10  # --time-budget never stretches a phase past 10x the recipe's epochs
-BUDGET_FITS = 3  # the last phase's epochs are fitted after each of its first 3 epochs
 
 
-def budget_fits(run: Run) -> int:
-    """How many epochs of the last phase --time-budget has fitted from (a checkpoint from before re-fitting keeps
-    its one fit: it has no record of the recipe's epochs to cap a re-fit with)."""
+def refits_budget(run: Run, phase: Phase, epoch: int) -> bool:
+    """Whether --time-budget fits the last phase's epochs after ``epoch`` (0-based): after its first epoch, then
+    after every epoch in the first half of the phase. Epoch times on a shared machine vary by 10-20%, so each fit
+    uses more of them; in the second half the end stays put, so the cosine schedule's tail is not moved. A
+    checkpoint from before re-fitting keeps its one fit (it has no record of the recipe's epochs to cap it with)."""
+    if not run.cfg.time_budget:
+        return False
     if not run.budget_fit:
-        return 0
-    return len(run.budget_fit.get("epoch_seconds_seen", [None] * BUDGET_FITS))
+        return True
+    return "epoch_seconds_seen" in run.budget_fit and 2 * (epoch + 1 - phase.first) <= phase.end - phase.first
 
 
 def fit_to_budget(run: Run, phase: Phase, epoch: int, seconds: float) -> int:
-    """The epoch the last phase should end at so the run takes about ``time_budget`` minutes. Called after each of
-    the phase's first ``BUDGET_FITS`` epochs with that epoch's ``seconds`` (training + validation): the first fit
-    uses the first epoch's time; later ones the median of the epochs after it, because the first carries one-time
-    costs (kernel selection, a cache filling, a cold machine) that once cost a 30-minute run 11 of its minutes.
+    """The epoch the last phase should end at so the run takes about ``time_budget`` minutes. Called after each
+    epoch ``refits_budget`` allows, with that epoch's ``seconds`` (training + validation): the first fit uses the
+    first epoch's time; later ones the median of the epochs after it, because the first carries one-time costs
+    (kernel selection, a cache filling, a cold machine) that once cost a 30-minute run 11 of its minutes.
     Decided on rank 0 and shared with every process."""
     fit = run.budget_fit or {}
-    seen = fit.get("epoch_seconds_seen", [])[:BUDGET_FITS - 1] + [round(seconds, 2)]
+    seen = fit.get("epoch_seconds_seen", []) + [round(seconds, 2)]
     typical = seen[0] if len(seen) == 1 else statistics.median(seen[1:])
     budget = run.cfg.time_budget * 60
     left = budget - run.elapsed()

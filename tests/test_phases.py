@@ -88,18 +88,23 @@ def test_time_budget_refits_from_the_epochs_after_a_slow_first_one():
     # 30-minute budget; the whole-network phase (epochs 31-40) starts after 3 minutes; its first epoch takes 138 s
     phase = train.Phase("full", train.cfglib.TrainConfig(), 30, 40)
     run = _fake_run(3 + 138 / 60, 30)
-    assert train.fit_to_budget(run, phase, 30, 138.0) == 31 + 10  # 1482 s left / 138 s
-    assert train.budget_fits(run) == 1
+    assert train.refits_budget(run, phase, 30)
+    phase.end = train.fit_to_budget(run, phase, 30, 138.0)
+    assert phase.end == 31 + 10  # 1482 s left / 138 s
     run.t0 -= 80  # the second epoch takes 80 s: 1402 s left / 80 s = 17 more
-    assert train.fit_to_budget(run, phase, 31, 80.0) == 32 + 17
+    phase.end = train.fit_to_budget(run, phase, 31, 80.0)
+    assert phase.end == 32 + 17
     assert run.budget_fit["epoch_seconds"] == 80.0 and run.budget_fit["epoch_seconds_seen"] == [138.0, 80.0]
     run.t0 -= 90  # the third takes 90 s: the median of 80 and 90 is 85; 1312 s left / 85 s = 15 more
-    assert train.fit_to_budget(run, phase, 32, 90.0) == 33 + 15
-    assert train.budget_fits(run) == train.BUDGET_FITS == 3
-    # a checkpoint written before re-fitting existed keeps its one fit
+    phase.end = train.fit_to_budget(run, phase, 32, 90.0)
+    assert phase.end == 33 + 15
+    # fits go on through the first half of the phase (epochs 31-39 of 31-48), then its end stays put
+    assert train.refits_budget(run, phase, 38) and not train.refits_budget(run, phase, 39)
+    # a checkpoint written before re-fitting existed keeps its one fit; no budget, no fit
     legacy = _fake_run(3 + 138 / 60, 30)
     legacy.budget_fit = {"epochs": 41, "epoch_seconds": 138.0, "minutes_spent": 5.3, "budget_minutes": 30}
-    assert train.budget_fits(legacy) == train.BUDGET_FITS
+    assert not train.refits_budget(legacy, phase, 31)
+    assert not train.refits_budget(_fake_run(0.0, 0), phase, 30)
 
 
 def test_time_budget_refits_keep_the_cap_of_the_recipe_epochs():
@@ -108,10 +113,10 @@ def test_time_budget_refits_keep_the_cap_of_the_recipe_epochs():
     phase = train.Phase("full", train.cfglib.TrainConfig(), 2, 5)
     run = _fake_run(0.0, 10_000)
     ends = []
-    for epoch in range(2, 2 + train.BUDGET_FITS):
+    for epoch in range(2, 5):
         ends.append(train.fit_to_budget(run, phase, epoch, 0.1))
         phase.end = ends[-1]
-    assert ends == [2 + 10 * 3] * train.BUDGET_FITS and run.budget_fit["cap"] == 32
+    assert ends == [2 + 10 * 3] * 3 and run.budget_fit["cap"] == 32
 
 
 def test_time_budget_run_stops_on_time_and_resume_keeps_the_fit(data, tmp_path, capsys):
