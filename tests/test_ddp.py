@@ -13,10 +13,9 @@ channels_last memory format, which use different convolution kernels).
 """
 import csv
 import os
-import subprocess
-import sys
 
 import pytest
+from cli_helpers import run_together
 from eval_helpers import link_sample_split
 
 from utils.checkpoint import load_checkpoint
@@ -36,13 +35,9 @@ def _split(root, n_train=10, n_val=4):
 
 
 def _run(args, nproc):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if nproc == 1:
-        cmd = [sys.executable, os.path.join(ROOT, "train.py")] + args
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               os.path.join(ROOT, "train.py")] + args
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    """train.py in ``nproc`` processes (torchrun when more than 1), one OpenMP thread each."""
+    cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    (r,) = run_together([[*cmd, os.path.join(ROOT, "train.py"), *args]])
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -60,8 +55,12 @@ def _log(path):
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     data = _split(tmp / "data")
-    _run(COMMON + ["--data", data, "--batch-size", "16", "--out", str(tmp / "one")], 1)
-    _run(COMMON + ["--data", data, "--batch-size", "16", "--out", str(tmp / "one_cl"), "--set", "channels_last=true"], 1)
+    # the two 1-process runs (one thread each) side by side: 2 cores
+    train_py = os.path.join(ROOT, "train.py")
+    for r in run_together([[train_py, *COMMON, "--data", data, "--batch-size", "16", "--out", str(tmp / "one")],
+                           [train_py, *COMMON, "--data", data, "--batch-size", "16", "--out", str(tmp / "one_cl"),
+                            "--set", "channels_last=true"]]):
+        assert r.returncode == 0, r.stderr[-3000:]
     two = _run(COMMON + ["--data", data, "--batch-size", "8", "--out", str(tmp / "two"), "--set", "sync_bn=true"], 2)
     _run(COMMON + ["--data", data, "--batch-size", "8", "--out", str(tmp / "nosync")], 2)
     return tmp, two

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import run_together
 
 pytestmark = [pytest.mark.slow]
 
@@ -55,12 +56,12 @@ def test_split_train_evaluate_export_predict(tmp_path):
         assert (export_dir / name).is_file(), name
 
     images = sorted(str(p) for p in (data / "val").rglob("*.png"))[:6]
-    preds = {}
-    for model_file in ("best.pt", "export/model.onnx", "export/model.torchscript.pt"):
-        js = tmp_path / (model_file.replace("/", "_") + ".json")
-        run("predict.py", str(runs / model_file), *images, "--topk", "3", "--json", str(js), "--workers", "0",
-            "--no-progress")
-        preds[model_file] = json.loads(js.read_text())
+    formats = ("best.pt", "export/model.onnx", "export/model.torchscript.pt")
+    jsons = {f: tmp_path / (f.replace("/", "_") + ".json") for f in formats}
+    for p in run_together([["predict.py", str(runs / f), *images, "--topk", "3", "--json", str(jsons[f]), "--workers",
+                            "0", "--no-progress"] for f in formats]):  # side by side: independent commands
+        assert p.returncode == 0, f"{p.args[1:3]} exited {p.returncode}\nstderr:\n{p.stderr[-3000:]}"
+    preds = {f: json.loads(jsons[f].read_text()) for f in formats}
     # The three formats of the same weights give the same ranking on every image, probabilities within 1e-4.
     ref = preds["best.pt"]["predictions"]
     assert [p["file"] for p in ref] == images

@@ -3,11 +3,10 @@ after Ctrl-C mid-epoch, checkpoint format and atomicity, NaN stop, frozen backbo
 import csv
 import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
+from cli_helpers import run_together
 from eval_helpers import link_sample_split
 
 import train
@@ -224,9 +223,7 @@ def test_frozen_backbone_trains_only_the_head(data, tmp_path):
         assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]), rows
 
 
-def _run_cli(args, cwd):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args, capture_output=True, text=True,
-                       cwd=str(cwd), timeout=300)
+def _error_line(r):
     lines = r.stderr.strip().splitlines()
     assert "Traceback" not in r.stderr
     # progress bars may precede it; the error itself is exactly one line, the last one
@@ -237,23 +234,26 @@ def _run_cli(args, cwd):
 def test_user_errors_are_one_line(data, tmp_path):
     from models import build_model
 
-    # missing folder
-    code, err = _run_cli(TINY + ["--data", str(tmp_path / "missing")], tmp_path)
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: data folder") and "missing" in err[0]
-    # single-class dataset
-    one = _split(tmp_path / "one", 4, 2, classes=["Bag"])
-    code, err = _run_cli(TINY + ["--data", one, "--out", str(tmp_path / "o1")], tmp_path)
-    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and "class" in err[0]
-    # empty dataset (class folders without images)
-    for part in ("train", "val"):
+    one = _split(tmp_path / "one", 4, 2, classes=["Bag"])  # single-class dataset
+    for part in ("train", "val"):  # empty dataset (class folders without images)
         for c in ("a", "b"):
             os.makedirs(tmp_path / "empty" / part / c)
-    code, err = _run_cli(TINY + ["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")], tmp_path)
-    assert code == 2 and len(err) == 1 and err[0].startswith("error:")
     # pretrained weights of another architecture
     torch.save(build_model("mobilenet_v3_small", num_classes=10).state_dict(), str(tmp_path / "v3.pth"))
-    code, err = _run_cli(TINY + ["--data", data, "--out", str(tmp_path / "o3"), "--pretrained",
-                                 str(tmp_path / "v3.pth")], tmp_path)
+    train_py = os.path.join(ROOT, "train.py")
+    missing, single, empty, v3 = (_error_line(r) for r in run_together([
+        [train_py, *TINY, "--data", str(tmp_path / "missing")],
+        [train_py, *TINY, "--data", one, "--out", str(tmp_path / "o1")],
+        [train_py, *TINY, "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")],
+        [train_py, *TINY, "--data", data, "--out", str(tmp_path / "o3"), "--pretrained", str(tmp_path / "v3.pth")],
+    ], cwd=str(tmp_path), env=dict(os.environ), timeout=300))
+    code, err = missing
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: data folder") and "missing" in err[0]
+    code, err = single
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and "class" in err[0]
+    code, err = empty
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:")
+    code, err = v3
     assert code == 2 and len(err) == 1 and err[0].startswith("error:") and "v3.pth" in err[0]
     assert not (tmp_path / "o3" / "last.pt").exists()
 

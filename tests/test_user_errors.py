@@ -2,10 +2,9 @@
 no traceback, and the message names the file and what to do."""
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
+from cli_helpers import run_together
 from eval_helpers import make_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,15 +12,21 @@ SAMPLE = os.path.join(ROOT, "tests", "assets", "fashion_mnist_sample")
 PHOTOS = os.path.join(ROOT, "tests", "assets", "photos")
 
 
+def fails_together(*commands):
+    """Run scripts expecting a user error, all at once; return each one's single error line, in order."""
+    lines = []
+    for p in run_together(commands, timeout=300):
+        assert p.returncode == 2, f"{p.args[1:]}: exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
+        assert "Traceback" not in p.stderr
+        errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1, p.stderr
+        lines.append(errors[0])
+    return lines
+
+
 def fails(*args):
     """Run a script expecting a user error; return its single error line."""
-    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert p.returncode == 2, f"exit {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}"
-    assert "Traceback" not in p.stderr
-    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, p.stderr
-    return errors[0]
+    return fails_together(args)[0]
 
 
 @pytest.fixture(scope="module")
@@ -31,21 +36,23 @@ def ckpt(tmp_path_factory):
 
 
 def test_wrong_paths(tmp_path):
-    msg = fails("train.py", "--data", str(tmp_path / "nope"))
-    assert msg == (f"error: data folder {tmp_path / 'nope'} not found; pass --data DIR with train/ and val/ "
-                   "class folders (make one with split_dataset.py)")
-    msg = fails("split_dataset.py", str(tmp_path / "nope"), str(tmp_path / "out"))
-    assert f"{tmp_path / 'nope'} is not a folder" in msg
-    msg = fails("export.py", str(tmp_path / "nope.pt"))
-    assert msg == f"error: checkpoint {tmp_path / 'nope.pt'} not found; pass a .pt file written by train.py (e.g. RUN/best.pt)"
+    train_msg, split_msg, export_msg = fails_together(
+        ("train.py", "--data", str(tmp_path / "nope")),
+        ("split_dataset.py", str(tmp_path / "nope"), str(tmp_path / "out")),
+        ("export.py", str(tmp_path / "nope.pt")))
+    assert train_msg == (f"error: data folder {tmp_path / 'nope'} not found; pass --data DIR with train/ and val/ "
+                         "class folders (make one with split_dataset.py)")
+    assert f"{tmp_path / 'nope'} is not a folder" in split_msg
+    assert export_msg == (f"error: checkpoint {tmp_path / 'nope.pt'} not found; pass a .pt file written by train.py "
+                          "(e.g. RUN/best.pt)")
 
 
 def test_empty_folders(tmp_path):
     (tmp_path / "empty").mkdir()
-    msg = fails("split_dataset.py", str(tmp_path / "empty"), str(tmp_path / "out"))
-    assert "found 0 class folder(s) with usable images; a classifier needs at least 2" in msg
-    msg = fails("train.py", "--data", str(tmp_path / "empty"))
-    assert f"{tmp_path / 'empty' / 'train'} not found" in msg and "split_dataset.py" in msg
+    split_msg, train_msg = fails_together(("split_dataset.py", str(tmp_path / "empty"), str(tmp_path / "out")),
+                                          ("train.py", "--data", str(tmp_path / "empty")))
+    assert "found 0 class folder(s) with usable images; a classifier needs at least 2" in split_msg
+    assert f"{tmp_path / 'empty' / 'train'} not found" in train_msg and "split_dataset.py" in train_msg
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
@@ -58,11 +65,12 @@ def test_raw_folder_given_to_train(tmp_path):
 def test_wrong_model_file(tmp_path):
     junk = tmp_path / "model.pt"
     junk.write_bytes(b"\x00not a model")
-    for script in ("evaluate.py", "predict.py"):
-        msg = fails(script, str(junk), PHOTOS)
-        assert f"cannot read model file {junk}" in msg and "pass a train.py checkpoint" in msg
     image_as_model = os.path.join(PHOTOS, "ibex.jpg")
-    assert "cannot read model file" in fails("predict.py", image_as_model, PHOTOS)
+    *junk_msgs, image_msg = fails_together(("evaluate.py", str(junk), PHOTOS), ("predict.py", str(junk), PHOTOS),
+                                           ("predict.py", image_as_model, PHOTOS))
+    for msg in junk_msgs:
+        assert f"cannot read model file {junk}" in msg and "pass a train.py checkpoint" in msg
+    assert "cannot read model file" in image_msg
 
 
 def test_wrong_weights_for_architecture(tmp_path):
@@ -81,9 +89,9 @@ def test_wrong_weights_for_architecture(tmp_path):
 
 
 def test_bad_config_values():
-    assert fails("train.py", "--set", "foo=1") == (
-        "error: --set: unknown config key(s) foo; valid keys are listed by `python train.py --help`")
-    assert fails("train.py", "--set", "lr=abc") == "error: --set: 'lr' must be float, got 'abc' (str)"
+    assert fails_together(("train.py", "--set", "foo=1"), ("train.py", "--set", "lr=abc")) == [
+        "error: --set: unknown config key(s) foo; valid keys are listed by `python train.py --help`",
+        "error: --set: 'lr' must be float, got 'abc' (str)"]
 
 
 def test_classes_that_differ(tmp_path, ckpt):
