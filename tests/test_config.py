@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import yaml
+from cli_helpers import run_together
 
 from utils import config as C
 from utils.errors import UserError
@@ -79,15 +80,14 @@ def test_saved_config_round_trips(tmp_path):
 
 def test_train_rejects_bad_config_before_work(tmp_path):
     # The data folder does not exist either: the config error must come first, on one line, exit status 2.
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--data", str(tmp_path / "nope"),
-                        "--set", "warmup=3"], capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
+    train_py = os.path.join(ROOT, "train.py")
+    r, bad_int = run_together([[train_py, "--data", str(tmp_path / "nope"), "--set", "warmup=3"],
+                               [train_py, "--epochs", "two"]], cwd=str(tmp_path), env=dict(os.environ), timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == ["error: --set: unknown config key(s) warmup; valid keys are listed by "
                                              "`python train.py --help`"]
     assert not (tmp_path / "runs").exists()
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--epochs", "two"],
-                       capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
-    assert r.returncode == 2 and "--epochs: invalid int value: 'two'" in r.stderr
+    assert bad_int.returncode == 2 and "--epochs: invalid int value: 'two'" in bad_int.stderr
 
 
 def test_help_lists_every_key():

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from cli_helpers import run_together
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = ["train", "evaluate", "predict", "export", "prune", "benchmark", "split_dataset", "plot"]
@@ -48,11 +49,10 @@ print(len(names))
     assert int(r.stdout) > 40
 
 
-@pytest.mark.parametrize("cmd", [["train.py"], ["evaluate.py"], ["predict.py"], ["benchmark.py", "train"]])
-def test_process_settings_are_applied_before_torch_loads(cmd):
+def test_process_settings_are_applied_before_torch_loads():
     """configure_process raises when torch is already loaded, so a command that imports torch (through any
     module) before applying its settings fails here instead of silently running with OpenMP's defaults."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    r = subprocess.run([sys.executable, *cmd, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    cmds = [["train.py"], ["evaluate.py"], ["predict.py"], ["benchmark.py", "train"]]
+    for cmd, r in zip(cmds, run_together([[*cmd, "--help"] for cmd in cmds], env=env, timeout=300)):
+        assert r.returncode == 0, (cmd, r.stderr[-2000:])
