@@ -270,12 +270,15 @@ def decide_augment_device(device: torch.device, cache: str) -> Choice:
 
 # ------------------------------------------------------------------------------------------------ probe
 Variant = tuple  # (channels_last, autocast dtype), or with a third item: compiled (True) or not (False)
-PROBE_PIXELS = 2 ** 19  # images per probe step = this / img_size**2 (10 at 224 px), at most the batch size
+# Images per probe step = this / img_size**2 (41 at 224 px), at most the batch size: the real batch of every
+# shipped CPU recipe. A smaller probe batch misleads: on a Zen 4 at 224 px, fp32 channels_last cost 31-36 ms per
+# image at batch 10 (tied with bf16) but 64-68 ms at batch 32 (bf16: 28-34 and 33-35 ms), docs/speed.md.
+PROBE_PIXELS = 2 ** 21
 PROBE_STEPS = 3
 
 
 def probe_batch(batch_size: int, img_size: int) -> int:
-    """Images per probe step: the real batch where it is small in pixels, else fewer (seconds, not minutes)."""
+    """Images per probe step: the real batch unless it is very large in pixels (then fewer: seconds, not minutes)."""
     return max(2, min(batch_size, PROBE_PIXELS // (img_size * img_size)))
 
 
@@ -316,7 +319,7 @@ def _store_cached(key: str, result: dict[str, float]) -> None:
 
 def variant_name(v: Variant) -> str:
     name = f"{amp_name(v[1])} {'channels_last' if v[0] else 'NCHW'}"
-    if len(v) > 2:  # the compile probe's pair, timed at the real batch size (precision probes use a smaller one)
+    if len(v) > 2:  # the compile pair: always at the real batch (precision probes: see PROBE_PIXELS)
         return f"{'compiled' if v[2] else 'eager'} {name}"
     return name
 
