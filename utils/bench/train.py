@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -77,8 +78,12 @@ def run(args: argparse.Namespace, resolve_data_dir: Callable[[cfglib.TrainConfig
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     gpu = machine.gpu_info(device)
     low = machine.cuda_amp("auto", gpu).value if gpu else torch.bfloat16
-    run_steps = cfg.epochs * min(len(data.train_loader), cfg.max_steps_per_epoch or len(data.train_loader))
-    plan = speed_plan(cfg, base, device, data.cache, threads, workers, len(data.classes), None, run_steps)
+    # Every variant times the whole network: plan as train.py plans its whole-network epochs (a fine-tune recipe's
+    # classifier epochs on cached features would plan fp32 NCHW, "set by the user").
+    whole = replace(cfg, cache_features=False, freeze="none")
+    epochs = cfg.epochs - (cfg.head_epochs if cfg.freeze == "none" else 0)
+    run_steps = epochs * min(len(data.train_loader), cfg.max_steps_per_epoch or len(data.train_loader))
+    plan = speed_plan(whole, base, device, data.cache, threads, workers, len(data.classes), None, run_steps)
     auto = (bool(plan.channels_last.value), plan.amp_dtype, bool(plan.compile.value))
     auto_desc = machine.variant_name(auto if auto[2] else auto[:2])
     auto_name = f"train.py auto ({auto_desc})"
@@ -127,7 +132,7 @@ def run(args: argparse.Namespace, resolve_data_dir: Callable[[cfglib.TrainConfig
 
     print(f"benchmark.py train: {cfg.model} x{cfg.width_mult} at {cfg.img_size} px, batch {cfg.batch_size}, {device}, "
           f"{torch.get_num_threads()} threads, {args.repeats} interleaved repeats, data: {data_dir} ({data.cache})\n"
-          f"machine: {plan.machine}\ntrain.py's automatic choice for a {cfg.epochs}-epoch run: {auto_desc} "
+          f"machine: {plan.machine}\ntrain.py's automatic choice for a {epochs}-epoch run: {auto_desc} "
           f"(amp: {plan.amp.reason}; channels_last: {plan.channels_last.reason}; compile: {plan.compile.reason})")
     # Emulated bf16 (no oneDNN bf16 kernels) takes 5-10x a normal step and leaves the process slower for a while
     # (measured: the variant timed right after it 1.16-1.43x slower than the same computation elsewhere in the
