@@ -205,6 +205,31 @@ def test_modes_and_sizes_become_rgb(tmp_path):
         assert xv.shape[1:] == (3, 48, 48)
 
 
+def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
+    """A 16-bit greyscale scan (PNG or TIFF, PIL mode I;16) reads as the 8-bit image it holds in every decoder;
+    PIL's convert("RGB") clips it to 255, so a whole inspection folder would train on white squares."""
+    from utils.data import ImageFiles, decode_rgb, load_pil_rgb
+    from utils.data.loaders import _decode_one
+
+    grey = np.asarray(Image.open(os.path.join(PHOTOS, "ibex.jpg")).convert("L"), dtype=np.uint16)
+    assert grey.std() > 20  # a real photo, not a flat field
+    wide = Image.fromarray(grey * 257)  # I;16: 0..255 -> 0..65535, as a 16-bit sensor writes it
+    paths = [str(tmp_path / "scan.png"), str(tmp_path / "scan.tif")]
+    for p in paths:
+        wide.save(p)
+        assert Image.open(p).mode.startswith("I")
+    want = torch.from_numpy(grey.astype(np.uint8))
+    tf = build_eval_transform({"img_size": 64, "resize_size": 64, "mean": IMAGENET_MEAN, "std": IMAGENET_STD})
+    want_x = tf(Image.fromarray(grey.astype(np.uint8)))
+    for p in paths:
+        for rgb in (decode_rgb(p), torch.from_numpy(np.array(load_pil_rgb(p))).permute(2, 0, 1)):
+            assert rgb.shape[0] == 3 and rgb.dtype == torch.uint8
+            assert (rgb.int() - want.int()).abs().max() <= 1, p
+        assert torch.equal(_decode_one(p)[0], want)  # the memory cache keeps it 1-channel
+        x, _, err = ImageFiles([p], tf)[0]  # evaluate/predict/export: PIL straight into the transform
+        assert err is None and (x - want_x).abs().max() < 0.05  # 1/255 in ImageNet std units is ~0.018
+
+
 def test_corrupt_image_is_skipped_and_counted(fm, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(fm, data)

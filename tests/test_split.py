@@ -161,7 +161,7 @@ def test_split_is_stratified_reproducible_and_listing_order_independent(tmp_path
         assert (counts["train"], counts["val"], counts["test"]) == (14, 4, 2)
     # reversed directory listings (another filesystem) give the same split
     real_walk, real_scandir = os.walk, os.scandir
-    monkeypatch.setattr(split_mod.os, "walk", lambda p: ((d, ds[::-1], fs[::-1]) for d, ds, fs in real_walk(p)))
+    monkeypatch.setattr(split_mod.os, "walk", lambda p, **kw: ((d, ds[::-1], fs[::-1]) for d, ds, fs in real_walk(p, **kw)))
     class Reversed:  # like os.scandir's result: an iterator that is also a context manager
         def __init__(self, entries):
             self.it = iter(entries)
@@ -190,6 +190,36 @@ def test_split_is_stratified_reproducible_and_listing_order_independent(tmp_path
             os.rename(renamed / cls / f, renamed / cls / ("z_" + f[:-4][::-1] + ".png"))
     e = split_dataset(str(renamed), str(tmp_path / "e"), val=0.2, test=0.1, seed=3)
     assert sorted((f.sha256, f.split) for f in e.files) == sorted((f.sha256, f.split) for f in a.files)
+
+
+def test_every_tool_lists_the_same_files_of_a_folder_with_links(tmp_path):
+    """A class folder holding a link to another folder of photos, a link back to itself (a loop) and a hidden
+    .ipynb_checkpoints copy: training (ImageFolder), evaluate/predict/export (scan_class_folders) and
+    split_dataset read the same images, each once."""
+    from utils.data import scan_class_folders
+
+    root = tmp_path / "hand_split"
+    extra = tmp_path / "more_coats"
+    for cls in ("Bag", "Coat"):
+        (root / cls).mkdir(parents=True)
+        for i in range(3):
+            shutil.copy(_png(cls, i), root / cls / f"{i}.png")
+    extra.mkdir()
+    for i in range(3, 6):
+        shutil.copy(_png("Coat", i), extra / f"{i}.png")
+    os.symlink(extra, root / "Coat" / "more")
+    os.symlink(root / "Coat", root / "Coat" / "loop")
+    (root / "Coat" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(_png("Coat", 0), root / "Coat" / ".ipynb_checkpoints" / "0-checkpoint.png")
+
+    trained = [(os.path.relpath(p, root), y) for p, y in load_image_folder(str(root)).samples]
+    per_class, _ = scan_class_folders(str(root))
+    evaluated = [(os.path.relpath(p, root), y) for y, c in enumerate(per_class) for p in per_class[c]]
+    assert trained == evaluated
+    assert [p for p, _ in trained] == ["Bag/0.png", "Bag/1.png", "Bag/2.png", "Coat/0.png", "Coat/1.png",
+                                       "Coat/2.png", "Coat/more/3.png", "Coat/more/4.png", "Coat/more/5.png"]
+    scanned = scan_folder(str(root))
+    assert sorted(f.source for f in scanned.files) == sorted(p for p, _ in trained)
 
 
 def test_refuses_nonempty_out_and_never_leaves_half_output(tmp_path, monkeypatch):

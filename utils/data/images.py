@@ -9,6 +9,7 @@ import sys
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torchvision.io
 from PIL import Image
@@ -36,13 +37,34 @@ def class_folders(root: str) -> list[str]:
 
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """A PIL image whose pixels are wider than 8 bits (16-bit greyscale PNG/TIFF ``I;16``, 32-bit ``I``, float
+    ``F``) -> greyscale ``L`` scaled to 0-255; any other mode unchanged.
+
+    PIL's own ``convert("L"/"RGB")`` clips these values at 255, so a 16-bit scan becomes all white. Scaling:
+    ``I;16`` divides by 257 (65535 -> 255); ``I`` and ``F`` divide by 257 when a pixel exceeds 255 (16-bit data
+    in a wider mode), multiply by 255 for ``F`` in 0..1, else keep the values.
+    """
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img
+    a = np.asarray(img, dtype=np.float64)
+    if img.mode.startswith("I;16"):
+        a = a / 257
+    elif a.size and a.max() > 255:
+        a = a / 257
+    elif img.mode == "F" and a.size and a.max() <= 1.0:
+        a = a * 255
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
 def to_rgb(img: Any) -> Any:
-    """PIL image in any mode (L, P, RGBA, CMYK, I;16 ...) or uint8 CHW tensor -> 3-channel RGB of the same kind."""
+    """PIL image in any mode (L, P, RGBA, CMYK, 16-bit I;16 ...) or uint8 CHW tensor -> 3-channel RGB of the
+    same kind (wide greyscale scaled to 8 bits by :func:`to_8bit`, not clipped)."""
     if isinstance(img, torch.Tensor):
         if img.shape[-3] == 1:
             return img.expand(*img.shape[:-3], 3, *img.shape[-2:])
         return img[..., :3, :, :] if img.shape[-3] == 4 else img
-    return img.convert("RGB") if img.mode != "RGB" else img
+    return to_8bit(img).convert("RGB") if img.mode != "RGB" else img
 
 
 @contextlib.contextmanager
@@ -158,6 +180,13 @@ class ImageFolderRGB(ImageFolder):
         classes = class_folders(directory)
         return classes, {c: i for i, c in enumerate(classes)}
 
+    @staticmethod
+    def make_dataset(directory: str, class_to_idx: dict[str, int], extensions: Any = None,
+                     is_valid_file: Any = None, allow_empty: bool = False) -> list[tuple[str, int]]:
+        # The listing evaluate/predict/export use (images_under), so training sees exactly the files they see:
+        # hidden sub-folders (.ipynb_checkpoints) skipped, folder links followed once.
+        return [(p, i) for c, i in sorted(class_to_idx.items()) for p in images_under(os.path.join(directory, c))]
+
 
 def load_image_folder(root: str) -> ImageFolderRGB:
     """The ImageFolder at ``root`` (``root/<class>/**/*.jpg``), checked: UserError if it is missing, has no
@@ -180,10 +209,27 @@ def load_image_folder(root: str) -> ImageFolderRGB:
 
 
 # ------------------------------------------------------------------------------------ listing image files
+def walk_tree(folder: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(folder)`` that follows symbolic links to folders, as torchvision's ImageFolder (train.py) does,
+    so every tool lists the same files; a link back to a folder already walked (a loop) is not entered.
+    The caller may prune ``dirnames`` in place, as with os.walk."""
+    seen = {os.path.realpath(folder)}
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        yield dirpath, dirnames, filenames
+        keep = []
+        for d in dirnames:
+            real = os.path.realpath(os.path.join(dirpath, d))
+            if real not in seen:
+                seen.add(real)
+                keep.append(d)
+        dirnames[:] = keep
+
+
 def images_under(folder: str) -> list[str]:
-    """Every image file under ``folder`` (recursive, hidden files and folders skipped), in sorted order."""
+    """Every image file under ``folder`` (recursive, following folder links, hidden files and folders skipped),
+    in sorted order."""
     found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    for dirpath, dirnames, filenames in walk_tree(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f)]
     return found

@@ -41,6 +41,7 @@ from utils.data.images import (
     describe_error,
     load_image_folder,
     single_thread,
+    to_8bit,
     to_rgb,
     unreadable_line,
 )
@@ -163,9 +164,8 @@ def _decode_one(path: str) -> torch.Tensor | str:
                 pass
         img = Image.open(io.BytesIO(data))
         img.load()
-        if img.mode not in ("L", "RGB"):
-            img = img.convert("RGB")
-        return T.functional.pil_to_tensor(img)
+        img = to_8bit(img)  # 16-bit greyscale -> L, scaled (PIL's convert would clip it to white)
+        return T.functional.pil_to_tensor(img if img.mode in ("L", "RGB") else to_rgb(img))
     except Exception as e:  # any decoder error: reported and skipped by the caller
         return describe_error(e)
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 from tqdm import tqdm
 
-from utils.data.images import IMAGE_EXTENSIONS, is_image_file
+from utils.data.images import IMAGE_EXTENSIONS, is_image_file, walk_tree
 from utils.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -115,7 +115,7 @@ def scan_folder(raw: str, progress: bool = False) -> SplitResult:
     todo: list[tuple[str, str, str]] = []  # (class, relpath in class, absolute path)
     for cls in class_dirs:
         base = os.path.join(raw, cls)
-        for dirpath, dirnames, filenames in os.walk(base):
+        for dirpath, dirnames, filenames in walk_tree(base):
             rel_dir = os.path.relpath(dirpath, base)
             rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
             for d in sorted(dirnames):
