@@ -16,7 +16,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from utils.process import configure_process  # imports nothing that loads torch
 
@@ -208,6 +208,7 @@ class Run:
     budget_fit: dict | None = None  # what --time-budget decided (kept in the checkpoint)
     bn_adapted: dict | None = None  # what bn_adapt did (a fresh run only), for config.yaml
     lr_find: dict | None = None  # --lr-find: run_lr_find's settings, then its summary (the first phase is swept)
+    unreadable: set = field(default_factory=set)  # images skipped so far (every phase, every process; kept in ckpt)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -272,7 +273,7 @@ def open_run(cfg: cfglib.TrainConfig, args: argparse.Namespace, ckpt: dict | Non
     """The run's shared state (clock, best result, global step; carried over when resuming) and its log.csv;
     returns it with the epoch to start from. ``--lr-find`` writes no log: the folder may hold a real run."""
     run = Run(cfg, cfg.out, data_dir, is_main, classes, time.perf_counter() - float((ckpt or {}).get("elapsed_s", 0.0)),
-              budget_fit=(ckpt or {}).get("time_budget_fit"))
+              budget_fit=(ckpt or {}).get("time_budget_fit"), unreadable=set((ckpt or {}).get("unreadable", [])))
     start_epoch = int(ckpt["epoch"]) if ckpt is not None else 0
     if ckpt is not None:
         run.step, run.best_acc = int(ckpt["step"]), float(ckpt["best_acc"])
@@ -397,7 +398,8 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
         data = load_data(data_dir, img_size=cfg.img_size, resize_size=cfg.resize_size, mean=cfg.mean, std=cfg.std,
                          batch_size=cfg.batch_size, workers=workers.value, augment=cfglib.augment_settings(cfg),
                          cache=cfg.cache, distributed=dist.enabled, seed=cfg.seed,
-                         pin_memory=device.type == "cuda", progress=cfg.progress, augment_device=device)
+                         pin_memory=device.type == "cuda", progress=cfg.progress, augment_device=device,
+                         known_unreadable=run.unreadable)  # an earlier phase's bad files: same counts, one warning
     train_loader, val_loader = data.train_loader, data.val_loader
     labels = ballib.train_labels(train_loader)
     balance = class_balance_plan(cfg, labels, run.classes)
@@ -503,7 +505,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
                                  run.best_acc, run.classes, plan, part, balance)
         state["config"] = cfglib.to_dict(run.cfg)  # the whole run's settings (every phase), not this phase's
         state.update(phase=phase.name, elapsed_s=run.elapsed(), time_budget_fit=run.budget_fit, best_se=run.best_se,
-                     best_kept=run.kept)
+                     best_kept=run.kept, unreadable=sorted(run.unreadable))
         save_checkpoint(os.path.join(run.out, name), state)
 
     # ---- loop
@@ -544,7 +546,8 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
         val = validate(eval_fn, val_loader, val_criterion, device, amp_dtype=amp_dtype,
                        channels_last=ctx.channels_last, bar=main_proc and cfg.progress, num_classes=len(run.classes))
         seconds = time.perf_counter() - t_epoch
-        skipped = data.skipped_total()  # every process calls it: under torchrun it unites their skipped files
+        run.unreadable |= data.skipped_everywhere()  # every process calls it: under torchrun it unites their sets
+        skipped = len(run.unreadable)
         se = {k: val.pop(k) for k in ("val_top1_se", "val_bal_acc_se")}  # for select_se; not logged
         run.row = row = {"epoch": epoch + 1, "lr": stats["lr"], "train_loss": stats["train_loss"],
                          "train_acc": stats["train_acc"], **val, "epoch_seconds": seconds,

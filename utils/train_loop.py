@@ -456,14 +456,17 @@ class FeatureBundle:
     num_train: int
     num_val: int
     engine: Optional[Choice] = None  # what ran the backbone over the images, and why (utils/deploy/engine.py)
-    skipped: int = 0  # unreadable train + val images left out, counted over all processes (same on each)
+    skipped_files: list = field(default_factory=list)  # unreadable train + val images left out, over all processes
 
     def set_epoch(self, epoch: int) -> None:
         self.train_loader.set_epoch(epoch)
 
-    def skipped_total(self) -> int:
+    def skipped_everywhere(self) -> set[str]:
         """Unreadable images skipped by all processes: already global (the feature pass gathers them)."""
-        return self.skipped
+        return set(self.skipped_files)
+
+    def skipped_total(self) -> int:
+        return len(self.skipped_files)
 
 
 @torch.no_grad()
@@ -516,7 +519,7 @@ def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, bat
     fwd = None  # chosen on the first real batch
     out = {}
     classes = None
-    skipped = 0
+    skipped: list[str] = []
     for split in ("train", "val"):
         ds = load_image_folder(os.path.join(data_dir, split))
         if classes is not None and list(ds.classes) != classes:
@@ -542,13 +545,13 @@ def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, bat
             first = f" (first: {unreadable_line(*failed[0])})" if failed else ""
             raise UserError(f"{os.path.join(data_dir, split)}: none of its {len(samples)} images could be "
                             f"read{first}; fix or remove them")
-        skipped += int((~keep).sum())
+        skipped += [samples[i][0] for i in torch.nonzero(~keep).flatten().tolist()]
         out[split] = (gather_rows(feats, len(samples))[keep], labels[keep])
     return FeatureBundle(
         FeatureBatches(*out["train"], batch_size, shuffle=True, seed=seed, rank=rank, world_size=world_size),
         FeatureBatches(*out["val"], batch_size, shuffle=False, rank=rank, world_size=world_size),
         classes, len(out["train"][1]), len(out["val"][1]),
-        fwd.choice if fwd else None, skipped=skipped)
+        fwd.choice if fwd else None, skipped_files=skipped)
 
 
 def speed_plan(cfg: TrainConfig, model: nn.Module, device: torch.device, cache: str, threads: machine.Choice,

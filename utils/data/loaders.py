@@ -21,7 +21,7 @@ import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import numpy as np
 import torch
@@ -268,8 +268,9 @@ class DataBundle:
         """How many distinct corrupt images this process has skipped so far."""
         return len(self.skipped_paths())
 
-    def skipped_total(self) -> int:
-        """Distinct corrupt images skipped so far by all processes together; the same number on every process.
+    def skipped_everywhere(self) -> set[str]:
+        """Paths of the distinct corrupt images skipped so far by all processes together; the same set on every
+        process.
 
         Under torchrun this is a collective (call it on every process): with cache none each process meets only
         its share of the files, and a bad train file may be met by different processes in different epochs, so
@@ -280,7 +281,11 @@ class DataBundle:
             every: list = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(every, sorted(files))
             files = set().union(*every)
-        return len(files)
+        return files
+
+    def skipped_total(self) -> int:
+        """``len(skipped_everywhere())`` (a collective under torchrun)."""
+        return len(self.skipped_everywhere())
 
 
 def _dist_info(distributed: bool) -> tuple[int, int]:
@@ -330,7 +335,8 @@ def load_split(data_dir: str) -> tuple[ImageFolderRGB, ImageFolderRGB]:
 
 def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batch_size: int, workers: int,
               augment: dict, cache: str = "auto", distributed: bool = False, seed: int = 0,
-              pin_memory: bool = False, progress: bool = True, augment_device: torch.device | None = None) -> DataBundle:
+              pin_memory: bool = False, progress: bool = True, augment_device: torch.device | None = None,
+              known_unreadable: Collection[str] = ()) -> DataBundle:
     """Train/val loaders for ``data_dir/{train,val}`` (ImageFolder layout), see the module docstring.
 
     ``batch_size`` is per process. ``cache``: "memory" (decode once into RAM), "none" (decode every step in
@@ -339,6 +345,8 @@ def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batc
     different sizes are stored resized (shorter side ``max(resize_size, img_size)``) and center-cropped square.
     ``progress`` shows a bar while caching (rank 0 only). ``augment_device``: a CUDA device makes the memory
     path send uint8 batches there and augment them on the GPU (utils.machine.decide_augment_device).
+    ``known_unreadable``: files an earlier phase of the run found unreadable (train.py): left out without a second
+    warning and counted as skipped, so both phases train on, count and report the same images.
     """
     if not 8 <= img_size <= 1024:
         raise UserError(f"img_size={img_size}: use a size between 28 and 224 (8..1024 accepted)")
@@ -348,6 +356,7 @@ def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batc
         raise UserError(f"cache={cache!r}: use auto, memory or none")
     cfg = AugmentConfig.from_dict(augment)
     train_ds, val_ds = load_split(data_dir)
+    known = _leave_out(known_unreadable, train_ds, val_ds)
     rank, world = _dist_info(distributed)
     train_sampler = EpochBatchSampler(len(train_ds), batch_size, shuffle=True, seed=seed, rank=rank, world=world)
     val_sampler = EpochBatchSampler(len(val_ds), batch_size, shuffle=False, rank=rank, world=world)
@@ -362,6 +371,7 @@ def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batc
                                 std, pin, require_uniform=(cache == "auto"), progress=progress and rank == 0,
                                 device=augment_device, report=rank == 0)
         if bundle is not None:
+            bundle.skipped_at_load += known
             return bundle
     train_tf = build_train_transform(img_size, mean=mean, std=std, **cfg.__dict__)
     val_tf = build_eval_transform({"img_size": img_size, "resize_size": resize_size, "mean": mean, "std": std})
@@ -372,7 +382,20 @@ def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batc
     val_loader = DataLoader(val_files, batch_sampler=val_sampler, **{**common, "collate_fn": _LabelledCollate(val_ds.samples)})
     return DataBundle(SkippingLoader(train_loader, min_size=min(2, batch_size),
                                                  keep_steps=world > 1), SkippingLoader(val_loader),
-                      list(train_ds.classes), len(train_ds), len(val_ds), cache="none")
+                      list(train_ds.classes), len(train_ds), len(val_ds), cache="none", skipped_at_load=known)
+
+
+def _leave_out(paths: Collection[str], *datasets: ImageFolderRGB) -> list[str]:
+    """Drop ``paths`` from the datasets' samples (in place); returns the paths that were there."""
+    paths = set(paths)
+    if not paths:
+        return []
+    found = []
+    for ds in datasets:
+        found += [p for p, _ in ds.samples if p in paths]
+        ds.samples = ds.imgs = [s for s in ds.samples if s[0] not in paths]
+        ds.targets = [y for _, y in ds.samples]
+    return found
 
 
 def _memory_bundle(train_ds, val_ds, train_sampler, val_sampler, img_size, resize_size, cfg, mean, std, pin,
