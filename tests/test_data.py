@@ -230,6 +230,29 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
         assert err is None and (x - want_x).abs().max() < 0.05  # 1/255 in ImageNet std units is ~0.018
 
 
+def test_unreadable_file_errors_read_the_same_in_every_decoder(tmp_path):
+    """An empty file and a text file named .png give one fixed message in every decoder (the report.csv of a
+    re-run is identical: no ``<_io.BytesIO object at 0x...>`` address in it)."""
+    from utils.data import ImageFiles, decode_rgb, describe_error
+    from utils.data.loaders import _decode_one
+    from utils.data.split import _check_image
+
+    empty, fake = tmp_path / "empty.jpg", tmp_path / "fake.png"
+    empty.write_bytes(b"")
+    fake.write_bytes(b"not an image: a text file with a .png name\n")
+    want = {str(empty): "OSError: empty file (0 bytes)",
+            str(fake): "UnidentifiedImageError: cannot identify image file (not an image, or a format Pillow cannot "
+                       "read)"}
+    tf = build_eval_transform({"img_size": 32, "resize_size": 32, "mean": IMAGENET_MEAN, "std": IMAGENET_STD})
+    for p, message in want.items():
+        with pytest.raises(Exception) as e:
+            decode_rgb(p)
+        assert describe_error(e.value) == message
+        assert _decode_one(p) == message
+        assert ImageFiles([p], tf)[0][2] == message
+    assert _check_image(fake.read_bytes()) == (f"unreadable image ({want[str(fake)]})", "")
+
+
 def test_corrupt_image_is_skipped_and_counted(fm, tmp_path, capsys):
     data = tmp_path / "data"
     shutil.copytree(fm, data)

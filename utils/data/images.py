@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import sys
 import warnings
 from typing import Any, Callable, Iterator, Sequence
@@ -93,9 +94,13 @@ def report_unreadable(path: str, error: str) -> None:
     print(f"warning: {unreadable_line(path, error)}", file=sys.stderr, flush=True)
 
 
+_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
 def describe_error(e: BaseException) -> str:
-    """``Type: message`` of a decoder error, as the skip lines and reports show it."""
-    return f"{type(e).__name__}: {e}".strip()
+    """``Type: message`` of a decoder error, as the skip lines and reports show it. PIL names an in-memory file
+    by its address (``<_io.BytesIO object at 0x7f...>``), which changes every run: that becomes words."""
+    return _BUFFER_REPR.sub("(not an image, or a format Pillow cannot read)", f"{type(e).__name__}: {e}").strip()
 
 
 class SkippedFiles:
@@ -132,12 +137,24 @@ class SkippedFiles:
 
 
 # --------------------------------------------------------------------------------------------- folders
-def load_pil_rgb(path: str):
-    """Open ``path`` fully decoded as an RGB PIL image (raises on corrupt files)."""
+def pil_from_bytes(data: bytes) -> Image.Image:
+    """The fully decoded PIL image (any mode) in a file's bytes; raises on a corrupt or empty file."""
+    if not data:
+        raise OSError("empty file (0 bytes)")
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+def load_pil(path: str) -> Image.Image:
+    """Open ``path`` fully decoded as a PIL image in its own mode (raises on corrupt or empty files)."""
     with open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()
-    return to_rgb(img)
+        return pil_from_bytes(f.read())
+
+
+def load_pil_rgb(path: str) -> Image.Image:
+    """Open ``path`` fully decoded as an RGB PIL image (raises on corrupt or empty files)."""
+    return to_rgb(load_pil(path))
 
 
 _IO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -163,9 +180,7 @@ def decode_rgb(path: str) -> torch.Tensor:
                 return t
         except (RuntimeError, AttributeError):  # corrupt (PIL then says why) or a torchvision without image.io
             pass
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    return T.functional.pil_to_tensor(to_rgb(img))
+    return T.functional.pil_to_tensor(to_rgb(pil_from_bytes(data)))
 
 
 class ImageFolderRGB(ImageFolder):
@@ -274,9 +289,7 @@ class ImageFiles(Dataset):
                 img = self.decode(self.paths[i])
                 with single_thread():  # per-image ops are small (workers already run with one thread)
                     return self.transform(img), i, None
-            with Image.open(self.paths[i]) as im:
-                im.load()
-                return self.transform(im), i, None
+            return self.transform(load_pil(self.paths[i])), i, None
         except Exception as e:  # any decode failure: report it and carry on with the other images
             return None, i, describe_error(e)
 

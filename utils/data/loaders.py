@@ -16,7 +16,6 @@ Two paths:
 """
 from __future__ import annotations
 
-import io
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +39,7 @@ from utils.data.images import (
     decode_rgb,
     describe_error,
     load_image_folder,
+    pil_from_bytes,
     single_thread,
     to_8bit,
     to_rgb,
@@ -162,9 +162,7 @@ def _decode_one(path: str) -> torch.Tensor | str:
                     return t
             except (RuntimeError, AttributeError):  # odd file, or a torchvision without image.io
                 pass
-        img = Image.open(io.BytesIO(data))
-        img.load()
-        img = to_8bit(img)  # 16-bit greyscale -> L, scaled (PIL's convert would clip it to white)
+        img = to_8bit(pil_from_bytes(data))  # 16-bit greyscale -> L, scaled (PIL's convert would clip it to white)
         return T.functional.pil_to_tensor(img if img.mode in ("L", "RGB") else to_rgb(img))
     except Exception as e:  # any decoder error: reported and skipped by the caller
         return describe_error(e)

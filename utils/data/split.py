@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 from tqdm import tqdm
 
-from utils.data.images import IMAGE_EXTENSIONS, is_image_file, walk_tree
+from utils.data.images import IMAGE_EXTENSIONS, describe_error, is_image_file, walk_tree
 from utils.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -93,7 +93,7 @@ def _check_image(data: bytes) -> tuple[str | None, str]:
                 im.load()
         return None, mode
     except Exception as e:  # PIL raises many types for bad files; each becomes a reported reason
-        return f"unreadable image ({type(e).__name__}: {e})", ""
+        return f"unreadable image ({describe_error(e)})", ""
 
 
 def scan_folder(raw: str, progress: bool = False) -> SplitResult:
@@ -152,7 +152,10 @@ def scan_folder(raw: str, progress: bool = False) -> SplitResult:
             continue
         if "/" in rel:
             notes.append((src, "in a nested sub-folder: kept in its top-level class, relative path kept"))
-        if mode not in ("RGB", "L"):
+        if mode.startswith("I") or mode == "F":
+            notes.append((src, f"colour mode {mode} (more than 8 bits per pixel): scaled to 8-bit greyscale when "
+                               "loaded"))
+        elif mode not in ("RGB", "L"):
             notes.append((src, f"colour mode {mode}: converted to RGB when loaded"))
         files.append(ImageFile(src, cls, rel, hashlib.sha256(data).hexdigest(), mode))
     classes = sorted({f.cls for f in files}, key=_sort_key)
