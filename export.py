@@ -266,8 +266,10 @@ def _calibration(args, src, ex, skipped: SkippedFiles, what: str) -> tuple[str, 
     calib_paths = ex.evenly_spaced(ex.list_images(calib_dir), args.calib_images)
     if not calib_paths:
         raise UserError(f"no images found in {calib_dir}; pass --calib-data DIR with a few hundred real images")
-    print(f"calibrating int8 on {len(calib_paths)} images from {calib_dir} ({what})")
-    return calib_dir, _read(ex, calib_paths, src.preprocess, skipped, f"calibration images from {calib_dir}").x
+    x = _read(ex, calib_paths, src.preprocess, skipped, f"calibration images from {calib_dir}").x
+    unread = f"; {len(calib_paths) - len(x)} unreadable skipped" if len(x) < len(calib_paths) else ""
+    print(f"calibrating int8 on {len(x)} images from {calib_dir} ({what}{unread})")
+    return calib_dir, x
 
 
 def _int8_verdict(args, verdict: int8_check.Int8Verdict, tmp: str, final: str, fp32_name: str,

@@ -116,10 +116,19 @@ def test_evaluate_predict_export_skip_and_report(split, capsys):
     ckpt = os.path.join(run, "best.pt")
     val = os.path.join(split["root"], "val")
     bad_val, bad_train = split["bad"]["val"], split["bad"]["train"]
+    # a class folder without images (not one of the model's classes): every tool ignores it
+    os.makedirs(os.path.join(val, "unsorted"))
+    try:
+        _evaluate_predict_export(run, ckpt, val, bad_val, bad_train, capsys)
+    finally:
+        os.rmdir(os.path.join(val, "unsorted"))
 
+
+def _evaluate_predict_export(run, ckpt, val, bad_val, bad_train, capsys):
     metrics = evaluate.main([ckpt, val, "--workers", "0", "--no-progress"])
     captured = capsys.readouterr()
     _assert_named_once(captured.err, bad_val)
+    assert "class folders without images ignored: unsorted" in captured.out + captured.err
     assert metrics["skipped"] == 2 and metrics["images"] == len(CLASSES) * N_VAL
     on_disk = json.load(open(os.path.join(run, "eval", "metrics.json")))
     assert on_disk["skipped"] == 2 and sorted(r["file"] for r in on_disk["skipped_files"]) == sorted(bad_val)
@@ -142,6 +151,8 @@ def test_evaluate_predict_export_skip_and_report(split, capsys):
     assert sorted(r["file"] for r in doc["skipped_files"]) == sorted(bad_val + bad_train)
     assert doc["checks"]["int8"]["val_images"] == len(CLASSES) * N_VAL
     assert "(4 unreadable images skipped)" in captured.out
+    assert f"calibrating int8 on {len(CLASSES) * N_TRAIN} images from " in captured.out  # read, not listed
+    assert "; 2 unreadable skipped)" in captured.out
 
 
 def test_torchrun_train_loader_keeps_every_step(split, monkeypatch):

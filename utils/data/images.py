@@ -303,19 +303,18 @@ def collate_readable(batch: list[tuple[torch.Tensor | None, int, str | None]]):
 
 
 def list_labelled_images(root: str, classes: Sequence[str]) -> list[tuple[str, int]]:
-    """``root/<class>/*`` images with the checkpoint's class index; a folder the model doesn't know is an error."""
+    """``root/<class>/*`` images with the checkpoint's class index, listed as :func:`scan_class_folders` lists them
+    (a class folder without images is ignored, as evaluate.py ignores it); a folder of images whose class the model
+    doesn't know is an error."""
     if not os.path.isdir(root):
         raise UserError(f"validation folder {root} not found; pass --val-data DIR with one sub-folder per class")
+    per_class, _ = scan_class_folders(root)
     index = {c: i for i, c in enumerate(classes)}
-    items: list[tuple[str, int]] = []
-    for name in class_folders(root):
-        sub = os.path.join(root, name)
+    for name in per_class:
         if name not in index:
-            raise UserError(f"{sub}: class '{name}' is not one of the checkpoint's classes ({', '.join(classes)}); "
-                            "pass the validation folder of the data the model was trained on (--val-data)")
-        items += [(p, index[name]) for p in images_under(sub)]
-    if not items:
-        raise UserError(f"no images found in {root}/<class>/; pass --val-data DIR with one sub-folder per class")
-    return items
+            raise UserError(f"{os.path.join(root, name)}: class '{name}' is not one of the checkpoint's classes "
+                            f"({', '.join(classes)}); pass the validation folder of the data the model was trained on "
+                            "(--val-data)")
+    return [(p, index[name]) for name, files in per_class.items() for p in files]
 
 
