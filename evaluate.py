@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import yaml
 
-from utils.data import SkippedFiles, scan_class_folders
+from utils.data import SkippedFiles, is_image_file, scan_class_folders
 from utils.deploy.inference import add_run_arguments, as_records, run_on_files
 from utils.deploy.runtime import LoadedModel, open_model
 from utils.errors import UserError, run_main
@@ -132,6 +132,10 @@ def evaluate(model: LoadedModel, data_dir: str, batch_size: int = 64, workers: i
     notes = match_classes(list(per_class), model, data_dir)
     if empty:
         notes.append(f"note: class folders without images ignored: {', '.join(empty)}")
+    loose = [f for f in sorted(os.listdir(data_dir)) if is_image_file(f) and os.path.isfile(os.path.join(data_dir, f))]
+    if loose:  # no label: not counted (predict.py takes unlabelled images)
+        notes.append(f"note: {len(loose)} image(s) directly in {data_dir}, outside any class folder, ignored "
+                     f"({', '.join(loose[:3])}{', ...' if len(loose) > 3 else ''})")
     index = {c: i for i, c in enumerate(model.classes)}
     paths = [p for c in per_class for p in per_class[c]]
     targets_all = torch.tensor([index[c] for c in per_class for _ in per_class[c]], dtype=torch.long)

@@ -122,6 +122,16 @@ def test_evaluate_predict_export_skip_and_report(split, capsys):
         _evaluate_predict_export(run, ckpt, val, bad_val, bad_train, capsys)
     finally:
         os.rmdir(os.path.join(val, "unsorted"))
+    # an image outside the class folders has no label: evaluate names it in a note and leaves it out
+    loose = os.path.join(val, "loose.png")
+    shutil.copy(os.path.join(SAMPLE, "Bag", sorted(os.listdir(os.path.join(SAMPLE, "Bag")))[-1]), loose)
+    try:
+        metrics = evaluate.main([ckpt, val, "--workers", "0", "--no-progress"])
+    finally:
+        os.remove(loose)
+    captured = capsys.readouterr()
+    assert metrics["images"] == len(CLASSES) * N_VAL
+    assert f"note: 1 image(s) directly in {val}, outside any class folder, ignored (loose.png)" in captured.out
 
 
 def _evaluate_predict_export(run, ckpt, val, bad_val, bad_train, capsys):

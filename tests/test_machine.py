@@ -161,6 +161,8 @@ def test_compile_is_probed_only_on_long_runs_and_chosen_only_where_it_pays():
     c, _ = M.decide_compile("auto", best, features_only=False, run_steps=10**6, est_step_s=2.0,
                             probe=_fake_probe(fast)[0], run_s=600.0)
     assert c.value is False and c.reason.startswith("not probed") and "10-minute run" in c.reason
+    c, _ = M.decide_compile("auto", best, features_only=False, run_steps=20, est_step_s=2.0, probe=probe)
+    assert "an estimated 40-second run" in c.reason  # not "0-minute"
     # unknown step time: the eager variant is probed first (at the small probe batch, scaled up to the real one)
     probe, seen = _fake_probe({"fp32 channels_last": 0.5, **fast})
     c, _ = M.decide_compile("auto", best, features_only=False, run_steps=1800, est_step_s=None, probe=probe,

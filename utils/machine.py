@@ -434,6 +434,11 @@ COMPILE_MIN_RUN_S = 20 * 60  # probing compile costs a compile (about a minute o
 COMPILE_MIN_GAIN = 0.05  # compiled steps must be at least this much faster to be worth a compile's risks
 
 
+def _duration(seconds: float) -> str:
+    """``8-minute`` or, under a minute, ``40-second`` (a short run is not a "0-minute" one)."""
+    return f"{seconds / 60:.0f}-minute" if seconds >= 90 else f"{max(seconds, 1):.0f}-second"
+
+
 def decide_compile(mode: str, best: Variant, *, features_only: bool, run_steps: int,
                    est_step_s: Optional[float], probe: Optional[Probe],
                    batch_scale: float = 1.0, run_s: Optional[float] = None) -> tuple[Choice, dict[str, float]]:
@@ -460,7 +465,7 @@ def decide_compile(mode: str, best: Variant, *, features_only: bool, run_steps: 
     est_run = run_s if run_s is not None else est_step_s * run_steps
     if est_run < COMPILE_MIN_RUN_S:
         return Choice(False, f"not probed: compiling (a minute or more) would hardly pay back in an estimated "
-                             f"{est_run / 60:.0f}-minute run (compile: on forces it)"), times
+                             f"{_duration(est_run)} run (compile: on forces it)"), times
     eager, compiled = (best[0], best[1], False), (best[0], best[1], True)
     try:
         measured, cached = probe([eager, compiled])
