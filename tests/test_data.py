@@ -230,6 +230,29 @@ def test_16_bit_greyscale_is_scaled_not_clipped(tmp_path):
         assert err is None and (x - want_x).abs().max() < 0.05  # 1/255 in ImageNet std units is ~0.018
 
 
+def test_phone_photo_is_turned_upright_by_its_exif_tag_in_every_decoder(tmp_path):
+    """A portrait phone photo is stored sideways with EXIF orientation 6; training (both decoders and the memory
+    cache), evaluate/predict/export (PIL) all see it upright, as a photo viewer shows it."""
+    from utils.data import ImageFiles, decode_rgb, load_pil_rgb
+    from utils.data.loaders import _decode_one
+
+    upright = Image.open(os.path.join(PHOTOS, "ibex.jpg")).convert("RGB")
+    upright = upright.crop((0, 0, upright.width, upright.height * 2 // 3))  # landscape, so a turn changes the shape
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what the sensor wrote; the tag says "turn 90 CW"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = str(tmp_path / "portrait.jpg")
+    stored.save(path, quality=95, exif=exif)
+    want = torch.from_numpy(np.array(upright)).permute(2, 0, 1).float()
+    pil = torch.from_numpy(np.array(load_pil_rgb(path))).permute(2, 0, 1)
+    for got in (decode_rgb(path), pil, _decode_one(path)):
+        assert got.shape == want.shape
+        assert (got.float() - want).abs().mean() < 3  # JPEG rounding only; sideways would be a different shape
+    tf = build_eval_transform({"img_size": 64, "resize_size": 64, "mean": IMAGENET_MEAN, "std": IMAGENET_STD})
+    x, _, err = ImageFiles([path], tf)[0]
+    assert err is None and (x - tf(upright)).abs().mean() < 0.05
+
+
 def test_unreadable_file_errors_read_the_same_in_every_decoder(tmp_path):
     """An empty file and a text file named .png give one fixed message in every decoder (the report.csv of a
     re-run is identical: no ``<_io.BytesIO object at 0x...>`` address in it)."""

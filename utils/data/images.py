@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torchvision.io
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2 as T
@@ -143,7 +143,17 @@ def pil_from_bytes(data: bytes) -> Image.Image:
         raise OSError("empty file (0 bytes)")
     img = Image.open(io.BytesIO(data))
     img.load()
+    upright(img)
     return img
+
+
+def upright(img: Image.Image) -> None:
+    """Turn a photo upright in place by its EXIF orientation tag (a phone stores a portrait photo sideways plus
+    the tag), so every tool sees it as a photo viewer shows it; a broken EXIF block leaves the pixels as stored."""
+    try:
+        ImageOps.exif_transpose(img, in_place=True)
+    except Exception:  # malformed EXIF: the pixels themselves are fine
+        pass
 
 
 def load_pil(path: str) -> Image.Image:
@@ -165,7 +175,8 @@ def decode_rgb(path: str) -> torch.Tensor:
     """Decode ``path`` to a uint8 RGB tensor (3, H, W); raises on corrupt files.
 
     JPEG/PNG/WebP go through torchvision.io (libjpeg-turbo/libpng/libwebp on the bytes: the fastest decoder
-    here, see README; pixels identical to PIL's RGB conversion for grey, palette, RGBA and CMYK files);
+    here, see README; pixels identical to PIL's RGB conversion for grey, palette, RGBA and CMYK files; EXIF
+    orientation applied, as :func:`upright` does for PIL);
     anything else (BMP, TIFF, 16-bit PNG, ...) or anything it rejects goes through PIL.
     """
     with open(path, "rb") as f:
@@ -175,7 +186,7 @@ def decode_rgb(path: str) -> torch.Tensor:
             with warnings.catch_warnings():  # torchvision 0.29 marks these decoders deprecated, once per call
                 warnings.filterwarnings("ignore", message=_IO_DEPRECATION, category=DeprecationWarning)
                 t = torchvision.io.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                                mode=torchvision.io.ImageReadMode.RGB)
+                                                mode=torchvision.io.ImageReadMode.RGB, apply_exif_orientation=True)
             if t.dtype == torch.uint8:
                 return t
         except (RuntimeError, AttributeError):  # corrupt (PIL then says why) or a torchvision without image.io

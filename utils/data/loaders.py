@@ -157,7 +157,8 @@ def _decode_one(path: str) -> torch.Tensor | str:
             # libpng through torchvision.io: 2x faster than PIL here, and lossless, so the same pixels.
             # Alpha, 16-bit or odd PNGs take the PIL route below for PIL's exact RGB conversion.
             try:
-                t = torchvision.io.decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+                t = torchvision.io.decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                              apply_exif_orientation=True)
                 if t.dtype == torch.uint8 and t.shape[0] in (1, 3):
                     return t
             except (RuntimeError, AttributeError):  # odd file, or a torchvision without image.io
