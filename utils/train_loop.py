@@ -465,9 +465,6 @@ class FeatureBundle:
         """Unreadable images skipped by all processes: already global (the feature pass gathers them)."""
         return set(self.skipped_files)
 
-    def skipped_total(self) -> int:
-        return len(self.skipped_files)
-
 
 @torch.no_grad()
 def encode_pooled(model: nn.Module, samples: list, transform: Callable, batch_size: int, workers: int, *,

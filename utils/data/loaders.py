@@ -282,10 +282,6 @@ class DataBundle:
             files = set().union(*every)
         return files
 
-    def skipped_total(self) -> int:
-        """``len(skipped_everywhere())`` (a collective under torchrun)."""
-        return len(self.skipped_everywhere())
-
 
 def _dist_info(distributed: bool) -> tuple[int, int]:
     if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
