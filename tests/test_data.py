@@ -1,4 +1,5 @@
 """utils.data: transforms, checked folders, exact reproducible order (workers, resume, DDP), caches, corrupt files."""
+import io
 import os
 import shutil
 from functools import partial
@@ -251,6 +252,41 @@ def test_phone_photo_is_turned_upright_by_its_exif_tag_in_every_decoder(tmp_path
     tf = build_eval_transform({"img_size": 64, "resize_size": 64, "mean": IMAGENET_MEAN, "std": IMAGENET_STD})
     x, _, err = ImageFiles([path], tf)[0]
     assert err is None and (x - tf(upright)).abs().mean() < 0.05
+
+
+def test_report_thumbnails_and_mistakes_grid_show_what_training_saw(tmp_path):
+    """report.html's thumbnails and mistakes.png draw a 16-bit scan and a sideways-stored phone photo exactly as
+    their 8-bit / upright twins (PIL's plain convert("RGB") drew the scan white and the photo on its side)."""
+    import base64
+
+    from utils.plots import plot_mistakes
+    from utils.trust.report import _thumbnail
+
+    photo = Image.open(os.path.join(PHOTOS, "ibex.jpg")).convert("RGB")
+    photo = photo.crop((0, 0, photo.width, photo.height * 2 // 3))  # landscape, so a turn changes the shape
+    grey = photo.convert("L")
+    grey.save(tmp_path / "grey8.png")
+    Image.fromarray(np.asarray(grey, dtype=np.uint16) * 257).save(tmp_path / "grey16.png")  # I;16
+    photo.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 CW to view"
+    photo.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.png", exif=exif)
+
+    def thumb(name: str) -> np.ndarray:
+        url = _thumbnail(str(tmp_path / name))
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"), dtype=int)
+
+    def grid(name: str) -> np.ndarray:
+        out = str(tmp_path / f"mistakes_{name}")
+        plot_mistakes([{"file": str(tmp_path / name), "true": "a", "predicted": "b", "confidence": 0.9}], out)
+        return np.asarray(Image.open(out).convert("RGB"), dtype=int)
+
+    for wide, plain in (("grey16.png", "grey8.png"), ("sideways.png", "upright.png")):
+        a, b = thumb(wide), thumb(plain)
+        assert a.shape == b.shape and np.abs(a - b).max() <= 2, wide
+        a, b = grid(wide), grid(plain)
+        assert a.shape == b.shape and np.abs(a - b).mean() < 0.5, wide
+    assert thumb("grey16.png").mean() < 200  # not the white square of a clipped 16-bit scan
 
 
 def test_unreadable_file_errors_read_the_same_in_every_decoder(tmp_path):

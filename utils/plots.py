@@ -13,8 +13,8 @@ import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image
 
+from utils.data.images import load_pil_rgb
 from utils.errors import UserError
 from utils.files import atomic_write
 from utils.log import COLUMNS as LOG_COLUMNS
@@ -145,10 +145,9 @@ def plot_mistakes(mistakes: list[dict], out_png: str, max_images: int = 25, colu
         ax.axis("off")
     for ax, m in zip(axes.flat, shown):
         try:
-            with Image.open(m["file"]) as im:
-                im = im.convert("RGB")
-                im.thumbnail((256, 256))
-                ax.imshow(im)
+            im = load_pil_rgb(m["file"])  # the decoder training used: upright, 16-bit scaled
+            im.thumbnail((256, 256))
+            ax.imshow(im)
         except Exception:  # an image that vanished since evaluation still gets its caption
             pass
         ax.set_title(f"true: {m['true']}\npred: {m['predicted']} ({float(m['confidence']):.2f})", fontsize=8)

@@ -9,8 +9,7 @@ import io
 import os
 from typing import Any
 
-from PIL import Image
-
+from utils.data.images import load_pil_rgb
 from utils.files import atomic_write
 from utils.trust.summary import trust_lines
 
@@ -36,11 +35,10 @@ def _thumbnail(path: str, size: int = 96) -> str | None:
     """A PNG data URL of the image scaled to ``size`` px, or None when it cannot be read."""
 
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((size, size))
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
+        im = load_pil_rgb(path)  # the decoder training used: upright, 16-bit scaled
+        im.thumbnail((size, size))
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
     except Exception:
         return None
     return _data_url(buf.getvalue())
