@@ -475,8 +475,11 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
                       channels_last, [p for p in model.parameters() if p.requires_grad])
     if run.lr_find:  # the sweep only: writes RUN/lr_find.{csv,png}, no config.yaml, log or checkpoint
 
+        # a classifier phase before the whole network takes its rate from head_lr, not lr
+        flag = "--set head_lr=" if phase.name == "head" and len(phases) > 1 else "--lr"
         run.lr_find = run_lr_find(ctx, data, run.out, steps=min(run.lr_find["steps"], steps_per_epoch),
-                                  lr_range=run.lr_find["lr_range"], seed=cfg.seed, bar=main_proc and cfg.progress)
+                                  lr_range=run.lr_find["lr_range"], seed=cfg.seed, bar=main_proc and cfg.progress,
+                                  flag=flag)
         return
 
     def record() -> dict:

@@ -87,6 +87,7 @@ def test_lr_find_writes_csv_png_and_no_checkpoint(data, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"suggested lr {found['suggestion']:.3g}: the learning rate at the minimum of the smoothed loss, " \
            "divided by 10" in printed
+    assert f"use it with --lr {found['suggestion']:.2g}" in printed  # one phase: its rate is lr
     if found["stopped"]:  # a sweep to lr 1 diverges well before the end
         assert len(rows) < 30 and "stopped early" in printed
 
@@ -102,7 +103,7 @@ def test_lr_find_leaves_an_existing_run_untouched(data, tmp_path):
     assert {k: after[k] for k in before} == before  # checkpoints, config and log byte for byte
 
 
-def test_lr_find_on_cached_features_of_finetune_recipe(data, tmp_path):
+def test_lr_find_on_cached_features_of_finetune_recipe(data, tmp_path, capsys):
     out = tmp_path / "ft"
     summary = train.main(["--config", os.path.join(ROOT, "configs", "finetune.yaml"), "--data", data, "--out",
                           str(out), "--img-size", "64", "--batch-size", "8", "--workers", "0", "--set", "progress=false",
@@ -111,3 +112,7 @@ def test_lr_find_on_cached_features_of_finetune_recipe(data, tmp_path):
     assert len(rows) == summary["lr_find"]["steps"] <= 15  # 120 images / batch 8
     assert float(rows[0]["lr"]) == pytest.approx(1e-4)
     assert sorted(os.listdir(out)) == ["lr_find.csv", "lr_find.png"]
+    # the sweep ran on the classifier phase, whose rate is head_lr (--lr would set the whole-network phase)
+    printed = capsys.readouterr().out
+    assert f"use it with --set head_lr={summary['lr_find']['suggestion']:.2g}" in printed and "--lr " not in \
+        printed.split("use it with")[1]

@@ -145,11 +145,12 @@ def write_csv(result: LRFindResult, path: str) -> None:
 
 
 def run_lr_find(ctx, data: Any, out: str, *, steps: int, lr_range: tuple[float, float] = (1e-6, 1.0),
-                seed: int = 0, bar: bool = False) -> dict[str, Any]:
+                seed: int = 0, bar: bool = False, flag: str = "--lr") -> dict[str, Any]:
     """train.py's ``--lr-find``: sweep, write ``out/lr_find.{csv,png}``, print the suggestion; returns a summary.
 
     ``data`` is train.py's data bundle (images, or cached features for a frozen backbone); ``steps`` is already
-    capped at one epoch by the caller. Only those two files are written in ``out``: no config, log or checkpoint.
+    capped at one epoch by the caller; ``flag`` is the option that sets the swept phase's rate (``--lr``, or
+    ``--set head_lr=`` when the sweep ran on the classifier-only phase of a two-phase recipe). Only those two files are written in ``out``: no config, log or checkpoint.
     """
 
 
@@ -172,6 +173,10 @@ def run_lr_find(ctx, data: Any, out: str, *, steps: int, lr_range: tuple[float, 
     print(f"lr find: {len(result.lrs)} steps, {ended}; smoothed loss lowest ({min(result.smoothed):.4g}) at lr "
           f"{result.min_loss_lr:.3g}")
     print(f"suggested lr {result.suggestion:.3g}: {HOW_SUGGESTED}")
-    print(f"wrote {csv_path} and {png_path}; use it with --lr {result.suggestion:.2g}")
+    if not result.stopped and result.min_loss_lr >= result.lrs[-1]:
+        print("warning: the loss was still falling at the end of the sweep, so the suggestion is a guess; "
+              "raise the END of --lr-find-range or look at the plot")
+    use = f"{flag}{result.suggestion:.2g}" if flag.endswith("=") else f"{flag} {result.suggestion:.2g}"
+    print(f"wrote {csv_path} and {png_path}; use it with {use}")
     return {"lr_find": {"suggestion": result.suggestion, "min_loss_lr": result.min_loss_lr, "steps": len(result.lrs),
                         "stopped": result.stopped, "csv": csv_path, "png": png_path}, "out": out}
