@@ -296,10 +296,11 @@ def test_unreadable_file_errors_read_the_same_in_every_decoder(tmp_path):
     from utils.data.loaders import _decode_one
     from utils.data.split import _check_image
 
-    empty, fake = tmp_path / "empty.jpg", tmp_path / "fake.png"
+    empty, empty_png, fake = tmp_path / "empty.jpg", tmp_path / "empty.png", tmp_path / "fake.png"
     empty.write_bytes(b"")
+    empty_png.write_bytes(b"")  # the memory cache's PNG route (libpng) must not answer it first
     fake.write_bytes(b"not an image: a text file with a .png name\n")
-    want = {str(empty): "OSError: empty file (0 bytes)",
+    want = {str(empty): "OSError: empty file (0 bytes)", str(empty_png): "OSError: empty file (0 bytes)",
             str(fake): "UnidentifiedImageError: cannot identify image file (not an image, or a format Pillow cannot "
                        "read)"}
     tf = build_eval_transform({"img_size": 32, "resize_size": 32, "mean": IMAGENET_MEAN, "std": IMAGENET_STD})

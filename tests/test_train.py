@@ -66,12 +66,15 @@ def run_killed_then_resumed(args, out, monkeypatch, cut_after=1):
     train.main(["--resume", os.path.join(str(out), "last.pt")])  # config, data and out come from the checkpoint
 
 
-def test_kill_after_epoch_then_resume_is_exact(data, tmp_path, monkeypatch):
-    full = train.main(TINY + RECIPE + ["--data", data, "--out", str(tmp_path / "full")])
+# The memory cache, and the disk loader with a worker process (a photo folder's usual path): its persistent worker
+# starts at epoch 1 in one run and at the resume epoch in the other, which must not move any random draw.
+@pytest.mark.parametrize("loader", [[], ["--set", "cache=none", "--workers", "1"]], ids=["memory", "disk-worker"])
+def test_kill_after_epoch_then_resume_is_exact(data, tmp_path, monkeypatch, loader):
+    full = train.main(TINY + RECIPE + loader + ["--data", data, "--out", str(tmp_path / "full")])
     assert full["last"]["epoch"] == 3
 
     # "kill" the second run right after epoch 1 was logged and checkpointed
-    run_killed_then_resumed(TINY + RECIPE + ["--data", data], tmp_path / "cut", monkeypatch)
+    run_killed_then_resumed(TINY + RECIPE + loader + ["--data", data], tmp_path / "cut", monkeypatch)
 
     a, b = load_checkpoint(str(tmp_path / "full" / "last.pt")), load_checkpoint(str(tmp_path / "cut" / "last.pt"))
     assert _max_diff(a["model"], b["model"]) == 0

@@ -153,7 +153,7 @@ def _decode_one(path: str) -> torch.Tensor | str:
     try:
         with open(path, "rb") as f:
             data = f.read()
-        if path.lower().endswith(".png"):
+        if path.lower().endswith(".png") and data:  # an empty file gets PIL's route and its fixed message
             # libpng through torchvision.io: 2x faster than PIL here, and lossless, so the same pixels.
             # Alpha, 16-bit or odd PNGs take the PIL route below for PIL's exact RGB conversion.
             try:
@@ -372,9 +372,14 @@ def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batc
     val_tf = build_eval_transform({"img_size": img_size, "resize_size": resize_size, "mean": mean, "std": std})
     common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
                   collate_fn=_collate_skipping)
-    train_loader = DataLoader(_TrainFiles(train_ds.samples, train_tf), batch_sampler=train_sampler, **common)
+    # Each loader draws its workers' base seed from its own generator: without one it takes a number from the
+    # global RNG when its workers start (epoch 1, or the resume epoch), which shifts dropout and mixup draws of
+    # a resumed run. The images' augmentation is seeded per image (_TrainFiles), not from the workers' seed.
+    train_loader = DataLoader(_TrainFiles(train_ds.samples, train_tf), batch_sampler=train_sampler,
+                              generator=torch.Generator().manual_seed(seed), **common)
     val_files = ImageFiles([p for p, _ in val_ds.samples], val_tf, decode=decode_rgb)
-    val_loader = DataLoader(val_files, batch_sampler=val_sampler, **{**common, "collate_fn": _LabelledCollate(val_ds.samples)})
+    val_loader = DataLoader(val_files, batch_sampler=val_sampler, generator=torch.Generator().manual_seed(seed),
+                            **{**common, "collate_fn": _LabelledCollate(val_ds.samples)})
     return DataBundle(SkippingLoader(train_loader, min_size=min(2, batch_size),
                                                  keep_steps=world > 1), SkippingLoader(val_loader),
                       list(train_ds.classes), len(train_ds), len(val_ds), cache="none", skipped_at_load=known)
