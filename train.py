@@ -389,6 +389,9 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
     preprocess = Preprocess.from_config(cfg).as_dict()
 
     # ---- data (cached features: the frozen backbone reads every image once, see utils/deploy/engine.py)
+    # Files left out of this phase's list: those known bad when it started (a resume inside the phase uses the
+    # same set, not every file found since, so its epochs draw the same images in the same order).
+    left_out = set((ckpt or {}).get("phase_left_out", run.unreadable))
     if cached:
         data = cache_pooled_features(model, data_dir, preprocess, cfg.batch_size, workers.value, device, cfg.seed,
                                      dist.rank, dist.world_size, bar=main_proc and cfg.progress,
@@ -399,7 +402,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
                          batch_size=cfg.batch_size, workers=workers.value, augment=cfglib.augment_settings(cfg),
                          cache=cfg.cache, distributed=dist.enabled, seed=cfg.seed,
                          pin_memory=device.type == "cuda", progress=cfg.progress, augment_device=device,
-                         known_unreadable=run.unreadable)  # an earlier phase's bad files: same counts, one warning
+                         known_unreadable=left_out)  # an earlier phase's bad files: same counts, one warning
     train_loader, val_loader = data.train_loader, data.val_loader
     labels = ballib.train_labels(train_loader)
     balance = class_balance_plan(cfg, labels, run.classes)
@@ -508,7 +511,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
                                  run.best_acc, run.classes, plan, part, balance)
         state["config"] = cfglib.to_dict(run.cfg)  # the whole run's settings (every phase), not this phase's
         state.update(phase=phase.name, elapsed_s=run.elapsed(), time_budget_fit=run.budget_fit, best_se=run.best_se,
-                     best_kept=run.kept, unreadable=sorted(run.unreadable))
+                     best_kept=run.kept, unreadable=sorted(run.unreadable), phase_left_out=sorted(left_out))
         save_checkpoint(os.path.join(run.out, name), state)
 
     # ---- loop

@@ -83,6 +83,24 @@ def test_kill_after_epoch_then_resume_is_exact(data, tmp_path, monkeypatch, load
     assert _rows(str(tmp_path / "full" / "log.csv")) == _rows(str(tmp_path / "cut" / "log.csv"))
 
 
+def test_resume_after_an_unreadable_file_was_found_mid_phase_is_exact(tmp_path, monkeypatch, capsys):
+    """The disk loader finds a truncated PNG in epoch 1; the run is cut after it and resumed. The resumed run keeps
+    the file in its list (skipping it again) as the uninterrupted run does, so epochs 2-3 draw the same images."""
+    data = _split(tmp_path / "data")
+    sample = os.path.join(SAMPLE, "Bag", sorted(os.listdir(os.path.join(SAMPLE, "Bag")))[0])
+    bad = os.path.join(data, "train", "Bag", "truncated.png")
+    with open(sample, "rb") as f, open(bad, "wb") as out:
+        out.write(f.read()[:60])  # cut inside the pixel data
+    args = TINY + RECIPE + ["--set", "cache=none", "--data", data]
+    train.main(args + ["--out", str(tmp_path / "full")])
+    run_killed_then_resumed(args, tmp_path / "cut", monkeypatch)
+    a, b = load_checkpoint(str(tmp_path / "full" / "last.pt")), load_checkpoint(str(tmp_path / "cut" / "last.pt"))
+    assert a["unreadable"] == b["unreadable"] == [bad]
+    assert _max_diff(a["model"], b["model"]) == 0
+    rows = _rows(str(tmp_path / "full" / "log.csv"))
+    assert rows == _rows(str(tmp_path / "cut" / "log.csv")) and [r["skipped_images"] for r in rows] == ["1"] * 3
+
+
 def test_ctrl_c_mid_epoch_saves_last_and_resume_is_exact(data, tmp_path, monkeypatch):
     full = tmp_path / "full"
     train.main(TINY + RECIPE + ["--epochs", "2", "--data", data, "--out", str(full)])
