@@ -95,12 +95,17 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "the smoothed loss exceeds 4x its minimum")
     parser.add_argument("--lr-find-range", type=float, nargs=2, default=[1e-6, 1.0], metavar=("START", "END"),
                         help="first and last learning rate of the --lr-find sweep (default 1e-6 1)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in an --out folder that already holds a run (its last.pt, best.pt and "
+                             "log.csv are replaced; sub-folders such as eval/ and export/ are left as they are); "
+                             "without it such a folder is refused, so a finished or interrupted run is never lost")
     return parser
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[cfglib.TrainConfig, dict | None]:
     """Recipe (or the resumed run's config) <- flags <- --set. Returns the config and the resume checkpoint."""
-    flags = {k: v for k, v in vars(args).items() if k not in ("config", "sets") and not k.startswith("lr_find")}
+    flags = {k: v for k, v in vars(args).items()
+             if k not in ("config", "sets", "overwrite") and not k.startswith("lr_find")}
     ckpt = None
     if flags.get("resume"):
         ckpt = load_checkpoint(flags["resume"])
@@ -119,6 +124,19 @@ def resolve_config(args: argparse.Namespace) -> tuple[cfglib.TrainConfig, dict |
         path = args.config or cfglib.DEFAULT_RECIPE
         recipe, source = cfglib.read_yaml(path), path
     return cfglib.build_config(recipe, source, flags, args.sets), ckpt
+
+
+def refuse_to_overwrite(cfg: cfglib.TrainConfig, args: argparse.Namespace) -> None:
+    """A fresh run into a folder holding another run's checkpoints or log would replace them: refuse in one line
+    that names the ways on, unless ``--overwrite`` (``--resume`` continues the run; ``--lr-find`` writes no run)."""
+    if cfg.resume or args.lr_find or args.overwrite:
+        return
+    found = [f for f in ("last.pt", "best.pt", "log.csv") if os.path.isfile(os.path.join(cfg.out, f))]
+    if found:
+        last = os.path.join(cfg.out, "last.pt")
+        resume = f"continue it with --resume {last}, " if "last.pt" in found else ""
+        raise UserError(f"{cfg.out} already holds a run ({', '.join(found)}); {resume}choose another --out, or pass "
+                        "--overwrite to replace it")
 
 
 def make_model(cfg: cfglib.TrainConfig, num_classes: int, resuming: bool, is_main: bool) -> nn.Module:
@@ -300,6 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = get_args_parser().parse_args(argv)
     # config: recipe <- flags <- --set, validated once (utils/config.py); the resume checkpoint if any
     cfg, ckpt = resolve_config(args)
+    refuse_to_overwrite(cfg, args)
     # device and processes
     device, dist = setup_device(cfg)
     torch.manual_seed(cfg.seed)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from utils.errors import UserError
+from utils.errors import UserError, torch_load_problem
 
 # torchvision's official ImageNet-1k files (IMAGENET1K_V1). V1 has no official weights.
 IMAGENET_FILES = {
@@ -88,10 +88,8 @@ def read_weights(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | N
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(
-            f"cannot read weights file {path} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "it must be a PyTorch state dict or a checkpoint saved by train.py"
-        ) from None
+        raise UserError(f"cannot read weights file {path} ({torch_load_problem(path, e)}); it must be a PyTorch "
+                        "state dict or a checkpoint saved by train.py") from None
     arch = None
     if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
         arch = dict(obj["arch"]) if isinstance(obj.get("arch"), dict) else None

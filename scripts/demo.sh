@@ -24,7 +24,7 @@ else
 fi
 
 step "train: configs/default.yaml -> $RUN"
-$PY train.py --config configs/default.yaml --data "$DATA/split" --out "$RUN" "$@"
+$PY train.py --config configs/default.yaml --data "$DATA/split" --out "$RUN" --overwrite "$@"  # a re-run starts afresh
 
 step "evaluate: $RUN/best.pt on $DATA/split/val -> $RUN/eval"
 $PY evaluate.py "$RUN/best.pt" "$DATA/split/val" --out "$RUN/eval"

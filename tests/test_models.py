@@ -144,7 +144,8 @@ def test_pretrained_errors_are_clear(tmp_path, imagenet_file):
         load_pretrained(half, str(tmp_path / "nope.pth"))
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="cannot read weights file .*junk.pth"):
+    with pytest.raises(UserError, match=r"cannot read weights file .*junk.pth \(not a PyTorch file \(an ONNX model, "
+                                        r"an image or another format\?\)\)"):
         load_pretrained(half, str(junk))
     with pytest.raises(UserError, match="no ImageNet weights exist for mobilenet_v1"):
         load_pretrained(build_model("mobilenet_v1"), "imagenet")
@@ -157,8 +158,21 @@ def test_weights_only_refuses_pickled_code(tmp_path):
 
     path = tmp_path / "evil.pth"
     torch.save({"x": Evil()}, path)
-    with pytest.raises(UserError, match="cannot read weights file"):
+    with pytest.raises(UserError, match="cannot read weights file") as e:
         load_pretrained(build_model("mobilenet_v2", width_mult=0.25), str(path))
+    # torch's own text advises weights_only=False, which would run the file's code: never passed on
+    assert "pickled Python objects" in str(e.value) and "weights_only=False" not in str(e.value).replace(" ", "")
+    assert "set to `False`" not in str(e.value)
+    from utils.checkpoint import load_checkpoint
+    with pytest.raises(UserError) as e:
+        load_checkpoint(str(path))
+    assert str(e.value).startswith(f"cannot read checkpoint {path} (it holds pickled Python objects (a whole model "
+                                   "saved with torch.save(model)?), which are never loaded")
+    photo = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "photos", "ibex.jpg")
+    with pytest.raises(UserError) as e:
+        load_checkpoint(photo)
+    assert str(e.value) == (f"cannot read checkpoint {photo} (not a PyTorch file (an ONNX model, an image or another "
+                            "format?)); it must be a .pt file written by train.py")
 
 
 def test_offline_download_failure_names_the_fix(tmp_path, monkeypatch):

@@ -279,6 +279,22 @@ def test_user_errors_are_one_line(data, tmp_path):
     assert not (tmp_path / "o3" / "last.pt").exists()
 
 
+def test_a_run_folder_is_never_overwritten_without_asking(data, tmp_path):
+    """Re-running a command (Ctrl-C, then the same line instead of --resume) must not replace the run it made."""
+    out = tmp_path / "run"
+    args = TINY + ["--epochs", "1", "--data", data, "--out", str(out)]
+    train.main(args)
+    before = {f: (out / f).read_bytes() for f in ("last.pt", "best.pt", "log.csv")}
+    with pytest.raises(UserError) as e:
+        train.main(args)
+    assert str(e.value) == (f"{out} already holds a run (last.pt, best.pt, log.csv); continue it with --resume "
+                            f"{out / 'last.pt'}, choose another --out, or pass --overwrite to replace it")
+    assert {f: (out / f).read_bytes() for f in before} == before
+    train.main(args + ["--overwrite", "--seed", "1"])  # asked for: a new run replaces the old files
+    assert (out / "last.pt").read_bytes() != before["last.pt"]
+    assert load_checkpoint(str(out / "last.pt"))["config"]["seed"] == 1
+
+
 def test_corrupt_training_image_is_skipped_and_reported(tmp_path, capsys):
     root = _split(tmp_path / "d", n_train=6, n_val=2, classes=["Bag", "Coat"])
     bad = os.path.join(root, "train", "Bag", "broken.png")

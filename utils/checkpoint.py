@@ -22,7 +22,7 @@ import torchvision
 from torch import nn
 
 from models import build_model
-from utils.errors import UserError
+from utils.errors import UserError, torch_load_problem
 from utils.files import atomic_write
 
 PREPROCESS_KEYS = ("img_size", "resize_size", "mean", "std")
@@ -107,8 +107,8 @@ def load_checkpoint(path: str, map_location: str | torch.device = "cpu") -> dict
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path} ({first}); it must be a .pt file written by train.py") from None
+        raise UserError(f"cannot read checkpoint {path} ({torch_load_problem(path, e)}); it must be a .pt file "
+                        "written by train.py") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"{path} is not a train.py checkpoint (no 'model' entry); for bare weights use --pretrained {path}")
     return ckpt

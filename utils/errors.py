@@ -37,3 +37,23 @@ def _is_out_of_memory(e: BaseException) -> bool:
         return True
     text = str(e)
     return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def torch_load_problem(path: str, e: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` failed, in words that fit a one-line error. torch's own text
+    advises ``weights_only=False``, which would let the file run code: never shown to the user."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):  # torch.save writes a zip; old torch a pickle
+        return "not a PyTorch file (an ONNX model, an image or another format?)"
+    text = str(e)
+    if "Unsupported global" in text or "unsupported GLOBAL" in text:
+        return ("it holds pickled Python objects (a whole model saved with torch.save(model)?), which are never "
+                "loaded because unpickling can run code; save model.state_dict() instead")
+    first = text.splitlines()[0] if text else type(e).__name__
+    if first.startswith("Weights only load failed"):
+        return "a PyTorch file whose content cannot be loaded safely (weights_only)"
+    return first[:200]
