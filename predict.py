@@ -85,20 +85,25 @@ def format_table(preds: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+NOT_FOUND = "no such file, or no images in that folder / matching that pattern"
+
+
 def write_predictions_json(path: str, result: dict[str, Any], model: LoadedModel) -> None:
     doc = {"model": model.path, "kind": model.kind, "engine": model.engine.value,
            "temperature": result.get("temperature"), "threshold": result.get("threshold"),
            "predictions": result["predictions"],
-           "skipped": as_records(result["failed"])}
+           "skipped": as_records(result["failed"]) + as_records([(item, NOT_FOUND) for item in result["unmatched"]])}
     write_json(path, doc)
 
 
 def write_predictions_csv(path: str, result: dict[str, Any]) -> None:
-    """Wide CSV: file, class_1, prob_1, ..., class_k, prob_k (one row per readable image)."""
+    """Wide CSV: file, answer, class_1, prob_1, ..., class_k, prob_k (one row per readable image). ``answer`` is
+    class_1, or ``unknown`` below the ``--threshold`` in use."""
     preds = result["predictions"]
     k = len(preds[0]["top"]) if preds else 0
-    header = ["file"] + [h for j in range(1, k + 1) for h in (f"class_{j}", f"prob_{j}")]
-    write_text(path, csv_text(header, [[p["file"]] + [v for t in p["top"] for v in (t["class"], f"{t['prob']:.6f}")]
+    header = ["file", "answer"] + [h for j in range(1, k + 1) for h in (f"class_{j}", f"prob_{j}")]
+    write_text(path, csv_text(header, [[p["file"], p["answer"]]
+                                       + [v for t in p["top"] for v in (t["class"], f"{t['prob']:.6f}")]
                                        for p in preds]))
 
 
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
     paths, unmatched = expand_image_args(args.images)
     for item in unmatched:
-        print(f"skipped {item}: no such file, or no images in that folder / matching that pattern", file=sys.stderr)
+        print(f"skipped {item}: {NOT_FOUND}", file=sys.stderr)
     if not paths:
         raise UserError(f"no images found in {', '.join(args.images)}; pass image files, folders or glob patterns")
     model = open_model(args.model, device=args.device, threads=args.threads)
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     temperature = 1.0 if args.no_calibration or stored_t is None else float(stored_t)
     result = predict_files(model, paths, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
                            progress=not args.no_progress, temperature=temperature, threshold=threshold, tta=args.tta)
-    result.update(temperature=temperature, threshold=threshold)
+    result.update(temperature=temperature, threshold=threshold, unmatched=unmatched)
     SkippedFiles().add(result["failed"])  # one line each on stderr
     if result["predictions"]:
         print(format_table(result["predictions"]))

@@ -70,10 +70,14 @@ def test_folder_glob_json_csv_and_unreadable_files(ckpt, tmp_path, capsys):
 
     doc = json.load(open(js))
     assert doc["kind"] == "checkpoint" and len(doc["predictions"]) == 12
-    assert doc["skipped"][0]["file"].endswith("broken.jpg")
+    # every skipped input, as the summary line counts them: the unreadable file and the missing path
+    assert [(os.path.basename(r["file"]), r["error"].split(":")[0]) for r in doc["skipped"]] == \
+        [("broken.jpg", "UnidentifiedImageError"), ("missing.jpg", "no such file, or no images in that folder / "
+                                                                   "matching that pattern")]
     rows = list(csv.DictReader(open(cs)))
-    assert list(rows[0]) == ["file", "class_1", "prob_1", "class_2", "prob_2", "class_3", "prob_3"]
+    assert list(rows[0]) == ["file", "answer", "class_1", "prob_1", "class_2", "prob_2", "class_3", "prob_3"]
     assert [r["class_1"] for r in rows] == [p["top"][0]["class"] for p in result["predictions"]]
+    assert [r["answer"] for r in rows] == [r["class_1"] for r in rows]  # no threshold: the top class
 
 
 def test_onnx_and_checkpoint_predict_the_same(ckpt, tmp_path):

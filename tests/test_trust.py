@@ -2,6 +2,7 @@
 
 Real images throughout: the committed Fashion-MNIST sample (labelled) and the committed photos (out of
 distribution for a Fashion-MNIST model)."""
+import csv
 import json
 import os
 import shutil
@@ -186,9 +187,12 @@ def test_evaluate_writes_trust_files_stores_calibration_and_exports_carry_it(run
         model = open_model(path, device="cpu")
         assert model.calibration["temperature"] == pytest.approx(stored["temperature"])
         assert model.calibration["threshold"] == pytest.approx(stored["threshold"])
+        csv_path = str(tmp_path / f"preds_{os.path.basename(path)}.csv")
         res = predict.main([path, os.path.join(data, "val", "Bag"), *photo_paths(), "--threshold", "auto",
-                            "--workers", "0", "--no-progress"])
+                            "--workers", "0", "--no-progress", "--csv", csv_path])
         answers[path] = res
+        with open(csv_path, newline="") as f:  # the CSV carries the answer, `unknown` included
+            assert [r["answer"] for r in csv.DictReader(f)] == [p["answer"] for p in res["predictions"]]
     ref = answers[ckpt]["predictions"]
     for path in (onnx_path, ts_path):
         got = answers[path]["predictions"]
