@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
     if dist.is_main and not run.lr_find:
         print_header(run, model, device, dist, phases, start_epoch)
     # loop
-    stop = StopRequest(device).install() if dist.enabled else None  # Ctrl-C: all processes stop after one step
+    # Ctrl-C: stop after a whole step (on all processes); --lr-find keeps Python's own Ctrl-C (it saves nothing)
+    stop = None if run.lr_find else StopRequest(device, collective=dist.enabled).install()
     try:
         run_phases(run, phases, model, device, dist, ckpt, start_epoch, stop)
     finally:  # SIGINT gets its handler back however the run ends
@@ -555,9 +556,10 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
             raise UserError(f"training diverged: {e}; {kept}. Lower the learning rate (--lr), add warmup "
                             "(--set warmup_epochs=1) or clip gradients (--set clip_grad_norm=1.0)") from None
         except KeyboardInterrupt as e:
-            if dist.enabled and not isinstance(e, StopRequested):  # not at a step boundary shared by all processes
-                print(f"\ninterrupted mid-step on rank {dist.rank}: no mid-epoch checkpoint (the processes are not "
-                      "at one same step); last.pt, if any, is from an epoch end", file=sys.stderr)
+            if not isinstance(e, StopRequested):  # mid-step (a second Ctrl-C): the model is half-stepped
+                where = f" on rank {dist.rank}" if dist.enabled else ""
+                print(f"\ninterrupted mid-step{where}: no mid-epoch checkpoint (it would not resume exactly); "
+                      "last.pt, if any, is from an epoch end", file=sys.stderr)
                 raise
             progress.ranks = gather_rank_states(progress, device)  # every process's RNG state and sums
             if main_proc:

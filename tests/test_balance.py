@@ -4,6 +4,7 @@ of (seed, epoch), disjoint shards across ranks, memory / disk / cached-feature p
 what train.py and split_dataset.py print and record."""
 import csv
 import os
+import signal
 import subprocess
 import sys
 
@@ -188,8 +189,8 @@ def test_sqrt_draw_follows_square_root_of_counts():
 
 # ------------------------------------------------------------------------------------ train.py
 def _full_then_cut(args, tmp_path, monkeypatch):
-    """``train.main(args)`` into tmp_path/full uncut, then into tmp_path/cut stopped by Ctrl-C before the 2nd step of
-    epoch 2 (4 steps per epoch: 28 images / batch 8, last batch 4)."""
+    """``train.main(args)`` into tmp_path/full uncut, then into tmp_path/cut stopped by a real Ctrl-C during the 2nd
+    step of epoch 2 (4 steps per epoch: 28 images / batch 8, last batch 4): it stops after that step."""
     import utils.train_loop as tl
 
     train.main(args + ["--out", str(tmp_path / "full")])
@@ -197,13 +198,17 @@ def _full_then_cut(args, tmp_path, monkeypatch):
 
     def step_then_interrupt(*a, **k):
         if calls["n"] == 5:
-            raise KeyboardInterrupt
+            os.kill(os.getpid(), signal.SIGINT)
         calls["n"] += 1
         return real_step(*a, **k)
 
     monkeypatch.setattr(tl, "train_step", step_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args + ["--out", str(tmp_path / "cut")])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.main(args + ["--out", str(tmp_path / "cut")])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.setattr(tl, "train_step", real_step)
 
 
@@ -211,7 +216,7 @@ def test_resume_with_sampler_is_exact(imb, tmp_path, monkeypatch):
     args = TINY + ["--epochs", "2", "--lr", "0.05", "--set", "class_balance=sampler", "--set", "label_smoothing=0.1",
                    "--set", "select_se=1", "--data", imb]
     _full_then_cut(args, tmp_path, monkeypatch)
-    assert load_checkpoint(str(tmp_path / "cut" / "last.pt"))["partial_epoch"]["batches_done"] == 1
+    assert load_checkpoint(str(tmp_path / "cut" / "last.pt"))["partial_epoch"]["batches_done"] == 2
     train.main(["--resume", str(tmp_path / "cut" / "last.pt")])
     a, b = load_checkpoint(str(tmp_path / "full" / "last.pt")), load_checkpoint(str(tmp_path / "cut" / "last.pt"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

@@ -108,11 +108,14 @@ def test_ctrl_c_mid_epoch_saves_last_and_resume_is_exact(data, tmp_path, monkeyp
 
     real_step, calls = tl.train_step, {"n": 0}
 
-    def step_then_interrupt(*a, **k):
+    def step_then_interrupt(ctx, *a, **k):
         if calls["n"] == 10:  # global step 10 = 3rd step of epoch 2 (8 steps per epoch: 7 full batches of 16 + the last 8 images)
-            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C: Python's handler raises KeyboardInterrupt here
+            def ctrl_c(module, inputs, output):  # a real Ctrl-C in the middle of the forward pass, after the
+                hook.remove()                    # first blocks' BatchNorm statistics have moved
+                os.kill(os.getpid(), signal.SIGINT)
+            hook = ctx.trainable.model.features[4].register_forward_hook(ctrl_c)
         calls["n"] += 1
-        return real_step(*a, **k)
+        return real_step(ctx, *a, **k)
 
     monkeypatch.setattr(tl, "train_step", step_then_interrupt)
     cut = tmp_path / "cut"
@@ -124,12 +127,45 @@ def test_ctrl_c_mid_epoch_saves_last_and_resume_is_exact(data, tmp_path, monkeyp
     finally:
         signal.signal(signal.SIGINT, previous)
     monkeypatch.setattr(tl, "train_step", real_step)
-    ck = load_checkpoint(str(cut / "last.pt"))
-    assert ck["epoch"] == 1 and ck["step"] == 10 and ck["partial_epoch"]["batches_done"] == 2
+    ck = load_checkpoint(str(cut / "last.pt"))  # the step in progress was finished, then the run stopped
+    assert ck["epoch"] == 1 and ck["step"] == 11 and ck["partial_epoch"]["batches_done"] == 3
     train.main(["--resume", str(cut / "last.pt")])
     a, b = load_checkpoint(str(full / "last.pt")), load_checkpoint(str(cut / "last.pt"))
     assert _max_diff(a["model"], b["model"]) == 0 and _max_diff(a["ema"], b["ema"]) == 0
     assert _rows(str(full / "log.csv")) == _rows(str(cut / "log.csv"))
+
+
+def test_second_ctrl_c_stops_at_once_without_a_half_stepped_checkpoint(data, tmp_path, monkeypatch, capsys):
+    import utils.train_loop as tl
+
+    real_step, calls = tl.train_step, {"n": 0}
+
+    out = tmp_path / "cut"
+
+    def step_with_two_ctrl_c(ctx, *a, **k):
+        calls["n"] += (out / "last.pt").exists()  # steps of epoch 2 (the speed probe's steps come before)
+        if calls["n"] == 3:  # mid-forward of the 3rd step of epoch 2: Ctrl-C, Ctrl-C
+            def ctrl_c(module, inputs, output):
+                hook.remove()
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+            hook = ctx.trainable.model.features[4].register_forward_hook(ctrl_c)
+        return real_step(ctx, *a, **k)
+
+    monkeypatch.setattr(tl, "train_step", step_with_two_ctrl_c)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt) as e:
+            train.main(TINY + RECIPE + ["--epochs", "2", "--data", data, "--out", str(out)])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert type(e.value) is KeyboardInterrupt and signal.getsignal(signal.SIGINT) is previous
+    err = capsys.readouterr().err
+    assert "Ctrl-C: stopping after this step to save last.pt (Ctrl-C again to stop at once, without saving)" in err
+    assert "interrupted mid-step: no mid-epoch checkpoint (it would not resume exactly); last.pt, if any, is from " \
+           "an epoch end" in err
+    ck = load_checkpoint(str(out / "last.pt"))
+    assert ck["epoch"] == 1 and ck["step"] == 8 and not ck.get("partial_epoch")  # epoch 1's end, untouched
 
 
 def test_compiled_run_keeps_odd_batches_eager_and_resumes_exactly(data, tmp_path, monkeypatch):

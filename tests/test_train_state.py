@@ -95,14 +95,18 @@ def test_old_format_mid_epoch_checkpoint_resumes_exactly(tmp_path, monkeypatch):
     real_step, calls = tl.train_step, {"n": 0}
 
     def step_then_interrupt(*a, **k):
-        if calls["n"] == 6:  # 3rd step of epoch 2
-            raise KeyboardInterrupt
+        if calls["n"] == 5:  # a real Ctrl-C in the 2nd step of epoch 2: the run stops after it
+            os.kill(os.getpid(), signal.SIGINT)
         calls["n"] += 1
         return real_step(*a, **k)
 
     monkeypatch.setattr(tl, "train_step", step_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(TINY + ["--data", data, "--out", str(tmp_path / "cut")])
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.main(TINY + ["--data", data, "--out", str(tmp_path / "cut")])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.setattr(tl, "train_step", real_step)
     ck = load_checkpoint(str(tmp_path / "cut" / "last.pt"))
     assert ck["partial_epoch"]["batches_done"] == 2 and ck["partial_epoch"]["world_size"] == 1

@@ -14,6 +14,7 @@ process has trained on depend on it); epoch-end checkpoints resume with any numb
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -32,17 +33,21 @@ class StopRequested(KeyboardInterrupt):
 
 
 class StopRequest:
-    """Ctrl-C under torchrun, turned into a stop after the same step on every process.
+    """Ctrl-C turned into a stop after a whole step (on every process under torchrun).
 
-    torchrun forwards SIGINT to each process at a slightly different moment; a KeyboardInterrupt raised
-    mid-step would leave them inside different collectives (a hang until torchrun kills them, and no
-    checkpoint). While installed, SIGINT only sets a flag; calling the object is a collective (every process
-    calls it at the same steps, see utils.train_loop.train_one_epoch) that raises :class:`StopRequested`
-    everywhere as soon as any process has the flag, so all can save one consistent mid-epoch checkpoint.
+    A KeyboardInterrupt raised mid-step leaves the model half-stepped: the forward pass has already moved the
+    BatchNorm running statistics, or only some parameter groups were updated, and a checkpoint of that state
+    does not resume exactly. Under torchrun, where SIGINT reaches each process at a slightly different moment,
+    it would also leave them inside different collectives (a hang until torchrun kills them). While installed,
+    SIGINT only sets a flag; calling the object (a collective under torchrun: every process calls it at the same
+    steps, see utils.train_loop.train_one_epoch) raises :class:`StopRequested` everywhere as soon as any process
+    has the flag, so all can save one consistent mid-epoch checkpoint. In one process a second Ctrl-C stops at
+    once (``KeyboardInterrupt``), for a step or a data pass that takes too long.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, collective: bool = True) -> None:
         self.device = device
+        self.collective = collective
         self.requested = False
         self._previous = None
 
@@ -65,6 +70,12 @@ class StopRequest:
         self.uninstall()
 
     def _on_signal(self, signum, frame) -> None:
+        if self.requested and not self.collective:  # the second Ctrl-C: at once
+            self.uninstall()
+            raise KeyboardInterrupt
+        if not self.requested and not self.collective:
+            print("\nCtrl-C: stopping after this step to save last.pt (Ctrl-C again to stop at once, without "
+                  "saving)", file=sys.stderr, flush=True)
         self.requested = True
 
     def requested_anywhere(self) -> bool:

@@ -20,7 +20,13 @@ from tqdm import tqdm
 from utils import machine
 from utils.balance import epoch_order
 from utils.config import TrainConfig
-from utils.data import SkippedFiles, build_eval_transform, load_image_folder, unreadable_line
+from utils.data import (
+    SkippedFiles,
+    build_eval_transform,
+    load_image_folder,
+    unreadable_line,
+    worker_ignores_ctrl_c,
+)
 from utils.deploy.engine import fast_forward
 from utils.deploy.inference import ImageFiles, collate_readable
 from utils.distributed import (
@@ -478,7 +484,7 @@ def encode_pooled(model: nn.Module, samples: list, transform: Callable, batch_si
 
     paths = [p for p, _ in samples]
     loader = torch.utils.data.DataLoader(ImageFiles(paths, transform), batch_size=batch_size, num_workers=workers,
-                                         collate_fn=collate_readable)
+                                         collate_fn=collate_readable, worker_init_fn=worker_ignores_ctrl_c)
     feats, read, failed = [], torch.zeros(len(paths), dtype=torch.bool), []
     for x, idx, bad in tqdm(loader, desc=desc, disable=not bar, leave=False):
         failed += [(paths[i], err) for i, err in bad]

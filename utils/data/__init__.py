@@ -21,6 +21,7 @@ from utils.data.images import (
                                single_thread,
                                to_rgb,
                                unreadable_line,
+                               worker_ignores_ctrl_c,
 )
 from utils.data.loaders import DataBundle, MemoryTrainLoader, MemoryValLoader, SkippingLoader, load_data, load_split
 from utils.data.samplers import EpochBatchSampler, sample_seeds
@@ -30,7 +31,7 @@ __all__ = [
     "AUGMENT_KEYS", "AugmentConfig", "augment_batch", "IMAGE_EXTENSIONS", "ImageFiles", "ImageFolderRGB",
     "SkippedFiles", "class_folders", "collate_readable", "decode_rgb", "describe_error", "images_under",
     "is_image_file", "list_labelled_images", "load_image_folder", "load_pil_rgb", "report_unreadable",
-    "scan_class_folders", "single_thread", "to_rgb", "unreadable_line", "DataBundle", "MemoryTrainLoader",
+    "scan_class_folders", "single_thread", "to_rgb", "unreadable_line", "worker_ignores_ctrl_c", "DataBundle", "MemoryTrainLoader",
     "MemoryValLoader", "SkippingLoader", "load_data", "load_split", "EpochBatchSampler", "sample_seeds",
     "IMAGENET_MEAN", "IMAGENET_STD", "build_eval_transform", "build_train_transform",
 ]

@@ -6,6 +6,7 @@ import contextlib
 import io
 import os
 import re
+import signal
 import sys
 import warnings
 from typing import Any, Callable, Iterator, Sequence
@@ -66,6 +67,13 @@ def to_rgb(img: Any) -> Any:
             return img.expand(*img.shape[:-3], 3, *img.shape[-2:])
         return img[..., :3, :, :] if img.shape[-3] == 4 else img
     return to_8bit(img).convert("RGB") if img.mode != "RGB" else img
+
+
+def worker_ignores_ctrl_c(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a terminal's Ctrl-C reaches the workers too, and a worker that ends on it
+    leaves the loader without its next batch; the main process decides what Ctrl-C means (train.py finishes the
+    step and saves) and shuts its workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @contextlib.contextmanager

@@ -44,6 +44,7 @@ from utils.data.images import (
     to_8bit,
     to_rgb,
     unreadable_line,
+    worker_ignores_ctrl_c,
 )
 from utils.data.samplers import EpochBatchSampler
 from utils.data.transforms import build_eval_transform, build_train_transform
@@ -371,7 +372,7 @@ def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batc
     train_tf = build_train_transform(img_size, mean=mean, std=std, **cfg.__dict__)
     val_tf = build_eval_transform({"img_size": img_size, "resize_size": resize_size, "mean": mean, "std": std})
     common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
-                  collate_fn=_collate_skipping)
+                  collate_fn=_collate_skipping, worker_init_fn=worker_ignores_ctrl_c)
     # Each loader draws its workers' base seed from its own generator: without one it takes a number from the
     # global RNG when its workers start (epoch 1, or the resume epoch), which shifts dropout and mixup draws of
     # a resumed run. The images' augmentation is seeded per image (_TrainFiles), not from the workers' seed.
