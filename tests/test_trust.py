@@ -101,6 +101,24 @@ def test_intervals_shrink_with_folder_size_and_cover_the_full_set_value():
     assert a == bootstrap_intervals(target[:50], pred[:50], list(range(k)), [str(c) for c in range(k)])
 
 
+def test_intervals_do_not_collapse_on_a_perfect_folder_or_a_one_image_class():
+    """A percentile bootstrap gave `top-1 100.0% (95% CI 100-100, n=11)` and a 1-image class a zero-width recall
+    interval; Wilson (and MOVER over the recalls for balanced accuracy) does not."""
+    from utils.deploy.int8_check import wilson_interval
+
+    all_right = bootstrap_intervals([0] * 6 + [1] * 5, [0] * 6 + [1] * 5, [0, 1], ["a", "b"])
+    assert ci_text("top-1", all_right["top1"], 11) == "top-1 100.0% (95% CI 74.1-100, n=11)"
+    assert ci_text("balanced accuracy", all_right["balanced_acc"], 11) == "balanced accuracy 100.0% (95% CI 70.8-100, n=11)"
+    t, p = [0, 0, 0, 0, 1, 1, 1, 1, 2], [0, 0, 0, 1, 1, 1, 1, 1, 2]  # class 2: one image, right
+    iv = bootstrap_intervals(t, p, [0, 1, 2], ["a", "b", "c"])
+    assert iv["recall"]["c"]["ci"] == pytest.approx(list(wilson_interval(1, 1)))  # 0.21-1, not 1-1
+    recalls = [0.75, 1.0, 1.0]
+    lo = sum(recalls) / 3 - np.sqrt(sum((r - wilson_interval(round(4 * r) if i < 2 else 1, 4 if i < 2 else 1)[0]) ** 2
+                                        for i, r in enumerate(recalls))) / 3
+    assert iv["balanced_acc"]["ci"][0] == pytest.approx(100 * lo)
+    assert iv["balanced_acc"]["ci"][0] < iv["balanced_acc"]["value"] - 10 < iv["balanced_acc"]["ci"][1] - 10
+
+
 def test_paired_difference_is_zero_for_the_same_model_and_narrower_than_separate_intervals():
     rng = np.random.default_rng(0)
     t = rng.integers(0, 5, 300)

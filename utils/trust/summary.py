@@ -88,7 +88,7 @@ def trust_lines(trust: dict[str, Any]) -> list[str]:
     """Terminal lines: intervals, ECE before/after, the threshold for the target accuracy and the stored one."""
     iv, cal, rej = trust["intervals"], trust["calibration"], trust["reject"]
     n = iv["n"]
-    lines = ["95% intervals (stratified bootstrap): " + ", ".join(
+    lines = ["95% intervals: " + ", ".join(
         [ci_text("top-1", iv["top1"], n), ci_text("balanced accuracy", iv["balanced_acc"], n),
          ci_text("macro-F1", iv["macro_f1"], n, percent=False)])]
     lines.append(f"calibration: ECE ({cal['ece_bins']} bins) {cal['ece_before']:.2f}% with the plain softmax -> "

@@ -1,18 +1,23 @@
-"""Intervals that fit the folder's size: stratified bootstrap confidence intervals and paired differences.
+"""Intervals that fit the folder's size: confidence intervals of one model's metrics and paired differences.
 
-On 8 test images one image is 12.5 points; a number without an interval says nothing about that. The
-bootstrap resamples images with replacement *within each class* (the class counts stay those of the folder),
-recomputes each metric and takes the 2.5th and 97.5th percentiles. Seeded, so the same data gives the same
-interval. For two models on the same images, the same resamples give a paired interval of the difference,
-much narrower than comparing two separate intervals.
+On 8 test images one image is 12.5 points; a number without an interval says nothing about that.
+- Top-1 and each class's recall are proportions: Wilson score intervals. A bootstrap of them collapses to one
+  point when every image is right (11 of 11: "100-100") or a class has one image; Wilson gives 74-100 for 11/11.
+- Balanced accuracy is the mean of the classes' recalls: MOVER (Zou & Donner 2008; the square-and-add rule of
+  Newcombe's difference interval) combines their Wilson intervals, so it stays honest in the same cases.
+- Macro-F1 is no proportion: stratified bootstrap (images resampled with replacement *within each class*, the
+  2.5th and 97.5th percentiles), seeded, so the same data gives the same interval.
+For two models on the same images, the same resamples give a paired interval of the difference, much narrower
+than comparing two separate intervals.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
 
-from utils.deploy.int8_check import paired_difference_interval
+from utils.deploy.int8_check import paired_difference_interval, wilson_interval
 
 N_BOOT = 1000
 SEED = 0
@@ -67,9 +72,20 @@ def _interval(values: np.ndarray) -> list[float]:
     return [float(lo), float(hi)]
 
 
+def mover_mean(values: Sequence[float], intervals: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """95% interval of the mean of independent estimates from each one's 95% interval (MOVER: the distances to
+    the bounds are squared, added and rooted, as in Newcombe's interval of a difference)."""
+    k = len(values)
+    est = sum(values) / k
+    lo = est - math.sqrt(sum((v - low) ** 2 for v, (low, _) in zip(values, intervals))) / k
+    hi = est + math.sqrt(sum((high - v) ** 2 for v, (_, high) in zip(values, intervals))) / k
+    return lo, hi
+
+
 def bootstrap_intervals(target: Sequence[int], pred: Sequence[int], labels: Sequence[int], names: Sequence[str],
                         n_boot: int = N_BOOT, seed: int = SEED) -> dict[str, Any]:
-    """95% stratified-bootstrap intervals of top-1, balanced accuracy, macro-F1 and each class's recall.
+    """95% intervals of top-1 and each class's recall (Wilson), balanced accuracy (MOVER over the recalls) and
+    macro-F1 (stratified bootstrap); see the module docstring.
 
     ``labels`` are the class indices of the confusion matrix, ``names`` the names of all the model's classes.
     Returns ``{"top1": {"value", "ci": [lo, hi]}, ..., "recall": {class: {"value", "ci"}}, "n", "n_boot", "seed"}``.
@@ -77,12 +93,18 @@ def bootstrap_intervals(target: Sequence[int], pred: Sequence[int], labels: Sequ
     t, p = np.asarray(target, dtype=np.int64), np.asarray(pred, dtype=np.int64)
     full = _metrics(t[None, :], p[None, :], labels)
     boot, = _boot(t, [p], labels, n_boot, seed)
-    out: dict[str, Any] = {k: {"value": float(full[k][0]), "ci": _interval(boot[k])}
-                           for k in ("top1", "balanced_acc", "macro_f1")}
-    present = set(t.tolist())
-    out["recall"] = {names[c]: {"value": float(full["recall"][0, i]), "ci": _interval(boot["recall"][:, i])}
-                     for i, c in enumerate(labels) if c in present}
-    out.update(n=int(len(t)), n_boot=n_boot, seed=seed, method="stratified bootstrap (percentile), 95%")
+    present = [(i, c) for i, c in enumerate(labels) if c in set(t.tolist())]
+    right = t == p
+    recall_ci = {c: wilson_interval(int(right[t == c].sum()), int((t == c).sum())) for _, c in present}
+    lo, hi = wilson_interval(int(right.sum()), len(t))
+    out: dict[str, Any] = {"top1": {"value": float(full["top1"][0]), "ci": [100.0 * lo, 100.0 * hi]}}
+    lo, hi = mover_mean([float(full["recall"][0, i]) for i, _ in present], [recall_ci[c] for _, c in present])
+    out["balanced_acc"] = {"value": float(full["balanced_acc"][0]), "ci": [100.0 * max(0.0, lo), 100.0 * min(1.0, hi)]}
+    out["macro_f1"] = {"value": float(full["macro_f1"][0]), "ci": _interval(boot["macro_f1"])}
+    out["recall"] = {names[c]: {"value": float(full["recall"][0, i]), "ci": list(recall_ci[c])} for i, c in present}
+    out.update(n=int(len(t)), n_boot=n_boot, seed=seed,
+               method="95%: Wilson (top-1, recall), MOVER over the recalls' Wilson intervals (balanced accuracy), "
+                      "stratified bootstrap percentile (macro-F1)")
     return out
 
 
