@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from utils.errors import run_main
+from utils.errors import UserError, run_main
 from utils.pruning import prune_checkpoint
 
 
@@ -38,6 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
+    if args.steps < 0:
+        raise UserError(f"--steps must be 0 (no fine-tuning) or more, got {args.steps}")
     return prune_checkpoint(args.checkpoint, ratio=args.ratio, steps=args.steps, lr=args.lr,
                             batch_size=args.batch_size, data=args.data, bn_images=args.bn_images,
                             val_limit=args.val_limit, repeats=args.repeats, workers=args.workers, out=args.out)

@@ -55,6 +55,19 @@ def test_wrong_types_and_choices():
         C.build_config({}, "r", {}, ["lr"])
     with pytest.raises(UserError, match="label_smoothing must be in"):
         C.build_config({}, "r", {}, ["label_smoothing=1.5"])
+    # checked with the config, before any data is read (the cached-feature path ran out of memory instead)
+    with pytest.raises(UserError, match=r"img_size=5000: use a size between 28 and 224 \(16..1024 accepted\)"):
+        C.build_config({}, "r", {"img_size": 5000}, [])
+
+
+def test_finetune_recipe_with_few_epochs_names_the_ways_on():
+    recipe = C.read_yaml(os.path.join(ROOT, "configs", "finetune.yaml"))
+    with pytest.raises(UserError) as e:
+        C.build_config(recipe, "finetune.yaml", {"epochs": 5}, [])
+    assert str(e.value) == ("config: head_epochs=30 leaves no epoch for the whole network (epochs=5); pass --epochs "
+                            "31 or more, fewer classifier epochs (--set head_epochs=4), or train the classifier alone "
+                            "with --freeze features")
+    assert C.build_config(recipe, "finetune.yaml", {"epochs": 5}, ["head_epochs=4"]).head_epochs == 4
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))))

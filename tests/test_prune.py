@@ -89,6 +89,12 @@ def test_fine_tune_is_reproducible_and_trains(tmp_path):
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])  # same data order, augmentation, dropout
 
 
-def test_bad_ratio_is_a_user_error():
-    with pytest.raises(UserError, match="--ratio"):
-        pruning.prune_expanded_channels(build_model("mobilenet_v2", num_classes=2, width_mult=0.25), 1.5, 32)
+def test_bad_ratio_and_steps_are_user_errors(tmp_path):
+    for ratio in (1.5, 0.0):
+        with pytest.raises(UserError) as e:
+            pruning.prune_expanded_channels(build_model("mobilenet_v2", num_classes=2, width_mult=0.25), ratio, 32)
+        assert str(e.value) == ("--ratio must be above 0 and below 1 (fraction of expanded channels removed), got "
+                                f"{ratio}")
+    with pytest.raises(UserError) as e:  # before the checkpoint is even opened
+        prune.main([str(tmp_path / "best.pt"), "--steps", "-1"])
+    assert str(e.value) == "--steps must be 0 (no fine-tuning) or more, got -1"

@@ -233,7 +233,7 @@ def validate(cfg: TrainConfig) -> None:
     checks = [
         (cfg.epochs >= 1, "epochs must be at least 1"),
         (cfg.batch_size >= 1, "batch_size must be at least 1"),
-        (cfg.img_size >= 16, "img_size must be at least 16"),
+        (16 <= cfg.img_size <= 1024, f"img_size={cfg.img_size}: use a size between 28 and 224 (16..1024 accepted)"),
         (cfg.lr > 0, "lr must be positive"),
         (cfg.workers >= -1, "workers must be 0 or more (or -1 = auto)"),
         (0 <= cfg.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
@@ -247,8 +247,9 @@ def validate(cfg: TrainConfig) -> None:
         (cfg.warmup_epochs >= 0, "warmup_epochs must be 0 or more"),
         (cfg.head_epochs >= 0, "head_epochs must be 0 or more"),
         (cfg.freeze == "features" or cfg.head_epochs < cfg.epochs,
-         f"head_epochs={cfg.head_epochs} leaves no epoch for the whole network (epochs={cfg.epochs}); raise epochs, "
-         "or train the classifier alone with --freeze features"),
+         f"head_epochs={cfg.head_epochs} leaves no epoch for the whole network (epochs={cfg.epochs}); pass --epochs "
+         f"{cfg.head_epochs + 1} or more, fewer classifier epochs (--set head_epochs={max(cfg.epochs - 1, 0)}), or "
+         "train the classifier alone with --freeze features"),
         (cfg.head_lr >= 0, "head_lr must be 0 (= lr) or positive"),
         (cfg.time_budget >= 0, "time_budget must be 0 (off) or a number of minutes"),
         (cfg.select_se >= 0, "select_se must be 0 (best.pt = the best epoch) or a number of standard errors"),

@@ -59,7 +59,7 @@ def prune_expanded_channels(model: nn.Module, ratio: float, img_size: int, round
     import torch_pruning as tp  # noqa: PLC0415  (lazy: optional/heavy dependency)
 
     if not 0.0 < ratio < 1.0:
-        raise UserError(f"--ratio must be between 0 and 1 (fraction of expanded channels removed), got {ratio}")
+        raise UserError(f"--ratio must be above 0 and below 1 (fraction of expanded channels removed), got {ratio}")
     targets = expansion_convs(model)
     if not targets:
         raise UserError("this model has no 1x1 -> depthwise convolution pairs to prune")
