@@ -23,7 +23,7 @@ from utils.config import TrainConfig
 from utils.data import (
     SkippedFiles,
     build_eval_transform,
-    load_image_folder,
+    load_split,
     unreadable_line,
     worker_ignores_ctrl_c,
 )
@@ -521,13 +521,10 @@ def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, bat
     threads = decide_forward_threads(workers)
     fwd = None  # chosen on the first real batch
     out = {}
-    classes = None
     skipped: list[str] = []
-    for split in ("train", "val"):
-        ds = load_image_folder(os.path.join(data_dir, split))
-        if classes is not None and list(ds.classes) != classes:
-            raise UserError(f"{data_dir}/val has classes {list(ds.classes)} but train/ has {classes}")
-        classes = list(ds.classes)
+    splits = load_split(data_dir)  # val labelled with train's classes
+    classes = list(splits[0].classes)
+    for split, ds in zip(("train", "val"), splits):
         samples = list(ds.samples)
         mine = [samples[i] for i in shard_indices(len(samples), rank, world_size)]
         feats, fwd, read, failed = encode_pooled(model, mine, transform, batch_size, workers, fwd=fwd,

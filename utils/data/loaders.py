@@ -313,19 +313,28 @@ def _estimate_bytes(samples: list[tuple[str, int]], resize_size: int) -> int | N
 
 
 def load_split(data_dir: str) -> tuple[ImageFolderRGB, ImageFolderRGB]:
-    """``data_dir/train`` and ``data_dir/val`` as image folders with the same classes, or a UserError saying
-    what is wrong with the folder."""
+    """``data_dir/train`` and ``data_dir/val`` as image folders labelled with train's classes, or a UserError
+    saying what is wrong with the folder.
+
+    val/ may lack a class: split_dataset.py keeps a class too small to share in train only, with an empty val/
+    folder that git or zip can drop. Its val labels are then train's indices. A class only in val/ is an error:
+    the model cannot learn it."""
     for part in ("train", "val"):
         if not os.path.isdir(os.path.join(data_dir, part)):
             raise UserError(f"{os.path.join(data_dir, part)} not found; {data_dir} must hold train/ and val/ "
                             "folders of class sub-folders (make them with split_dataset.py RAW OUT)")
     train_ds = load_image_folder(os.path.join(data_dir, "train"))
     val_ds = load_image_folder(os.path.join(data_dir, "val"))
-    if train_ds.classes != val_ds.classes:
-        only_t = sorted(set(train_ds.classes) - set(val_ds.classes))
-        only_v = sorted(set(val_ds.classes) - set(train_ds.classes))
-        raise UserError(f"{data_dir}: train/ and val/ have different class folders (only in train: {only_t}; "
-                        f"only in val: {only_v}); re-split with split_dataset.py so both have every class")
+    only_val = sorted(set(val_ds.classes) - set(train_ds.classes))
+    if only_val:
+        raise UserError(f"{data_dir}: val/ has class folders that train/ lacks ({', '.join(only_val)}); the model "
+                        "learns only classes with training images: move some of their images to train/, or "
+                        "re-split with split_dataset.py")
+    if val_ds.classes != train_ds.classes:
+        names, index = val_ds.classes, train_ds.class_to_idx
+        val_ds.samples = val_ds.imgs = [(p, index[names[y]]) for p, y in val_ds.samples]
+        val_ds.targets = [y for _, y in val_ds.samples]
+        val_ds.classes, val_ds.class_to_idx = list(train_ds.classes), dict(index)
     return train_ds, val_ds
 
 
