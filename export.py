@@ -260,6 +260,9 @@ def _export_int8(args, src, paths, report, val, verify_x, ex, skipped: SkippedFi
     return check
 
 
+FEW_CALIBRATION_IMAGES = 32  # below this, say so: the accuracy check may pass on val and still miss real inputs
+
+
 def _calibration(args, src, ex, skipped: SkippedFiles, what: str) -> tuple[str, torch.Tensor]:
     """(folder, decoded images) of the int8 calibration set: --calib-images spread over --calib-data."""
     calib_dir = args.calib_data or _data_folder(args, src.config, "train", "--calib-data")
@@ -269,6 +272,10 @@ def _calibration(args, src, ex, skipped: SkippedFiles, what: str) -> tuple[str, 
     x = _read(ex, calib_paths, src.preprocess, skipped, f"calibration images from {calib_dir}").x
     unread = f"; {len(calib_paths) - len(x)} unreadable skipped" if len(x) < len(calib_paths) else ""
     print(f"calibrating int8 on {len(x)} images from {calib_dir} ({what}{unread})")
+    if len(x) < FEW_CALIBRATION_IMAGES:
+        print(f"warning: int8 activation ranges from {len(x)} image{'s' if len(x) != 1 else ''} can clip the images "
+              f"they did not see; pass --calib-data with a few hundred real images (--calib-images, default "
+              f"{args.calib_images})")
     return calib_dir, x
 
 

@@ -163,6 +163,8 @@ def _evaluate_predict_export(run, ckpt, val, bad_val, bad_train, capsys):
     assert "(4 unreadable images skipped)" in captured.out
     assert f"calibrating int8 on {len(CLASSES) * N_TRAIN} images from " in captured.out  # read, not listed
     assert "; 2 unreadable skipped)" in captured.out
+    assert (f"warning: int8 activation ranges from {len(CLASSES) * N_TRAIN} images can clip the images they did not see; pass --calib-data "
+            "with a few hundred real images (--calib-images, default 300)") in captured.out
 
 
 def test_torchrun_train_loader_keeps_every_step(split, monkeypatch):
