@@ -218,9 +218,9 @@ def write_outputs(result: dict[str, Any], out_dir: str) -> dict[str, str]:
     title = f"{os.path.basename(m['model'])} on {m['data']}: top-1 {m['top1']:.2f}% ({m['images']} images)"
     plot_confusion_matrix(cm, names, files["confusion_matrix.png"], title=title)
     write_text(files["mistakes.csv"], _csv_text(
-        ["file", "true", "predicted", "confidence", "true_class_prob"],
-        [[r["file"], r["true"], r["predicted"], f"{r['confidence']:.4f}", f"{r['true_class_prob']:.4f}"]
-         for r in result["mistakes"]]))
+        ["file", "true", "predicted", "confidence", "calibrated_confidence", "true_class_prob"],
+        [[r["file"], r["true"], r["predicted"], f"{r['confidence']:.4f}", f"{r['calibrated_confidence']:.4f}",
+          f"{r['true_class_prob']:.4f}"] for r in result["mistakes"]]))
     plot_mistakes(result["mistakes"], files["mistakes.png"])
 
     files.update(write_trust_files(result["trust"], out_dir, title=title))

@@ -177,8 +177,13 @@ def test_end_to_end_checkpoint_split_name_and_default_out(tmp_path):
     assert metrics["top1"] == pytest.approx(100 * correct / 12)
     assert metrics["top1"] >= 75  # it was fitted on these very photos
     with open(out / "mistakes.csv") as f:
-        conf = [float(r["confidence"]) for r in csv.DictReader(f)]
+        rows = list(csv.DictReader(f))
+    conf = [float(r["confidence"]) for r in rows]
     assert len(conf) == 12 - correct and conf == sorted(conf, reverse=True)
+    # the calibrated value report.html and predict.py show, next to the softmax: a temperature above 1 lowers the
+    # top probability, below 1 raises it
+    t = metrics["calibration"]["temperature"]
+    assert t != 1.0 and all((float(r["calibrated_confidence"]) < float(r["confidence"])) == (t > 1) for r in rows)
     assert metrics["images_per_s"] > 0
 
 
