@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> None:
     if train and min(train.values()) > 0:  # what train.py will do about the imbalance (utils/balance.py)
         print(imbalance_paragraph(list(train.values()), list(train)))
     print(f"wrote {args.out} (split.csv: every kept image; report.csv: every skipped or noted file)")
+    if args.val == 0:
+        print("note: no val/ split (--val 0); train.py needs one to choose best.pt and report accuracy: split again "
+              "with --val 0.2 before training on this folder")
 
 
 if __name__ == "__main__":

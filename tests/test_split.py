@@ -275,7 +275,7 @@ def test_link_modes(tmp_path, mode):
     assert hashlib.sha256(open(p, "rb").read()).hexdigest() == rows[0]["sha256"]
 
 
-def test_cli_table_and_error(tmp_path):
+def test_cli_table_and_error(tmp_path, capsys):
     out = tmp_path / "cli"
     r = subprocess.run([sys.executable, "split_dataset.py", SAMPLE, str(out), "--val", "0.25", "--quiet"],
                        cwd=ROOT, capture_output=True, text=True)
@@ -286,3 +286,8 @@ def test_cli_table_and_error(tmp_path):
                        text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "--overwrite" in r.stderr
     assert len(scan_folder(SAMPLE).files) == 200
+    import split_dataset
+    split_dataset.main([SAMPLE, str(tmp_path / "noval"), "--val", "0", "--quiet"])  # allowed, but train.py needs val/
+    assert not (tmp_path / "noval" / "val").exists()
+    assert "note: no val/ split (--val 0); train.py needs one to choose best.pt and report accuracy: split again " \
+           "with --val 0.2 before training on this folder" in capsys.readouterr().out

@@ -322,7 +322,7 @@ def load_split(data_dir: str) -> tuple[ImageFolderRGB, ImageFolderRGB]:
     for part in ("train", "val"):
         if not os.path.isdir(os.path.join(data_dir, part)):
             raise UserError(f"{os.path.join(data_dir, part)} not found; {data_dir} must hold train/ and val/ "
-                            "folders of class sub-folders (make them with split_dataset.py RAW OUT)")
+                            "folders of class sub-folders (make them with split_dataset.py RAW OUT --val 0.2)")
     train_ds = load_image_folder(os.path.join(data_dir, "train"))
     val_ds = load_image_folder(os.path.join(data_dir, "val"))
     only_val = sorted(set(val_ds.classes) - set(train_ds.classes))
