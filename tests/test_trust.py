@@ -67,6 +67,24 @@ def test_temperature_lowers_ece_of_an_over_confident_model(run, tmp_path):
     assert torch.equal(calibrated_probs(logits, t).argmax(1), logits.argmax(1))  # answers unchanged
 
 
+def test_temperature_of_a_small_perfect_val_set_stays_near_1_and_a_large_one_is_the_plain_fit():
+    """11 val images all right: plain NLL is lowest at T -> 0 (every later answer ~100% sure); the prior keeps T
+    near 1. 5,000 images: the prior's weight is 1/5000 of the data's, so T is the plain fit's."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.arange(11) % 3
+    logits = torch.randn(11, 3, generator=g)
+    logits[torch.arange(11), target] += 3.0  # right, with margins like a trained model's
+    assert (logits.argmax(1) == target).all()
+    t = fit_temperature(logits, target)
+    assert 0.4 < t < 1.0, t  # the plain fit went to the 0.05 bound
+    target = torch.randint(0, 10, (5000,), generator=g)
+    logits = torch.randn(5000, 10, generator=g) * 4
+    logits[torch.arange(5000), target] += 3.0  # over-confident: about 2/3 right with huge margins
+    plain = torch.linspace(0.2, 6, 2901)[torch.stack([torch.nn.functional.cross_entropy(logits / tt, target)
+                                                      for tt in torch.linspace(0.2, 6, 2901)]).argmin()]
+    assert fit_temperature(logits, target) == pytest.approx(float(plain), rel=0.01)
+
+
 def test_ece_and_ci_text_by_hand():
     probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.6, 0.4], [0.6, 0.4]])
     target = torch.tensor([0, 1, 0, 0])
