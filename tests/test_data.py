@@ -131,6 +131,10 @@ def test_load_data_checks(fm, tmp_path):
     feats = cache_pooled_features(net, str(bad), {"img_size": 32, "resize_size": 32, "mean": IMAGENET_MEAN,
                                                   "std": IMAGENET_STD}, 16, 0, torch.device("cpu"), 0, 0, 1)
     assert torch.cat([y for _, y in feats.val_loader]).tolist() == val_ds.targets
+    for c in [c for c in os.listdir(bad / "val") if c != "Coat"]:  # val/ down to one class: still a val split
+        shutil.rmtree(bad / "val" / c)
+    train_ds, val_ds = load_split(str(bad))
+    assert set(val_ds.targets) == {train_ds.class_to_idx["Coat"]}
 
 
 @pytest.mark.parametrize("cache", ["none", "memory"])

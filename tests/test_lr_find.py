@@ -13,6 +13,7 @@ from export_helpers import make_split  # noqa: E402
 from torch import nn
 
 import train  # noqa: E402
+from utils import config as C  # noqa: E402
 from utils import lr_find  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 
@@ -114,5 +115,7 @@ def test_lr_find_on_cached_features_of_finetune_recipe(data, tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["lr_find.csv", "lr_find.png"]
     # the sweep ran on the classifier phase, whose rate is head_lr (--lr would set the whole-network phase)
     printed = capsys.readouterr().out
-    assert f"use it with --set head_lr={summary['lr_find']['suggestion']:.2g}" in printed and "--lr " not in \
+    value = f"{float(format(summary['lr_find']['suggestion'], '.2g')):.1e}"  # 3.0e-05: a float to --set's YAML
+    assert f"use it with --set head_lr={value}" in printed and "--lr " not in \
         printed.split("use it with")[1]
+    assert C.build_config({}, "r", {}, [f"head_lr={value}"]).head_lr == pytest.approx(float(value))

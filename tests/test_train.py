@@ -135,7 +135,7 @@ def test_ctrl_c_mid_epoch_saves_last_and_resume_is_exact(data, tmp_path, monkeyp
     assert _rows(str(full / "log.csv")) == _rows(str(cut / "log.csv"))
 
 
-def test_second_ctrl_c_stops_at_once_without_a_half_stepped_checkpoint(data, tmp_path, monkeypatch, capsys):
+def test_second_ctrl_c_stops_at_once_without_a_half_stepped_checkpoint(data, tmp_path, monkeypatch, capfd):
     import utils.train_loop as tl
 
     real_step, calls = tl.train_step, {"n": 0}
@@ -160,7 +160,7 @@ def test_second_ctrl_c_stops_at_once_without_a_half_stepped_checkpoint(data, tmp
     finally:
         signal.signal(signal.SIGINT, previous)
     assert type(e.value) is KeyboardInterrupt and signal.getsignal(signal.SIGINT) is previous
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err  # the handler writes to fd 2 directly
     assert "Ctrl-C: stopping after this step to save last.pt (Ctrl-C again to stop at once, without saving)" in err
     assert "interrupted mid-step: no mid-epoch checkpoint (it would not resume exactly); last.pt, if any, is from " \
            "an epoch end" in err

@@ -176,7 +176,8 @@ def run_lr_find(ctx, data: Any, out: str, *, steps: int, lr_range: tuple[float, 
     if not result.stopped and result.min_loss_lr >= result.lrs[-1]:
         print("warning: the loss was still falling at the end of the sweep, so the suggestion is a guess; "
               "raise the END of --lr-find-range or look at the plot")
-    use = f"{flag}{result.suggestion:.2g}" if flag.endswith("=") else f"{flag} {result.suggestion:.2g}"
+    # --set values are read as YAML, which takes 3e-05 for text: give a --set value a decimal point (3.0e-05)
+    use = f"{flag}{float(f'{result.suggestion:.2g}'):.1e}" if flag.endswith("=") else f"{flag} {result.suggestion:.2g}"
     print(f"wrote {csv_path} and {png_path}; use it with {use}")
     return {"lr_find": {"suggestion": result.suggestion, "min_loss_lr": result.min_loss_lr, "steps": len(result.lrs),
                         "stopped": result.stopped, "csv": csv_path, "png": png_path}, "out": out}

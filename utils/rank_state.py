@@ -13,8 +13,8 @@ process has trained on depend on it); epoch-end checkpoints resume with any numb
 """
 from __future__ import annotations
 
+import os
 import signal
-import sys
 import threading
 from typing import Any
 
@@ -73,10 +73,14 @@ class StopRequest:
         if self.requested and not self.collective:  # the second Ctrl-C: at once
             self.uninstall()
             raise KeyboardInterrupt
-        if not self.requested and not self.collective:
-            print("\nCtrl-C: stopping after this step to save last.pt (Ctrl-C again to stop at once, without "
-                  "saving)", file=sys.stderr, flush=True)
-        self.requested = True
+        first = not self.requested
+        self.requested = True  # before any output: a write can fail inside a signal handler
+        if first and not self.collective:
+            try:  # os.write, not print: print would re-enter a stderr write the signal interrupted
+                os.write(2, b"\nCtrl-C: stopping after this step to save last.pt (Ctrl-C again to stop at once, "
+                            b"without saving)\n")
+            except OSError:
+                pass
 
     def requested_anywhere(self) -> bool:
         """Collective: True on every process when any of them got SIGINT."""

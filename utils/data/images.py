@@ -222,9 +222,9 @@ class ImageFolderRGB(ImageFolder):
         return [(p, i) for c, i in sorted(class_to_idx.items()) for p in images_under(os.path.join(directory, c))]
 
 
-def load_image_folder(root: str) -> ImageFolderRGB:
+def load_image_folder(root: str, min_classes: int = 2) -> ImageFolderRGB:
     """The ImageFolder at ``root`` (``root/<class>/**/*.jpg``), checked: UserError if it is missing, has no
-    class sub-folders, no images, or fewer than 2 classes."""
+    class sub-folders, no images, or fewer than ``min_classes`` classes (a val split may hold just one)."""
     fix = "it must hold one sub-folder of images per class (make one with split_dataset.py)"
     if not os.path.exists(root):
         raise UserError(f"{root} does not exist; {fix}")
@@ -236,7 +236,7 @@ def load_image_folder(root: str) -> ImageFolderRGB:
     if not ds.samples:
         raise UserError(f"{root} has class folders ({', '.join(ds.classes[:5])}...) but no images with "
                         f"extensions {' '.join(IMAGE_EXTENSIONS)}; {fix}")
-    if len(ds.classes) < 2:
+    if len(ds.classes) < min_classes:
         raise UserError(f"{root} has {len(ds.classes)} class folder ({ds.classes[0]}); a classifier needs at "
                         "least 2 classes")
     return ds

@@ -324,7 +324,7 @@ def load_split(data_dir: str) -> tuple[ImageFolderRGB, ImageFolderRGB]:
             raise UserError(f"{os.path.join(data_dir, part)} not found; {data_dir} must hold train/ and val/ "
                             "folders of class sub-folders (make them with split_dataset.py RAW OUT --val 0.2)")
     train_ds = load_image_folder(os.path.join(data_dir, "train"))
-    val_ds = load_image_folder(os.path.join(data_dir, "val"))
+    val_ds = load_image_folder(os.path.join(data_dir, "val"), min_classes=1)  # train/ holds the classes
     only_val = sorted(set(val_ds.classes) - set(train_ds.classes))
     if only_val:
         raise UserError(f"{data_dir}: val/ has class folders that train/ lacks ({', '.join(only_val)}); the model "
