@@ -121,7 +121,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--topk", type=int, default=5, help="classes shown per image (default: 5, capped at the class count)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the predictions as JSON to FILE")
     p.add_argument("--csv", default=None, metavar="FILE",
-                   help="also write the predictions as CSV to FILE (file, class_1, prob_1, ...)")
+                   help="also write the predictions as CSV to FILE (file, answer, class_1, prob_1, ...)")
     add_run_arguments(p)
     return p
 
