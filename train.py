@@ -321,6 +321,7 @@ def main(argv: list[str] | None = None) -> dict:
     refuse_to_overwrite(cfg, args)
     # device and processes
     device, dist = setup_device(cfg)
+    barrier()  # every process has checked --out before process 0 writes into it (nccl connects lazily)
     torch.manual_seed(cfg.seed)
     cfg = restore_settings(cfg, ckpt, dist.world_size)
     # data folder and classes

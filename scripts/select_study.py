@@ -44,7 +44,7 @@ def test_view(data: str, out: str) -> str:
 def train_once(data: str, out: str, seed: int, extra: list[str]) -> list[dict]:
     if not os.path.exists(os.path.join(out, "best.pt")):
         subprocess.run([sys.executable, "train.py", "--config", "configs/finetune.yaml", "--data", data, "--out", out,
-                        "--seed", str(seed), "--set", "progress=false", "--set", "select_se=1", *extra],
+                        "--seed", str(seed), "--overwrite", "--set", "progress=false", "--set", "select_se=1", *extra],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     with open(os.path.join(out, "log.csv")) as f:
         return list(csv.DictReader(f))
