@@ -494,6 +494,9 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
     if balance["class_balance"] == "loss":
         criterion = ballib.WeightedCrossEntropy(ballib.class_weights(list(balance["train_counts"].values())),
                                                 cfg.label_smoothing)
+    if cfg.logit_adjust:
+        prior = ballib.draw_prior(list(balance["train_counts"].values()), balance["class_balance"])
+        criterion = ballib.LogitAdjusted(criterion, prior, cfg.logit_adjust)
     ctx = StepContext(trainable, optimizer, criterion, device, amp_dtype, scaler, ema,
                       build_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, len(run.classes)), cfg.clip_grad_norm,
                       channels_last, [p for p in model.parameters() if p.requires_grad])

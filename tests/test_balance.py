@@ -58,6 +58,43 @@ def _labels(bundle, epoch):
 
 
 # ------------------------------------------------------------------------------------ rule and decisions
+def test_draw_prior_is_the_class_share_of_an_epoch_draw():
+    assert B.draw_prior([80, 20], "none").tolist() == pytest.approx([0.8, 0.2])
+    assert B.draw_prior([100, 25, 0], "sqrt").tolist() == pytest.approx([10 / 15, 5 / 15, 0.0])
+    for mode in ("sampler", "loss"):
+        assert B.draw_prior([90, 10, 0], mode).tolist() == pytest.approx([0.5, 0.5, 0.0])
+
+
+def test_logit_adjusted_loss_learns_no_preference_for_the_large_class():
+    """A bias-only model fitted to 90/10 labels: plain cross-entropy learns log(0.9/0.1) between the classes (the
+    prior), the logit-adjusted loss with tau=1 learns none, and tau=0.5 half of it."""
+    target = torch.tensor([0] * 90 + [1] * 10)
+    prior = B.draw_prior([90, 10], "none")
+
+    def fitted_gap(criterion):
+        bias = torch.zeros(2, requires_grad=True)
+        opt = torch.optim.LBFGS([bias], max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = criterion(bias.expand(len(target), 2), target)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        return float((bias[0] - bias[1]).detach())
+
+    ce = nn.CrossEntropyLoss()
+    assert fitted_gap(ce) == pytest.approx(torch.log(torch.tensor(9.0)).item(), abs=1e-3)
+    assert fitted_gap(B.LogitAdjusted(ce, prior, 1.0)) == pytest.approx(0.0, abs=1e-3)
+    assert fitted_gap(B.LogitAdjusted(ce, prior, 0.5)) == pytest.approx(0.5 * torch.log(torch.tensor(9.0)).item(),
+                                                                        abs=1e-3)
+    logits = torch.randn(5, 2)
+    y = torch.tensor([0, 1, 1, 0, 1])
+    assert float(B.LogitAdjusted(ce, prior, 1.0)(logits, y)) == pytest.approx(float(ce(logits + prior.log(), y)))
+
+
+
 def test_imbalance_rule_and_auto_decisions():
     assert B.imbalance([16, 8, 4]) == (0, 2, 4.0)
     assert not B.is_imbalanced([10, 10, 7]) and B.is_imbalanced([15, 10, 10])  # 1.43 < 1.5 <= 1.5
@@ -362,3 +399,33 @@ def test_select_se_keeps_the_latest_epoch_within_the_noise_and_says_so(imb, tmp_
         assert f"(holds epoch {want}, {bal[want - 1]:.2f}%: the latest within 1 standard error(s)" in text
     with pytest.raises(UserError, match="select_se must be 0"):
         build_config(None, "x", {}, ["select_se=-1"])
+
+
+def test_logit_adjust_wraps_the_training_loss_with_the_draw_prior(imb, tmp_path, monkeypatch):
+    """--set logit_adjust=1 on the sqrt draw: every step's loss adds log(share of each class in the draw) to the
+    logits (16 / 8 / 4 images -> shares 4 : 2.83 : 2); validation's loss stays plain cross-entropy."""
+    import utils.train_loop as tl
+
+    seen = {"offsets": [], "val": set()}
+    real_step, real_validate = tl.train_step, train.validate
+
+    def spy(ctx, images, targets):
+        assert isinstance(ctx.criterion, B.LogitAdjusted)
+        seen["offsets"].append(ctx.criterion.offset.clone())
+        return real_step(ctx, images, targets)
+
+    def spy_validate(model, loader, criterion, *a, **k):
+        seen["val"].add(type(criterion).__name__)
+        return real_validate(model, loader, criterion, *a, **k)
+
+    monkeypatch.setattr(tl, "train_step", spy)
+    monkeypatch.setattr(train, "validate", spy_validate)
+    train.main(TINY + ["--epochs", "2", "--freeze", "features", "--set", "cache_features=true",
+                       "--set", "class_balance=sqrt", "--set", "logit_adjust=1", "--data", imb,
+                       "--out", str(tmp_path / "la")])
+    share = torch.tensor([4.0, 8 ** 0.5, 2.0])
+    expected = (share / share.sum()).log()
+    assert seen["offsets"] and all(torch.allclose(o, expected) for o in seen["offsets"])
+    assert seen["val"] == {"CrossEntropyLoss"}
+    with pytest.raises(UserError, match="logit_adjust must be 0"):
+        build_config(None, "x", {}, ["logit_adjust=-1"])

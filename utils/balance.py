@@ -156,6 +156,29 @@ class WeightedCrossEntropy(nn.Module):
         return (sample_w * ce).sum() / sample_w.sum().clamp(min=1e-12)
 
 
+def draw_prior(counts: Sequence[int], mode: str) -> torch.Tensor:
+    """The share of each class among the images one training epoch draws under ``class_balance`` ``mode``:
+    the counts themselves (none), their square roots (sqrt), or even (sampler; loss, whose weights even them)."""
+    c = torch.as_tensor(counts, dtype=torch.float64).clamp(min=0)
+    power = {"none": 0.0, "sqrt": 0.5, "sampler": 1.0, "loss": 1.0}[mode]
+    share = torch.where(c > 0, c.clamp(min=1).pow(1.0 - power), torch.zeros_like(c))
+    return (share / share.sum()).float()
+
+
+class LogitAdjusted(nn.Module):
+    """``criterion(logits + tau * log(prior), target)``: the logit-adjusted loss (Menon et al., 2021). The network
+    then learns scores whose argmax suits classes of equal weight (balanced accuracy) rather than ``prior``'s
+    shares; inference uses the plain logits. Classes with no images get a prior of 0 (log clamped)."""
+
+    def __init__(self, criterion: nn.Module, prior: torch.Tensor, tau: float = 1.0) -> None:
+        super().__init__()
+        self.criterion = criterion
+        self.register_buffer("offset", tau * prior.float().clamp(min=1e-12).log())
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.criterion(logits + self.offset.to(logits.device, logits.dtype), target)
+
+
 def train_labels(loader) -> torch.Tensor:
     """The class index of every training image, by index, as the train loader holds them (memory cache and cached
     features: its ``labels``; disk loader: its dataset's ``samples``)."""

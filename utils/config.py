@@ -89,6 +89,7 @@ class TrainConfig:
     # imbalanced classes (utils/balance.py; imbalanced = largest/smallest train class count >= 1.5)
     class_balance: str = "auto"  # none | loss (class-weighted CE) | sampler (classes drawn evenly) | sqrt (classes drawn in proportion to sqrt(count)) | auto (none if balanced, else the measured winner, docs/imbalance.md)
     select_metric: str = "auto"  # what picks best.pt: top1 | balanced_acc | auto (balanced_acc if imbalanced, else top1)
+    logit_adjust: float = 0.0  # train on logits + tau*log(class share of the draw): favours rare classes, costs top-1 (0 = off; docs/imbalance.md)
     select_se: float = 0.0  # best.pt = the latest epoch within this many standard errors of the best one (0 = the best)
     # speed
     channels_last: str = "auto"  # NHWC memory format: auto (measured on a CPU, by GPU kind on CUDA) | on | off
@@ -252,6 +253,7 @@ def validate(cfg: TrainConfig) -> None:
          "train the classifier alone with --freeze features"),
         (cfg.head_lr >= 0, "head_lr must be 0 (= lr) or positive"),
         (cfg.time_budget >= 0, "time_budget must be 0 (off) or a number of minutes"),
+        (cfg.logit_adjust >= 0, "logit_adjust must be 0 (off) or a positive tau (1 = fully balanced decisions)"),
         (cfg.select_se >= 0, "select_se must be 0 (best.pt = the best epoch) or a number of standard errors"),
         (cfg.model in available_models(), f"unknown model '{cfg.model}'; choose one of: {', '.join(available_models())}"),
         (cfg.width_mult > 0, "width_mult must be positive"),
