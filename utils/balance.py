@@ -160,7 +160,7 @@ def draw_prior(counts: Sequence[int], mode: str) -> torch.Tensor:
     """The share of each class among the images one training epoch draws under ``class_balance`` ``mode``:
     the counts themselves (none), their square roots (sqrt), or even (sampler; loss, whose weights even them)."""
     c = torch.as_tensor(counts, dtype=torch.float64).clamp(min=0)
-    power = {"none": 0.0, "sqrt": 0.5, "sampler": 1.0, "loss": 1.0}[mode]
+    power = 1.0 if mode == "loss" else SAMPLER_POWER.get(mode, 0.0)  # none: the counts as they are
     share = torch.where(c > 0, c.clamp(min=1).pow(1.0 - power), torch.zeros_like(c))
     return (share / share.sum()).float()
 
