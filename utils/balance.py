@@ -160,7 +160,8 @@ def draw_prior(counts: Sequence[int], mode: str) -> torch.Tensor:
     """The share of each class among the images one training epoch draws under ``class_balance`` ``mode``:
     the counts themselves (none), their square roots (sqrt), or even (sampler; loss, whose weights even them)."""
     c = torch.as_tensor(counts, dtype=torch.float64).clamp(min=0)
-    power = 1.0 if mode == "loss" else SAMPLER_POWER.get(mode, 0.0)  # none: the counts as they are
+    # loss weights even the classes; sqrt and sampler draw with their sampler power; "auto" must be resolved first
+    power = {"none": 0.0, "loss": 1.0, **SAMPLER_POWER}[mode]
     share = torch.where(c > 0, c.clamp(min=1).pow(1.0 - power), torch.zeros_like(c))
     return (share / share.sum()).float()
 
