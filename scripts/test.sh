@@ -7,8 +7,9 @@ bash scripts/setup.sh
 .venv/bin/ruff check .
 .venv/bin/lint-imports
 # Two test files at a time where there are cores for it (pytest-xdist, whole files per worker so a module's
-# fixture is built once): 612 s -> 525 s on a 2-core AVX2 EPYC. Most tests already keep both cores busy, so more
-# workers than 4 would only queue; TEST_WORKERS=0 runs them in this one process.
+# fixture is built once; tests/conftest.py gives each worker one OpenMP thread per core it owns): on a 2-core
+# AVX2 EPYC 612 s in one process, 471 s on two workers. More workers than 4 would only queue; TEST_WORKERS=0 runs
+# them in this one process.
 WORKERS=${TEST_WORKERS:-$(.venv/bin/python -c "import os; print(min(4, len(os.sched_getaffinity(0))))")}
 if [ "$WORKERS" -gt 1 ]; then
   .venv/bin/python -m pytest -q -n "$WORKERS" --dist loadfile tests "$@"
