@@ -277,6 +277,58 @@ def test_phone_photo_is_turned_upright_by_its_exif_tag_in_every_decoder(tmp_path
     assert err is None and (x - tf(upright)).abs().mean() < 0.05
 
 
+@pytest.mark.parametrize("scale_min", [0.08, 0.25, 0.6, 1.0])
+def test_train_decode_side_leaves_every_random_crop_at_least_img_size(scale_min):
+    """The reduced decode's promise: on an image whose shorter side is train_decode_side, no RandomResizedCrop of
+    the recipe's scale range (torchvision's own draw, landscape, portrait, square, panorama) is under img_size."""
+    from utils.data.images import train_decode_side
+
+    side = train_decode_side(224, scale_min)
+    assert side >= 224 and (scale_min < 1 or side <= 260)
+    crop = build_train_transform(224, mean=IMAGENET_MEAN, std=IMAGENET_STD, scale=(scale_min, 1.0)).transforms[2]
+    torch.manual_seed(0)
+    smallest = min(min(crop.make_params([torch.empty(3, *hw, dtype=torch.uint8)])["height"],
+                       crop.make_params([torch.empty(3, *hw, dtype=torch.uint8)])["width"])
+                   for hw in ((side, side * 4 // 3), (side * 4 // 3, side), (side, side), (side, 3 * side))
+                   for _ in range(500))
+    assert 224 <= smallest and (scale_min == 1.0 or smallest < 224 * 1.1)  # tight: a smaller side would cut crops below 224 px
+
+
+def test_large_jpeg_decodes_reduced_for_training_only(tmp_path):
+    """A phone-sized real photo decodes at a DCT scale that keeps its shorter side >= min_side (and upright by
+    its EXIF tag); the pixels match the full decode shrunk to that size; smaller JPEGs, PNGs and corrupt files
+    take the full decoder. Validation and evaluate.py never pass min_side (they match the exported files)."""
+    from utils.data import decode_rgb
+    from utils.data.loaders import _TrainFiles
+
+    photo = Image.open(os.path.join(PHOTOS, "ibex.jpg")).convert("RGB").resize((2400, 1800), Image.BICUBIC)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: the reduced decode must turn it upright too
+    jpg, png = str(tmp_path / "phone.jpg"), str(tmp_path / "phone.png")
+    photo.save(jpg, quality=95, exif=exif)
+    photo.resize((600, 450)).save(png)
+    full = decode_rgb(jpg)
+    assert full.shape == (3, 2400, 1800)  # upright: portrait
+    for min_side, want in ((300, (3, 600, 450)), (451, (3, 1200, 900)), (901, (3, 2400, 1800))):
+        got = decode_rgb(jpg, min_side)
+        assert got.shape == want, min_side  # 1/4, 1/2, and 1/1 (1800 < 2 x 901: no reduction)
+        small = torch.nn.functional.interpolate(full[None].float(), size=want[1:], mode="area")[0]
+        assert (got.float() - small).abs().mean() < 2.5  # the same picture, shrunk
+    assert torch.equal(decode_rgb(jpg, 901), full)
+    assert torch.equal(decode_rgb(png, 100), decode_rgb(png))  # only JPEGs have a scaled decode
+    broken = str(tmp_path / "broken.jpg")
+    with open(jpg, "rb") as f:
+        data = f.read()
+    with open(broken, "wb") as f:
+        f.write(data[: len(data) // 3])
+    with pytest.raises(OSError, match="truncated"):
+        decode_rgb(broken, 300)
+    tf = build_train_transform(64, mean=IMAGENET_MEAN, std=IMAGENET_STD, scale=(0.6, 1.0))
+    x, label = _TrainFiles([(jpg, 3)], tf, 100)[(0, 7)]
+    assert x.shape == (3, 64, 64) and label == 3
+    assert _TrainFiles([(broken, 3)], tf, 100)[(0, 7)][0] is None  # skipped and counted, as before
+
+
 def test_report_thumbnails_and_mistakes_grid_show_what_training_saw(tmp_path):
     """report.html's thumbnails and mistakes.png draw a 16-bit scan and a sideways-stored phone photo exactly as
     their 8-bit / upright twins (PIL's plain convert("RGB") drew the scan white and the photo on its side)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import re
 import signal
@@ -179,16 +180,24 @@ _IO_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 _IO_DEPRECATION = "The image decoding and encoding capabilities of TorchVision"
 
 
-def decode_rgb(path: str) -> torch.Tensor:
+def decode_rgb(path: str, min_side: int | None = None) -> torch.Tensor:
     """Decode ``path`` to a uint8 RGB tensor (3, H, W); raises on corrupt files.
 
     JPEG/PNG/WebP go through torchvision.io (libjpeg-turbo/libpng/libwebp on the bytes: the fastest decoder
     here, see README; pixels identical to PIL's RGB conversion for grey, palette, RGBA and CMYK files; EXIF
     orientation applied, as :func:`upright` does for PIL);
     anything else (BMP, TIFF, 16-bit PNG, ...) or anything it rejects goes through PIL.
+
+    ``min_side`` (training only): a JPEG at least twice that size on its shorter side is decoded at 1/2, 1/4 or
+    1/8 scale in the DCT domain (libjpeg's scaled decode), as small as keeps the shorter side >= ``min_side``.
+    A 12 MP phone photo then costs a fraction of a full decode; other files decode in full.
     """
     with open(path, "rb") as f:
         data = f.read()
+    if min_side and data[:3] == b"\xff\xd8\xff":
+        reduced = _decode_jpeg_reduced(data, min_side)
+        if reduced is not None:
+            return reduced
     if path.lower().endswith(_IO_EXTENSIONS) and data:
         try:
             with warnings.catch_warnings():  # torchvision 0.29 marks these decoders deprecated, once per call
@@ -200,6 +209,28 @@ def decode_rgb(path: str) -> torch.Tensor:
         except (RuntimeError, AttributeError):  # corrupt (PIL then says why) or a torchvision without image.io
             pass
     return T.functional.pil_to_tensor(to_rgb(pil_from_bytes(data)))
+
+
+def _decode_jpeg_reduced(data: bytes, min_side: int) -> torch.Tensor | None:
+    """The JPEG in ``data`` decoded at the smallest DCT scale whose shorter side is still >= ``min_side``; None
+    when the file is under twice that (no smaller scale exists) or PIL cannot read it (the full decoder decides)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        if min(img.size) < 2 * min_side:
+            return None
+        img.draft("RGB", (min_side, min_side))  # picks the scale: both sides stay >= min_side
+        img.load()
+    except Exception:  # corrupt: the full decoder raises with its own message
+        return None
+    upright(img)
+    return T.functional.pil_to_tensor(to_rgb(img))
+
+
+def train_decode_side(img_size: int, scale_min: float) -> int:
+    """Shorter side a training image needs so that every RandomResizedCrop (area >= ``scale_min`` of the image,
+    aspect 3/4..4/3, torchvision's default) still covers >= ``img_size`` pixels on its shorter side: decoding a
+    larger photo at that size loses nothing the crop would keep after it is resized to ``img_size``."""
+    return math.ceil(img_size / math.sqrt(scale_min * 3 / 4))
 
 
 class ImageFolderRGB(ImageFolder):

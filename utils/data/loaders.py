@@ -43,6 +43,7 @@ from utils.data.images import (
     single_thread,
     to_8bit,
     to_rgb,
+    train_decode_side,
     unreadable_line,
     worker_ignores_ctrl_c,
 )
@@ -57,8 +58,8 @@ MEMORY_BUDGET = 2 * 1024 ** 3  # "auto" caches in RAM when the decoded train+val
 class _TrainFiles(Dataset):
     """(index, seed) -> (augmented tensor, label), or (None, path) when the file cannot be decoded."""
 
-    def __init__(self, samples: list[tuple[str, int]], transform: Callable):
-        self.samples, self.transform = samples, transform
+    def __init__(self, samples: list[tuple[str, int]], transform: Callable, min_side: int | None = None):
+        self.samples, self.transform, self.min_side = samples, transform, min_side  # min_side: decode_rgb's
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -67,7 +68,7 @@ class _TrainFiles(Dataset):
         index, seed = item
         path, label = self.samples[index]
         try:
-            img = decode_rgb(path)
+            img = decode_rgb(path, self.min_side)
         except Exception as e:  # any decoder error: skip this image, the loader counts it
             return None, (path, describe_error(e))
         state = torch.get_rng_state()  # keep the caller's RNG untouched when workers=0
@@ -385,7 +386,10 @@ def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batc
     # Each loader draws its workers' base seed from its own generator: without one it takes a number from the
     # global RNG when its workers start (epoch 1, or the resume epoch), which shifts dropout and mixup draws of
     # a resumed run. The images' augmentation is seeded per image (_TrainFiles), not from the workers' seed.
-    train_loader = DataLoader(_TrainFiles(train_ds.samples, train_tf), batch_sampler=train_sampler,
+    # Large JPEGs decode at a reduced DCT scale that every random crop can afford (train only: validation,
+    # evaluate.py and the exported files see the full decode and the same resize).
+    min_side = train_decode_side(img_size, cfg.scale[0])
+    train_loader = DataLoader(_TrainFiles(train_ds.samples, train_tf, min_side), batch_sampler=train_sampler,
                               generator=torch.Generator().manual_seed(seed), **common)
     val_files = ImageFiles([p for p, _ in val_ds.samples], val_tf, decode=decode_rgb)
     val_loader = DataLoader(val_files, batch_sampler=val_sampler, generator=torch.Generator().manual_seed(seed),
