@@ -195,6 +195,12 @@ def test_cli_errors_print_one_line_and_exit_2(tmp_path):
     assert r.returncode == 2
     assert r.stderr.startswith(f"error: cannot read model file {bad}: it is not a valid checkpoint, TorchScript or ONNX")
     assert "Traceback" not in r.stderr
+    # a bad --target-accuracy is refused when the command line is read, before the model file is even opened
+    r = subprocess.run([sys.executable, "evaluate.py", str(bad), str(tmp_path), "--target-accuracy", "99"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == ("evaluate.py: error: argument --target-accuracy: must be in (0, 1], "
+                                                 "e.g. 0.99 for 99%; got 99")
 
 
 def test_exported_onnx_finds_split_through_run_config_and_agrees(tmp_path):

@@ -5,6 +5,7 @@ reliability.png, coverage.png and coverage.csv; see docs/trust.md.
 """
 from __future__ import annotations
 
+import argparse
 import os
 from typing import Any, Sequence
 
@@ -110,10 +111,21 @@ def trust_lines(trust: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _target_accuracy(text: str) -> float:
+    """--target-accuracy's type: checked when the command line is read, before a model is loaded."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")  # refused below, with the same words
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], e.g. 0.99 for 99%; got {text}")
+    return value
+
+
 def add_trust_arguments(p) -> None:
     """evaluate.py's options for calibration, intervals, the reject option and TTA (an argparse group)."""
     t = p.add_argument_group("trust (docs/trust.md)")
-    t.add_argument("--target-accuracy", type=float, default=DEFAULT_TARGET_ACCURACY,
+    t.add_argument("--target-accuracy", type=_target_accuracy, default=DEFAULT_TARGET_ACCURACY,
                    help="accuracy the reject threshold must reach on the answered images (default: "
                         f"{DEFAULT_TARGET_ACCURACY:g}, i.e. at most 1 wrong answer in 100; the rest answer 'unknown')")
     t.add_argument("--calibration", choices=CALIBRATION_MODES, default="auto",
