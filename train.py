@@ -307,8 +307,8 @@ def open_run(cfg: cfglib.TrainConfig, args: argparse.Namespace, ckpt: dict | Non
 def print_header(run: Run, model: nn.Module, device: torch.device, dist, phases: list[Phase], start_epoch: int) -> None:
     cfg = run.cfg
     print(f"{cfg.model} x{cfg.width_mult} ({count_params(model) / 1e6:.2f} M params) | {len(run.classes)} classes | "
-          f"{device}{f' x{dist.world_size} processes' if dist.enabled else ''} | {cfg.epochs} epochs: "
-          + ", then ".join(f"{p.end - p.first} {PHASE_TEXT[p.name]}" for p in phases)
+          f"{device}{f' x{dist.world_size} processes' if dist.enabled else ''} | {cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'}: "
+          + ", then ".join(f"{p.end - p.first} {phase_text(p.name, p.end - p.first)}" for p in phases)
           + (f" | time budget {cfg.time_budget:g} min" if cfg.time_budget else "") + f" | run folder {run.out}")
     if start_epoch:
         print(f"resuming after epoch {start_epoch} (global step {run.step}) from {cfg.resume}")
@@ -391,7 +391,12 @@ def run_phases(run: Run, phases: list[Phase], model: nn.Module, device: torch.de
             return
 
 
-PHASE_TEXT = {"head": "classifier-only epochs (backbone frozen)", "full": "whole-network epochs"}
+PHASE_TEXT = {"head": "classifier-only epoch{s} (backbone frozen)", "full": "whole-network epoch{s}"}
+
+
+def phase_text(name: str, epochs: int) -> str:
+    """``PHASE_TEXT[name]`` for ``epochs`` epochs ("1 whole-network epoch", "2 whole-network epochs")."""
+    return PHASE_TEXT[name].format(s="" if epochs == 1 else "s")
 
 
 def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, device: torch.device, dist,
@@ -521,7 +526,8 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
     if main_proc:
         cfglib.save_config(run.cfg, os.path.join(run.out, "config.yaml"), record=record())
         amp_text = {None: "fp32", torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}
-        print(f"epochs {phase.first + 1}-{phase.end}: {PHASE_TEXT[phase.name]} | train {data.num_train} / val "
+        span = f"epoch {phase.end}" if phase.end == phase.first + 1 else f"epochs {phase.first + 1}-{phase.end}"
+        print(f"{span}: {phase_text(phase.name, phase.end - phase.first)} | train {data.num_train} / val "
               f"{data.num_val} images | {amp_text[amp_dtype]}{' channels_last' if channels_last else ''} | "
               f"{steps_per_epoch} steps per epoch | lr {cfg.lr:g}"
               f"{f' (backbone x{cfg.backbone_lr_mult:g})' if not frozen and cfg.backbone_lr_mult != 1 else ''}")
@@ -568,7 +574,8 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
             progress.ranks = gather_rank_states(progress, device)  # every process's RNG state and sums
             if main_proc:
                 save("last.pt", epoch, progress)
-                print(f"\ninterrupted in epoch {epoch + 1} after {progress.batches_done} steps; saved "
+                steps = f"{progress.batches_done} step{'' if progress.batches_done == 1 else 's'}"
+                print(f"\ninterrupted in epoch {epoch + 1} after {steps}; saved "
                       f"{os.path.join(run.out, 'last.pt')} (continue with --resume {os.path.join(run.out, 'last.pt')})",
                       file=sys.stderr)
             barrier()  # no process exits before the file is written (torchrun would stop the others)

@@ -152,3 +152,11 @@ def test_freeze_bn_keeps_pretrained_statistics_while_the_weights_train():
     assert not torch.equal(before["classifier.1.weight"], after["classifier.1.weight"])
     bn_weight = dict(model.named_parameters())["features.0.1.weight"]
     assert bn_weight.grad is not None and bn_weight.grad.abs().sum() > 0  # BN affine parameters still train
+
+
+def test_phase_text_says_epoch_for_one_and_epochs_for_more():
+    """The run header and each phase's first line count epochs in words a user reads ("1 whole-network epoch")."""
+    assert train.phase_text("full", 1) == "whole-network epoch"
+    assert train.phase_text("full", 12) == "whole-network epochs"
+    assert train.phase_text("head", 1) == "classifier-only epoch (backbone frozen)"
+    assert train.phase_text("head", 30) == "classifier-only epochs (backbone frozen)"
