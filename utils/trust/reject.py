@@ -42,15 +42,23 @@ def coverage_curve(conf: torch.Tensor, correct: torch.Tensor, max_points: int = 
              "accepted": int(accepted[k])} for k in keep]
 
 
+TARGET_ACCURACY_RULE = "must be in (0, 1], e.g. 0.99 for 99%"
+
+
+def check_target_accuracy(target: float) -> float:
+    """``target`` when it is a reachable accuracy (0 < target <= 1); else a UserError naming the rule."""
+    if not 0.0 < target <= 1.0:  # NaN fails too
+        raise UserError(f"--target-accuracy {TARGET_ACCURACY_RULE}; got {target}")
+    return target
+
+
 def threshold_for_accuracy(conf: torch.Tensor, correct: torch.Tensor, target: float) -> dict[str, Any]:
     """Lowest threshold whose accepted images (confidence >= threshold) reach ``target`` accuracy (0-1).
 
     Returns ``{threshold, coverage, accuracy, accepted, reachable}``; when even the most confident images miss
     the target the threshold is 1.0 (answer ``unknown`` to almost everything) and ``reachable`` is False.
     """
-    if not 0.0 < target <= 1.0:
-
-        raise UserError(f"--target-accuracy must be in (0, 1], e.g. 0.99; got {target}")
+    check_target_accuracy(target)
     n = len(conf)
     if n:
         thr, accepted, right = _sorted_groups(conf, correct)

@@ -17,7 +17,9 @@ from utils.files import atomic_write
 from utils.trust.calibration import calibrated_probs, calibration_report, fit_temperature, plot_reliability
 from utils.trust.reject import (
     DEFAULT_TARGET_ACCURACY,
+    TARGET_ACCURACY_RULE,
     apply_threshold,
+    check_target_accuracy,
     coverage_curve,
     plot_coverage,
     threshold_for_accuracy,
@@ -114,12 +116,9 @@ def trust_lines(trust: dict[str, Any]) -> list[str]:
 def _target_accuracy(text: str) -> float:
     """--target-accuracy's type: checked when the command line is read, before a model is loaded."""
     try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")  # refused below, with the same words
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], e.g. 0.99 for 99%; got {text}")
-    return value
+        return check_target_accuracy(float(text))
+    except (ValueError, UserError):  # not a number, or out of range: argparse names the flag
+        raise argparse.ArgumentTypeError(f"{TARGET_ACCURACY_RULE}; got {text}") from None
 
 
 def add_trust_arguments(p) -> None:
