@@ -307,7 +307,7 @@ def open_run(cfg: cfglib.TrainConfig, args: argparse.Namespace, ckpt: dict | Non
 def print_header(run: Run, model: nn.Module, device: torch.device, dist, phases: list[Phase], start_epoch: int) -> None:
     cfg = run.cfg
     print(f"{cfg.model} x{cfg.width_mult} ({count_params(model) / 1e6:.2f} M params) | {len(run.classes)} classes | "
-          f"{device}{f' x{dist.world_size} processes' if dist.enabled else ''} | {cfg.epochs} epoch{'' if cfg.epochs == 1 else 's'}: "
+          f"{device}{f' x{dist.world_size} processes' if dist.enabled else ''} | {cfg.epochs} epoch{plural_s(cfg.epochs)}: "
           + ", then ".join(f"{p.end - p.first} {phase_text(p.name, p.end - p.first)}" for p in phases)
           + (f" | time budget {cfg.time_budget:g} min" if cfg.time_budget else "") + f" | run folder {run.out}")
     if start_epoch:
@@ -394,9 +394,14 @@ def run_phases(run: Run, phases: list[Phase], model: nn.Module, device: torch.de
 PHASE_TEXT = {"head": "classifier-only epoch{s} (backbone frozen)", "full": "whole-network epoch{s}"}
 
 
+def plural_s(n: int) -> str:
+    """The plural ending of a count's noun: "1 step", "2 steps"."""
+    return "" if n == 1 else "s"
+
+
 def phase_text(name: str, epochs: int) -> str:
     """``PHASE_TEXT[name]`` for ``epochs`` epochs ("1 whole-network epoch", "2 whole-network epochs")."""
-    return PHASE_TEXT[name].format(s="" if epochs == 1 else "s")
+    return PHASE_TEXT[name].format(s=plural_s(epochs))
 
 
 def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, device: torch.device, dist,
@@ -574,8 +579,8 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
             progress.ranks = gather_rank_states(progress, device)  # every process's RNG state and sums
             if main_proc:
                 save("last.pt", epoch, progress)
-                steps = f"{progress.batches_done} step{'' if progress.batches_done == 1 else 's'}"
-                print(f"\ninterrupted in epoch {epoch + 1} after {steps}; saved "
+                print(f"\ninterrupted in epoch {epoch + 1} after {progress.batches_done} step"
+                      f"{plural_s(progress.batches_done)}; saved "
                       f"{os.path.join(run.out, 'last.pt')} (continue with --resume {os.path.join(run.out, 'last.pt')})",
                       file=sys.stderr)
             barrier()  # no process exits before the file is written (torchrun would stop the others)
