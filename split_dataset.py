@@ -29,7 +29,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="how files reach OUT: copy (default, safest), symlink (absolute links, no extra "
                              "space) or hardlink (no extra space; falls back to copy across filesystems)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT (only after success)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--no-progress", "--quiet", dest="no_progress", action="store_true",
+                        help="no progress bars (as in train.py, evaluate.py and predict.py; --quiet is the old name)")
     return parser
 
 
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     args = get_args_parser().parse_args(argv)
     sys.stdout.reconfigure(errors="backslashreplace")  # file names that are not valid UTF-8 still print
     result = split_dataset(args.raw, args.out, val=args.val, test=args.test, seed=args.seed, mode=args.mode,
-                           overwrite=args.overwrite, progress=not args.quiet)
+                           overwrite=args.overwrite, progress=not args.no_progress)
     print(format_report(result))
     train = {c: n["train"] for c, n in result.counts().items()}
     if train and min(train.values()) > 0:  # what train.py will do about the imbalance (utils/balance.py)

@@ -95,6 +95,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "the smoothed loss exceeds 4x its minimum")
     parser.add_argument("--lr-find-range", type=float, nargs=2, default=[1e-6, 1.0], metavar=("START", "END"),
                         help="first and last learning rate of the --lr-find sweep (default 1e-6 1)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=argparse.SUPPRESS,
+                        help="no progress bars, only the one line per epoch (for logs; same as --set progress=false)")
     parser.add_argument("--overwrite", action="store_true",
                         help="start afresh in an --out folder that already holds a run (its last.pt, best.pt and "
                              "log.csv are replaced; sub-folders such as eval/ and export/ are left as they are); "
@@ -399,6 +401,11 @@ def plural_s(n: int) -> str:
     return "" if n == 1 else "s"
 
 
+def seconds_text(seconds: float) -> str:
+    """A duration for a log line: "0.6 s" below 10 s (a tiny folder's epochs), else whole seconds ("48 s")."""
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+
+
 def phase_text(name: str, epochs: int) -> str:
     """``PHASE_TEXT[name]`` for ``epochs`` epochs ("1 whole-network epoch", "2 whole-network epochs")."""
     return PHASE_TEXT[name].format(s=plural_s(epochs))
@@ -534,7 +541,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
         span = f"epoch {phase.end}" if phase.end == phase.first + 1 else f"epochs {phase.first + 1}-{phase.end}"
         print(f"{span}: {phase_text(phase.name, phase.end - phase.first)} | train {data.num_train} / val "
               f"{data.num_val} images | {amp_text[amp_dtype]}{' channels_last' if channels_last else ''} | "
-              f"{steps_per_epoch} steps per epoch | lr {cfg.lr:g}"
+              f"{steps_per_epoch} step{plural_s(steps_per_epoch)} per epoch | lr {cfg.lr:g}"
               f"{f' (backbone x{cfg.backbone_lr_mult:g})' if not frozen and cfg.backbone_lr_mult != 1 else ''}")
         print(f"speed choices on {plan.machine} (also in config.yaml):\n" + "\n".join(plan.lines()))
         print(f"class balance of train: {balance['described']}\n  class_balance {balance['class_balance']} "
@@ -674,11 +681,12 @@ def fit_to_budget(run: Run, phase: Phase, epoch: int, seconds: float) -> int:
                       "minutes_spent": round(run.elapsed() / 60, 2), "budget_minutes": run.cfg.time_budget}
     if run.main_proc and changed:
         capped = " (capped at 10x the recipe's epochs)" if end == cap and epoch + 1 + more > cap else ""
-        took = f"an epoch takes {typical:.0f} s" if len(seen) == 1 else \
-            f"epochs after the first take {typical:.0f} s (median; the first {seen[0]:.0f} s)"
+        took = f"an epoch takes {seconds_text(typical)}" if len(seen) == 1 else \
+            f"epochs after the first take {seconds_text(typical)} (median; the first {seconds_text(seen[0])})"
+        still = end - epoch - 1
         print(f"time budget {run.cfg.time_budget:g} min: {run.elapsed() / 60:.1f} min spent, {took} -> "
-              f"{end - epoch - 1} more epoch(s), {end} in all{capped} (expected end after "
-              f"~{(run.elapsed() + (end - epoch - 1) * typical) / 60:.1f} min)", flush=True)
+              f"{still} more epoch{plural_s(still)}, {end} in all{capped} (expected end after "
+              f"~{(run.elapsed() + still * typical) / 60:.1f} min)", flush=True)
     return end
 
 

@@ -25,7 +25,7 @@ def run(*args, cwd=ROOT):
 
 def test_split_train_evaluate_export_predict(tmp_path):
     data, runs = tmp_path / "data", tmp_path / "run"
-    out = run("split_dataset.py", SAMPLE, str(data), "--val", "0.25", "--seed", "0", "--quiet")
+    out = run("split_dataset.py", SAMPLE, str(data), "--val", "0.25", "--seed", "0", "--no-progress")
     assert "total" in out
     with open(data / "split.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -160,3 +160,14 @@ def test_phase_text_says_epoch_for_one_and_epochs_for_more():
     assert train.phase_text("full", 12) == "whole-network epochs"
     assert train.phase_text("head", 1) == "classifier-only epoch (backbone frozen)"
     assert train.phase_text("head", 30) == "classifier-only epochs (backbone frozen)"
+
+
+def test_time_budget_line_counts_in_words_and_shows_short_epochs_in_tenths(capsys):
+    """A tiny folder's epochs take under a second: the fit line says "0.6 s", not "1 s", and "1 more epoch"."""
+    phase = train.Phase("full", train.cfglib.TrainConfig(), 2, 5)
+    run = _fake_run(0.985, 1)  # 0.9 s left
+    run.main_proc = True
+    assert train.fit_to_budget(run, phase, 2, 0.6) == 2 + 1 + 1  # 0.9 s left // 0.6 s
+    line = capsys.readouterr().out
+    assert "an epoch takes 0.6 s -> 1 more epoch, 4 in all" in line, line
+    assert train.seconds_text(48.4) == "48 s" and train.seconds_text(9.94) == "9.9 s"

@@ -348,3 +348,12 @@ def test_corrupt_training_image_is_skipped_and_reported(tmp_path, capsys):
     assert "skipped 2 unreadable image(s) so far" in out and (tmp_path / "run" / "best.pt").is_file()
     with open(tmp_path / "run" / "log.csv", newline="") as f:
         assert [r["skipped_images"] for r in csv.DictReader(f)] == ["2", "2"]  # distinct files, not events
+
+
+def test_no_progress_flag_turns_the_bars_off(data):
+    """`--no-progress` is the flag for `--set progress=false` (evaluate.py and predict.py have the same flag)."""
+    def parsed(*extra):
+        return train.resolve_config(train.get_args_parser().parse_args(["--data", data, *extra]))[0]
+    assert parsed().progress is True
+    assert parsed("--no-progress").progress is False
+    assert "--no-progress" in train.get_args_parser().format_help()
