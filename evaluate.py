@@ -6,7 +6,7 @@
 
 Reports top-1, top-5, balanced accuracy (mean per-class recall), macro-F1, mean loss and per-class
 precision/recall/F1/support, and writes metrics.json, per_class.csv, confusion_matrix.csv/.png, mistakes.csv
-and mistakes.png into the output folder. Trust (docs/trust.md): 95% bootstrap intervals, calibration (ECE before
+and mistakes.png into the output folder. Trust (docs/trust.md): 95% intervals, calibration (ECE before
 and after temperature scaling, reliability.png), the reject option (coverage.png/.csv, the threshold for
 --target-accuracy) and report.html, one self-contained page with all of it.
 Class names and preprocessing always come from the model file itself.

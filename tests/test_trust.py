@@ -1,4 +1,4 @@
-"""Trust (issue 14, docs/trust.md): calibration, bootstrap intervals, the reject option, report.html, exports.
+"""Trust (issue 14, docs/trust.md): calibration, confidence intervals, the reject option, report.html, exports.
 
 Real images throughout: the committed Fashion-MNIST sample (labelled) and the committed photos (out of
 distribution for a Fashion-MNIST model)."""
@@ -21,7 +21,7 @@ from utils.deploy.runtime import open_model
 from utils.errors import UserError
 from utils.trust.calibration import calibrated_probs, expected_calibration_error, fit_temperature
 from utils.trust.reject import apply_threshold, threshold_for_accuracy
-from utils.trust.uncertainty import bootstrap_intervals, ci_text, paired_difference
+from utils.trust.uncertainty import ci_text, metric_intervals, paired_difference
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: one torch thread
 
@@ -100,23 +100,22 @@ def test_intervals_shrink_with_folder_size_and_cover_the_full_set_value():
     target = rng.integers(0, k, n_full)
     right = rng.random(n_full) < np.linspace(0.7, 0.95, k)[target]
     pred = np.where(right, target, (target + rng.integers(1, k, n_full)) % k)
-    full = bootstrap_intervals(target, pred, list(range(k)), [str(c) for c in range(k)], n_boot=10)["top1"]["value"]
+    full = metric_intervals(target, pred, list(range(k)), [str(c) for c in range(k)])["top1"]["value"]
     widths, covered = {}, {}
     for n in (40, 160, 640):
         w, hits = [], 0
         for rep in range(40):
             idx = rng.choice(n_full, n, replace=False)
             labels = sorted(set(target[idx]) | set(pred[idx]))
-            iv = bootstrap_intervals(target[idx], pred[idx], labels, [str(c) for c in range(k)], n_boot=300,
-                                     seed=rep)["top1"]
+            iv = metric_intervals(target[idx], pred[idx], labels, [str(c) for c in range(k)])["top1"]
             w.append(iv["ci"][1] - iv["ci"][0])
             hits += iv["ci"][0] <= full <= iv["ci"][1]
         widths[n], covered[n] = float(np.mean(w)), hits / 40
     assert widths[40] > 1.7 * widths[160] > 1.7 * 1.7 * widths[640], widths  # about 1/sqrt(n)
     assert all(c >= 0.85 for c in covered.values()), covered  # nominal 95%
     # seeded: the same data gives the same interval
-    a = bootstrap_intervals(target[:50], pred[:50], list(range(k)), [str(c) for c in range(k)])
-    assert a == bootstrap_intervals(target[:50], pred[:50], list(range(k)), [str(c) for c in range(k)])
+    a = metric_intervals(target[:50], pred[:50], list(range(k)), [str(c) for c in range(k)])
+    assert a == metric_intervals(target[:50], pred[:50], list(range(k)), [str(c) for c in range(k)])
 
 
 def test_intervals_do_not_collapse_on_a_perfect_folder_or_a_one_image_class():
@@ -124,11 +123,11 @@ def test_intervals_do_not_collapse_on_a_perfect_folder_or_a_one_image_class():
     interval; Wilson (and MOVER over the recalls for balanced accuracy) does not."""
     from utils.deploy.int8_check import wilson_interval
 
-    all_right = bootstrap_intervals([0] * 6 + [1] * 5, [0] * 6 + [1] * 5, [0, 1], ["a", "b"])
+    all_right = metric_intervals([0] * 6 + [1] * 5, [0] * 6 + [1] * 5, [0, 1], ["a", "b"])
     assert ci_text("top-1", all_right["top1"], 11) == "top-1 100.0% (95% CI 74.1-100, n=11)"
     assert ci_text("balanced accuracy", all_right["balanced_acc"], 11) == "balanced accuracy 100.0% (95% CI 70.8-100, n=11)"
     t, p = [0, 0, 0, 0, 1, 1, 1, 1, 2], [0, 0, 0, 1, 1, 1, 1, 1, 2]  # class 2: one image, right
-    iv = bootstrap_intervals(t, p, [0, 1, 2], ["a", "b", "c"])
+    iv = metric_intervals(t, p, [0, 1, 2], ["a", "b", "c"])
     assert iv["recall"]["c"]["ci"] == pytest.approx(list(wilson_interval(1, 1)))  # 0.21-1, not 1-1
     recalls = [0.75, 1.0, 1.0]
     lo = sum(recalls) / 3 - np.sqrt(sum((r - wilson_interval(round(4 * r) if i < 2 else 1, 4 if i < 2 else 1)[0]) ** 2
@@ -147,7 +146,7 @@ def test_paired_difference_is_zero_for_the_same_model_and_narrower_than_separate
     same = paired_difference(t, a, a, list(range(5)))
     assert same["top1"]["value"] == 0 and same["balanced_acc"]["ci"] == [0.0, 0.0]
     d = paired_difference(t, a, b, list(range(5)))
-    ia = bootstrap_intervals(t, a, list(range(5)), list("abcde"))["top1"]["ci"]
+    ia = metric_intervals(t, a, list(range(5)), list("abcde"))["top1"]["ci"]
     assert d["top1"]["value"] < 0 and d["only_a_right"] == 0
     assert d["top1"]["ci"][1] - d["top1"]["ci"][0] < ia[1] - ia[0]
 
@@ -302,3 +301,29 @@ def test_report_html_renders_every_figure_in_a_headless_browser(run, tmp_path):
 
     with Image.open(shot) as im:  # the page really painted: far from one flat colour
         assert len(im.convert("L").getcolors(1 << 16) or []) > 50
+
+
+def test_macro_f1_interval_covers_on_small_folders_and_never_collapses():
+    """The percentile bootstrap it replaced covered the true macro-F1 in 9% of 12-image folders drawn from a good
+    3-class model (scripts/interval_coverage.py) and printed `macro-F1 1.000 (95% CI 1.000-1.000, n=6)`."""
+    from sklearn.metrics import f1_score
+
+    from scripts.interval_coverage import population
+
+    rng = np.random.default_rng(1)
+    target, pred = population(rng, 3, (0.97, 1.0))
+    truth = f1_score(target, pred, average="macro")
+    for n in (12, 40, 160):
+        hits = 0
+        for _ in range(200):
+            idx = rng.choice(len(target), n, replace=False)
+            lo, hi = metric_intervals(target[idx], pred[idx], [0, 1, 2], list("abc"))["macro_f1"]["ci"]
+            hits += lo <= truth <= hi
+        assert hits / 200 >= 0.85, (n, hits)
+    perfect = metric_intervals([0, 0, 1, 1, 2, 2], [0, 0, 1, 1, 2, 2], [0, 1, 2], list("abc"))
+    assert perfect["macro_f1"]["value"] == 1.0 and perfect["macro_f1"]["ci"][0] < 0.8
+    # one class's F1 as the proportion TP / (TP + (FP + FN) / 2): 3 right, 1 FP, 1 FN -> Wilson(3, 4)
+    two = metric_intervals([0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 1, 1, 1, 1, 0], [0, 1], ["a", "b"])["macro_f1"]
+    lo, hi = wilson_interval(3, 4)
+    assert two["value"] == pytest.approx(0.75)
+    assert two["ci"] == pytest.approx([0.75 - np.sqrt(2 * (0.75 - lo) ** 2) / 2, 0.75 + np.sqrt(2 * (hi - 0.75) ** 2) / 2])

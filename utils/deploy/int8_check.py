@@ -37,8 +37,9 @@ Z95 = 1.959963984540054  # two-sided 95% normal quantile
 DEFAULT_MIN_AGREEMENT = 90.0
 
 
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``k / n`` (fractions in [0, 1]); (0, 1) when ``n == 0``."""
+def wilson_interval(k: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (fractions in [0, 1]; ``n`` may be an effective, fractional
+    count); (0, 1) when ``n == 0``."""
     if n <= 0:
         return 0.0, 1.0
     p = k / n

@@ -65,7 +65,7 @@ def render_report(result: dict[str, Any], files: dict[str, str], max_mistakes: i
              f"</title><style>{STYLE}</style>{CHECK}</head><body>",
              f"<h1>{esc(os.path.basename(m['model']))} on {esc(m['data'])}</h1>",
              f"<p>{esc(m['kind'])}, {m['images']} images{tta}{skipped}.</p>",
-             "<h2>Summary (95% intervals: Wilson, MOVER for balanced accuracy, bootstrap for macro-F1)</h2><table><tr><th>metric</th><th>value (95% CI)</th></tr>",
+             "<h2>Summary (95% intervals: Wilson, MOVER for balanced accuracy and macro-F1)</h2><table><tr><th>metric</th><th>value (95% CI)</th></tr>",
              f"<tr><td>top-1 %</td><td>{_ci(iv['top1'])}</td></tr>",
              f"<tr><td>balanced accuracy %</td><td>{_ci(iv['balanced_acc'])}</td></tr>",
              f"<tr><td>macro-F1</td><td>{_ci(iv['macro_f1'], digits=3)}</td></tr>",

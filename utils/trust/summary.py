@@ -24,7 +24,7 @@ from utils.trust.reject import (
     plot_coverage,
     threshold_for_accuracy,
 )
-from utils.trust.uncertainty import bootstrap_intervals, ci_text
+from utils.trust.uncertainty import ci_text, metric_intervals
 
 CALIBRATION_MODES = ("auto", "stored", "fit", "none")
 
@@ -58,7 +58,7 @@ def assess(logits: torch.Tensor, target: torch.Tensor, labels: Sequence[int], na
     """
     target_accuracy = DEFAULT_TARGET_ACCURACY if target_accuracy is None else target_accuracy
     pred = logits.argmax(dim=1)
-    intervals = bootstrap_intervals(target.tolist(), pred.tolist(), labels, names)
+    intervals = metric_intervals(target.tolist(), pred.tolist(), labels, names)
     temperature, source = choose_temperature(logits, target, stored, mode)
     cal = calibration_report(logits, target, temperature)
     cal["source"] = source
