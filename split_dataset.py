@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils.balance import imbalance_paragraph
 from utils.data.split import format_report, split_dataset
 from utils.errors import run_main
+from utils.imbalance import imbalance_paragraph
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -30,6 +30,7 @@ from datasets.default import resolve_data_dir
 from models import build_model, count_params, load_pretrained
 from utils import balance as ballib
 from utils import config as cfglib
+from utils import imbalance as imblib
 from utils import machine
 from utils.bn_adapt import adapt_batchnorm
 from utils.checkpoint import Preprocess, load_checkpoint, save_checkpoint, training_state
@@ -168,10 +169,10 @@ def class_balance_plan(cfg: cfglib.TrainConfig, labels: torch.Tensor, classes: l
     """The imbalance of the training folder and the class_balance / select_metric actually used, with reasons
     (utils/balance.py); printed in the run header, saved in config.yaml and the checkpoints."""
     counts = ballib.class_counts(labels, len(classes))
-    balance = ballib.decide_class_balance(cfg.class_balance, counts)
-    select = ballib.decide_select_metric(cfg.select_metric, counts)
-    return {"train_counts": dict(zip(classes, counts)), "ratio": ballib.imbalance(counts)[2],
-            "imbalanced": ballib.is_imbalanced(counts), "described": ballib.describe_counts(counts, classes),
+    balance = imblib.decide_class_balance(cfg.class_balance, counts)
+    select = imblib.decide_select_metric(cfg.select_metric, counts)
+    return {"train_counts": dict(zip(classes, counts)), "ratio": imblib.imbalance(counts)[2],
+            "imbalanced": imblib.is_imbalanced(counts), "described": imblib.describe_counts(counts, classes),
             "class_balance": balance.value, "class_balance_reason": balance.reason,
             "select_metric": select.value, "select_metric_reason": select.reason}
 
@@ -446,7 +447,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
     balance = class_balance_plan(cfg, labels, run.classes)
     if balance["class_balance"] in ballib.SAMPLER_POWER:  # the draw is a function of (seed, epoch): resume stays exact
         ballib.use_balanced_sampler(train_loader, labels, len(run.classes), balance["class_balance"])
-    run.best_name = ballib.SELECT_NAMES[balance["select_metric"]]
+    run.best_name = imblib.SELECT_NAMES[balance["select_metric"]]
     select_key = {"top1": "val_top1", "balanced_acc": "val_bal_acc"}[balance["select_metric"]]
     steps_per_epoch = len(train_loader)
     if cfg.max_steps_per_epoch:

@@ -15,6 +15,7 @@ from torch import nn
 
 import train
 from utils import balance as B
+from utils import imbalance as imbal
 from utils.checkpoint import load_checkpoint
 from utils.config import build_config
 from utils.data import IMAGENET_MEAN, IMAGENET_STD, load_data
@@ -96,14 +97,14 @@ def test_logit_adjusted_loss_learns_no_preference_for_the_large_class():
 
 
 def test_imbalance_rule_and_auto_decisions():
-    assert B.imbalance([16, 8, 4]) == (0, 2, 4.0)
-    assert not B.is_imbalanced([10, 10, 7]) and B.is_imbalanced([15, 10, 10])  # 1.43 < 1.5 <= 1.5
-    assert B.decide_class_balance("auto", [10, 10, 10]).value == "none"
-    assert B.decide_class_balance("auto", [16, 8, 4]).value == B.AUTO_IMBALANCED
-    assert B.decide_class_balance("sampler", [10, 10, 10]) == B.Decision("sampler", "set in the config")
-    assert B.decide_select_metric("auto", [16, 8, 4]).value == "balanced_acc"
-    assert B.decide_select_metric("auto", [10, 10, 9]).value == "top1"
-    assert B.decide_select_metric("top1", [16, 8, 4]).value == "top1"
+    assert imbal.imbalance([16, 8, 4]) == (0, 2, 4.0)
+    assert not imbal.is_imbalanced([10, 10, 7]) and imbal.is_imbalanced([15, 10, 10])  # 1.43 < 1.5 <= 1.5
+    assert imbal.decide_class_balance("auto", [10, 10, 10]).value == "none"
+    assert imbal.decide_class_balance("auto", [16, 8, 4]).value == imbal.AUTO_IMBALANCED
+    assert imbal.decide_class_balance("sampler", [10, 10, 10]) == imbal.Decision("sampler", "set in the config")
+    assert imbal.decide_select_metric("auto", [16, 8, 4]).value == "balanced_acc"
+    assert imbal.decide_select_metric("auto", [10, 10, 9]).value == "top1"
+    assert imbal.decide_select_metric("top1", [16, 8, 4]).value == "top1"
     with pytest.raises(UserError, match="class_balance' must be one of auto, none, loss, sampler, sqrt"):
         build_config(None, "x", {}, ["class_balance=focal"])
     with pytest.raises(UserError, match="select_metric' must be one of auto, top1, balanced_acc"):
@@ -274,9 +275,9 @@ def test_resume_keeps_what_auto_meant_when_the_run_started(imb, tmp_path, monkey
     """A run started while auto meant the even sampler continues with it after the default changed (sqrt), so it
     ends bit for bit as if it had never stopped."""
     args = TINY + ["--epochs", "2", "--lr", "0.05", "--set", "label_smoothing=0.1", "--data", imb]
-    monkeypatch.setattr(B, "AUTO_IMBALANCED", "sampler")  # the default before
+    monkeypatch.setattr(imbal, "AUTO_IMBALANCED", "sampler")  # the default before
     _full_then_cut(args, tmp_path, monkeypatch)
-    monkeypatch.setattr(B, "AUTO_IMBALANCED", "sqrt")  # the default now
+    monkeypatch.setattr(imbal, "AUTO_IMBALANCED", "sqrt")  # the default now
     train.main(["--resume", str(tmp_path / "cut" / "last.pt")])
     a, b = load_checkpoint(str(tmp_path / "full" / "last.pt")), load_checkpoint(str(tmp_path / "cut" / "last.pt"))
     assert a["class_balance_used"]["class_balance"] == b["class_balance_used"]["class_balance"] == "sampler"
@@ -288,7 +289,7 @@ def test_auto_on_imbalanced_folder_prints_records_and_logs(imb, tmp_path, capsys
     res = train.main(TINY + ["--epochs", "2", "--lr", "0.05", "--data", imb, "--out", str(out)])
     text = capsys.readouterr().out
     assert "class balance of train: largest Bag 16, smallest Trouser 4: ratio 4.0 (>= 1.5: imbalanced)" in text
-    assert f"class_balance {B.AUTO_IMBALANCED} (auto: imbalanced training folder;" in text
+    assert f"class_balance {imbal.AUTO_IMBALANCED} (auto: imbalanced training folder;" in text
     assert "select_metric balanced_acc: best.pt = best val balanced accuracy (auto:" in text
     assert "bal-acc " in text and "macro-F1 " in text
     assert "done: best val balanced accuracy" in text
@@ -302,7 +303,7 @@ def test_auto_on_imbalanced_folder_prints_records_and_logs(imb, tmp_path, capsys
     with open(out / "config.yaml") as f:
         saved = yaml.safe_load(f)
     used = saved["class_balance_used"]
-    assert saved["class_balance"] == "auto" and used["class_balance"] == B.AUTO_IMBALANCED
+    assert saved["class_balance"] == "auto" and used["class_balance"] == imbal.AUTO_IMBALANCED
     assert used["train_counts"] == COUNTS and used["select_metric"] == "balanced_acc"
     best = load_checkpoint(str(out / "best.pt"))
     assert best["best_metric"] == "balanced_acc"
@@ -357,7 +358,7 @@ def test_split_dataset_prints_the_imbalance_and_the_plan(tmp_path):
                         "--quiet"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "class balance of train: largest Bag 16, smallest Trouser 4: ratio 4.0 (>= 1.5: imbalanced); " in r.stdout
-    assert f"(class_balance={B.AUTO_IMBALANCED})" in r.stdout
+    assert f"(class_balance={imbal.AUTO_IMBALANCED})" in r.stdout
     assert "best val balanced accuracy as best.pt (select_metric=auto -> balanced_acc)" in r.stdout
     r = subprocess.run([sys.executable, "split_dataset.py", SAMPLE, str(tmp_path / "even"), "--quiet"], cwd=ROOT,
                        capture_output=True, text=True)

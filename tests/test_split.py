@@ -291,3 +291,11 @@ def test_cli_table_and_error(tmp_path, capsys):
     assert not (tmp_path / "noval" / "val").exists()
     assert "note: no val/ split (--val 0); train.py needs one to choose best.pt and report accuracy: split again " \
            "with --val 0.2 before training on this folder" in capsys.readouterr().out
+
+
+def test_split_dataset_starts_without_torch():
+    """split_dataset.py needs no tensors: importing torch cost it ~5 s of start-up (utils.data loads its sub-modules
+    on first use; the imbalance decision lives in torch-free utils/imbalance.py)."""
+    code = "import sys, split_dataset; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision'}))"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]", r.stdout

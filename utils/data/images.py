@@ -1,14 +1,13 @@
-"""Image files and class folders: which files are images, reading them (RGB, skipping unreadable ones with
-one line each), the checked ImageFolder of a split."""
+"""Reading images: PIL and tensor decoders (RGB, upright, large training JPEGs at a reduced scale), the checked
+ImageFolder of a split and the evaluation dataset that skips unreadable files. Which files are images, and the
+skip lines and counts: utils/data/folders.py."""
 from __future__ import annotations
 
 import contextlib
 import io
 import math
 import os
-import re
 import signal
-import sys
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
@@ -20,24 +19,8 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2 as T
 
+from utils.data.folders import IMAGE_EXTENSIONS, class_folders, describe_error, images_under, is_image_file
 from utils.errors import UserError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-def is_image_file(path: str) -> bool:
-    """True for a non-hidden file whose name has an image extension (case-insensitive): the one test every
-    tool uses (training folders, evaluation, predict, export calibration, split_dataset)."""
-    name = os.path.basename(path)
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-def class_folders(root: str) -> list[str]:
-    """The class sub-folders of an ImageFolder split ``root``: non-hidden folders, sorted by name (as
-    torchvision's ImageFolder sorts them)."""
-    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-
-
 
 
 def to_8bit(img: Image.Image) -> Image.Image:
@@ -88,61 +71,6 @@ def single_thread() -> Iterator[None]:
     finally:
         if threads > 1:
             torch.set_num_threads(threads)
-
-
-
-
-# --------------------------------------------------------------------------------------------- unreadable files
-def unreadable_line(path: str, error: str) -> str:
-    """The one line every tool prints for a skipped file: ``skipped unreadable image PATH (Error: reason)``."""
-    return f"skipped unreadable image {path} ({error.strip().splitlines()[0][:160] if error.strip() else 'error'})"
-
-
-def report_unreadable(path: str, error: str) -> None:
-    """Print :func:`unreadable_line` to stderr (one plain line: a warning would add its source line)."""
-    print(f"warning: {unreadable_line(path, error)}", file=sys.stderr, flush=True)
-
-
-_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
-
-
-def describe_error(e: BaseException) -> str:
-    """``Type: message`` of a decoder error, as the skip lines and reports show it. PIL names an in-memory file
-    by its address (``<_io.BytesIO object at 0x7f...>``), which changes every run: that becomes words."""
-    return _BUFFER_REPR.sub("(not an image, or a format Pillow cannot read)", f"{type(e).__name__}: {e}").strip()
-
-
-class SkippedFiles:
-    """Unreadable files met by one or more passes over images: each is named in one line the first time it is
-    met (:func:`report_unreadable`) and counted once, however often it comes round again."""
-
-    def __init__(self, report: bool = True) -> None:
-        self.errors: dict[str, str] = {}  # path -> error, in the order met
-        self.report = report
-
-    def add(self, failed: list[tuple[str, str]]) -> None:
-        """Record ``[(path, error)]``; new files are reported."""
-        for path, error in failed:
-            if path not in self.errors:
-                self.errors[path] = error
-                if self.report:
-                    report_unreadable(path, error)
-
-    def merge(self, paths: "set[str] | list[str]", error: str) -> None:
-        """Count files another pass has already reported (e.g. a DataBundle's), without naming them again."""
-        for path in paths:
-            self.errors.setdefault(path, error)
-
-    def __len__(self) -> int:
-        return len(self.errors)
-
-    @property
-    def paths(self) -> list[str]:
-        return list(self.errors)
-
-    def records(self) -> list[dict[str, str]]:
-        """``[{"file", "error"}]`` for JSON reports."""
-        return [{"file": p, "error": e} for p, e in self.errors.items()]
 
 
 # --------------------------------------------------------------------------------------------- folders
@@ -273,53 +201,6 @@ def load_image_folder(root: str, min_classes: int = 2) -> ImageFolderRGB:
     return ds
 
 
-# ------------------------------------------------------------------------------------ listing image files
-def walk_tree(folder: str) -> Iterator[tuple[str, list[str], list[str]]]:
-    """``os.walk(folder)`` that follows symbolic links to folders, as torchvision's ImageFolder (train.py) does,
-    so every tool lists the same files; a link back to a folder already walked (a loop) is not entered.
-    The caller may prune ``dirnames`` in place, as with os.walk."""
-    seen = {os.path.realpath(folder)}
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        yield dirpath, dirnames, filenames
-        keep = []
-        for d in dirnames:
-            real = os.path.realpath(os.path.join(dirpath, d))
-            if real not in seen:
-                seen.add(real)
-                keep.append(d)
-        dirnames[:] = keep
-
-
-def images_under(folder: str) -> list[str]:
-    """Every image file under ``folder`` (recursive, following folder links, hidden files and folders skipped),
-    in sorted order."""
-    found = []
-    for dirpath, dirnames, filenames in walk_tree(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if is_image_file(f)]
-    return found
-
-
-def scan_class_folders(root: str) -> tuple[dict[str, list[str]], list[str]]:
-    """Read an ImageFolder split ``root/<class>/*``: ``({class: [image paths]}, [class folders without images])``.
-
-    Classes are sorted by name (as torchvision's ImageFolder does); images anywhere under a class folder count.
-    """
-    if not os.path.isdir(root):
-        raise UserError(f"data folder {root} not found; pass a split folder with one sub-folder per class "
-                        "(e.g. DATA/val) or a split name of the run (train, val, test)")
-    class_dirs = class_folders(root)
-    per_class = {c: images_under(os.path.join(root, c)) for c in class_dirs}
-    empty = [c for c, files in per_class.items() if not files]
-    per_class = {c: files for c, files in per_class.items() if files}
-    if not per_class:
-        loose = [f for f in os.listdir(root) if is_image_file(f)]
-        hint = (f" (it holds {len(loose)} loose images: evaluation needs them sorted into one sub-folder per class; "
-                "use predict.py for unlabelled images)") if loose else ""
-        raise UserError(f"no images found in {root}{hint}; expected {root}/<class name>/<image files>")
-    return per_class, empty
-
-
 class ImageFiles(Dataset):
     """Images by path, for evaluation (no augmentation); an unreadable file yields ``None`` and its error instead
     of stopping the run. ``decode``: path -> image for ``transform`` (default: the PIL image, what evaluate.py,
@@ -350,21 +231,5 @@ def collate_readable(batch: list[tuple[torch.Tensor | None, int, str | None]]):
     failed = [(i, err) for x, i, err in batch if err is not None]
     x = torch.stack([t for t, _ in ok]) if ok else None
     return x, torch.tensor([i for _, i in ok], dtype=torch.long), failed
-
-
-def list_labelled_images(root: str, classes: Sequence[str]) -> list[tuple[str, int]]:
-    """``root/<class>/*`` images with the checkpoint's class index, listed as :func:`scan_class_folders` lists them
-    (a class folder without images is ignored, as evaluate.py ignores it); a folder of images whose class the model
-    doesn't know is an error."""
-    if not os.path.isdir(root):
-        raise UserError(f"validation folder {root} not found; pass --val-data DIR with one sub-folder per class")
-    per_class, _ = scan_class_folders(root)
-    index = {c: i for i, c in enumerate(classes)}
-    for name in per_class:
-        if name not in index:
-            raise UserError(f"{os.path.join(root, name)}: class '{name}' is not one of the checkpoint's classes "
-                            f"({', '.join(classes)}); pass the validation folder of the data the model was trained on "
-                            "(--val-data)")
-    return [(p, index[name]) for name, files in per_class.items() for p in files]
 
 

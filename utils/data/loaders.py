@@ -31,20 +31,18 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from utils.data.augment import AugmentConfig, _augment_batch, _square, _stack_uniform
+from utils.data.folders import SkippedFiles, describe_error, unreadable_line
 from utils.data.images import (
     _IO_DEPRECATION,
     ImageFiles,
     ImageFolderRGB,
-    SkippedFiles,
     decode_rgb,
-    describe_error,
     load_image_folder,
     pil_from_bytes,
     single_thread,
     to_8bit,
     to_rgb,
     train_decode_side,
-    unreadable_line,
     worker_ignores_ctrl_c,
 )
 from utils.data.samplers import EpochBatchSampler

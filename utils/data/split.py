@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 from tqdm import tqdm
 
-from utils.data.images import IMAGE_EXTENSIONS, describe_error, is_image_file, walk_tree
+from utils.data.folders import IMAGE_EXTENSIONS, describe_error, is_image_file, walk_tree
 from utils.errors import UserError
 
 SPLITS = ("train", "val", "test")
