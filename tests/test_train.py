@@ -357,3 +357,32 @@ def test_no_progress_flag_turns_the_bars_off(data):
     assert parsed().progress is True
     assert parsed("--no-progress").progress is False
     assert "--no-progress" in train.get_args_parser().format_help()
+
+
+@pytest.mark.parametrize("collective, stops_after", [(False, 4), (True, 5)])
+def test_ctrl_c_stops_one_process_after_the_current_step_torchrun_at_the_next_read(collective, stops_after):
+    """One process reads its Ctrl-C flag after every step, even where values are read only every ``sync_every``
+    steps (a GPU: 20); under torchrun the check is a collective, made every ``sync_every`` steps on every process."""
+    from torch import nn
+
+    from models import build_model
+    from utils.rank_state import StopRequest, StopRequested
+    from utils.schedule import WarmupCosine
+    from utils.train_loop import EpochProgress, StepContext, Trainable, train_one_epoch
+
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", num_classes=10, width_mult=0.25)
+    ctx = StepContext(Trainable(model), torch.optim.SGD(model.parameters(), lr=0.01), nn.CrossEntropyLoss(),
+                      torch.device("cpu"), channels_last=False, params=list(model.parameters()))
+    stop = StopRequest(torch.device("cpu"), collective=collective)  # not installed: the test sets its flag
+
+    def batches():
+        for i in range(10):
+            if i == 3:
+                stop.requested = True  # Ctrl-C while the 4th batch loads
+            yield torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+
+    progress = EpochProgress()
+    with pytest.raises(StopRequested):
+        train_one_epoch(ctx, batches(), WarmupCosine(0.01, 100), 1, progress, sync_every=5, stop=stop)
+    assert progress.batches_done == stops_after

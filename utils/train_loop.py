@@ -332,13 +332,15 @@ def train_one_epoch(ctx: StepContext, loader: Iterable, schedule: WarmupCosine, 
     and on an interrupt. :class:`NonFiniteLoss` is raised when a NaN/inf loss is read: on a CPU right after the
     bad step, on a GPU up to ``sync_every - 1`` steps later (the message names the bad step either way; no
     checkpoint is written after it). ``stop`` (torchrun: :class:`utils.rank_state.StopRequest`) is called
-    every ``sync_every`` steps, on every process at the same steps; it raises a KeyboardInterrupt to end the
-    epoch there. Returns this process's sums plus the all-reduced means.
+    after every step in one process (reading its flag costs nothing) and under torchrun every ``sync_every`` steps,
+    on every process at the same steps (there it is a collective); it raises a KeyboardInterrupt to end the epoch
+    there. Returns this process's sums plus the all-reduced means.
     """
 
     ctx.trainable.train()
     skip = progress.batches_done
     every = sync_every or (1 if ctx.device.type == "cpu" else DEVICE_SYNC_EVERY)
+    stop_every = every if getattr(stop, "collective", False) else 1
     n = total if total is not None else (len(loader) if hasattr(loader, "__len__") else None)
     if max_steps:
         n = min(n, max_steps) if n is not None else max_steps
@@ -367,7 +369,7 @@ def train_one_epoch(ctx: StepContext, loader: Iterable, schedule: WarmupCosine, 
                                      acc=f"{100 * progress.correct / max(progress.seen, 1):.2f}", lr=f"{lr:.4g}",
                                      refresh=False)
             pbar.update(1)
-            if stop is not None and done % every == 0:
+            if stop is not None and done % stop_every == 0:
                 stop()
         pending.flush_into(progress, epoch)
     except KeyboardInterrupt:
