@@ -63,6 +63,8 @@ def test_gpu_plan_scaler_layout_cudnn_and_augmentation():
     assert disk.workers.value == 14 and disk.augment_device.value == "workers"  # 2500 / 180 img/s wants 14
     assert _gpu_plan(A100, cache="none").workers.value == 1  # 2 cores: one for the loop, one worker
     assert _gpu_plan(A100, cache="none", workers=6).workers.value == 6  # the user's number wins
+    inline = _gpu_plan(A100, cache="none", workers=0)  # no workers: the header must not claim they augment
+    assert inline.augment_device.value == "main process" and "no decode workers" in inline.augment_device.reason
     rec = a100.record()
     assert rec["amp"] == {"value": "bf16", "reason": a100.amp.reason} and "A100" in rec["machine"]
 

@@ -260,11 +260,15 @@ def decide_workers(requested: int, device: torch.device, cpu: CpuInfo, local_wor
                                     f"~{DISK_IMAGES_PER_WORKER}: {want} wanted, {share} cores free for this process")
 
 
-def decide_augment_device(device: torch.device, cache: str) -> Choice:
+def decide_augment_device(device: torch.device, cache: str, workers: int) -> Choice:
+    """Where training images are augmented: on the GPU for a memory cache on CUDA, else in this process (memory
+    cache, or no decode workers), else in the DataLoader workers that decode them."""
     if device.type == "cuda" and cache == "memory":
         return Choice("cuda", "batches cross to the GPU as uint8 and are augmented there (the CPU would starve it)")
     if cache == "memory":
         return Choice("cpu", "training on the CPU: augment in the main process, one thread")
+    if workers == 0:
+        return Choice("main process", "no decode workers: images are decoded and augmented here between steps")
     return Choice("workers", "images are decoded and augmented in DataLoader workers")
 
 
@@ -522,7 +526,7 @@ def plan_training(*, device: torch.device, amp: str, channels_last: str, cache: 
         est = times[variant_name(best)] * batch_scale if variant_name(best) in times else None
     compile_c, compile_times = decide_compile(compile, best, features_only=cache == "features", run_steps=run_steps,
                                               est_step_s=est, probe=probe, batch_scale=batch_scale, run_s=run_s)
-    return SpeedPlan(machine, amp_c, cl_c, threads, workers, decide_augment_device(device, cache), bench,
+    return SpeedPlan(machine, amp_c, cl_c, threads, workers, decide_augment_device(device, cache, int(workers.value)), bench,
                      decide_openmp(), {**times, **compile_times}, compile=compile_c)
 
 
