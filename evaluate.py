@@ -309,10 +309,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"stored temperature {entry['temperature']:.3f} and threshold {entry['threshold']:.4f} in {args.model}")
     if args.compare:
         c = result["metrics"]["compare"]
-        lo, hi = c["top1"]["ci"]
+        diffs = "; ".join(f"{name} {c[k]['value']:+.2f} points (95% CI {c[k]['ci'][0]:+.2f} to {c[k]['ci'][1]:+.2f})"
+                          for k, name in (("top1", "top-1"), ("balanced_acc", "balanced accuracy")))
         print(f"compare: {os.path.basename(args.model)} minus {os.path.basename(args.compare)} on the same {c['n']} "
-              f"images: top-1 {c['top1']['value']:+.2f} points (95% CI {lo:+.2f} to {hi:+.2f}); only the first right "
-              f"on {c['only_a_right']}, only the second on {c['only_b_right']}")
+              f"images: {diffs}; only the first right on {c['only_a_right']}, only the second on {c['only_b_right']}")
     print(summary_line(result["metrics"]))
     return result["metrics"]
 

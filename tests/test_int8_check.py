@@ -30,18 +30,20 @@ def test_newcombe_matches_published_example():
     # 2012 table [[59, 6], [16, 80]]: Newcombe square-and-add estimate -0.0621, 95% CI -0.1186 to -0.0046.
     est, lo, hi = paired_difference_interval(59, 6, 16, 80)
     assert (round(est, 4), round(lo, 4), round(hi, 4)) == (-0.0621, -0.1186, -0.0046)
-    assert (est, lo, hi) == (-0.06211180124223603, -0.11862119563870992, -0.004625113933050061)
+    assert (est, lo, hi) == pytest.approx((-0.06211180124223603, -0.11862119563870992, -0.004625113933050061),
+                                          abs=1e-15)
 
 
 def test_newcombe_small_folder_cases():
     # 40 images, fp32 right and int8 wrong on one (72.5% -> 70.0%): int8 is the first proportion
-    assert paired_difference_interval(28, 0, 1, 11) == (-0.025000000000000022, -0.10155265170662234,
-                                                        0.04958614327672582)
+    assert paired_difference_interval(28, 0, 1, 11) == pytest.approx((-0.025, -0.10155265170662234,
+                                                                      0.04958614327672582), abs=1e-15)
     # no disagreement at all: symmetric around 0, not a zero-width interval (a bootstrap would give [0, 0])
-    assert paired_difference_interval(30, 0, 0, 10) == (0.0, -0.06410870673337783, 0.06410870673337782)
+    assert paired_difference_interval(30, 0, 0, 10) == pytest.approx((0.0, -0.06410870673337783, 0.06410870673337782),
+                                                                     abs=1e-15)
     # four flips of 40: -10 points, and the interval still reaches above 0
-    assert paired_difference_interval(25, 0, 4, 11) == (-0.09999999999999998, -0.20449787499330935,
-                                                        0.005460065352446655)
+    assert paired_difference_interval(25, 0, 4, 11) == pytest.approx((-0.1, -0.20449787499330935,
+                                                                      0.005460065352446655), abs=1e-15)
     # swapping the two models mirrors the interval
     est, lo, hi = paired_difference_interval(25, 4, 0, 11)
     assert (est, lo, hi) == pytest.approx((0.1, -0.005460065352446655, 0.20449787499330935), abs=1e-15)

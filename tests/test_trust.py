@@ -16,12 +16,12 @@ from eval_helpers import fitted_sample_run, photo_paths
 import evaluate
 import predict
 from utils.checkpoint import load_checkpoint, read_calibration, save_checkpoint
-from utils.deploy.int8_check import wilson_interval
+from utils.deploy.int8_check import paired_difference_interval, wilson_interval
 from utils.deploy.runtime import open_model
 from utils.errors import UserError
 from utils.trust.calibration import calibrated_probs, expected_calibration_error, fit_temperature
 from utils.trust.reject import apply_threshold, threshold_for_accuracy
-from utils.trust.uncertainty import ci_text, metric_intervals, paired_difference
+from utils.trust.uncertainty import _metrics, ci_text, metric_intervals, paired_difference
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # conftest.py: one torch thread
 
@@ -141,14 +141,50 @@ def test_paired_difference_is_zero_for_the_same_model_and_narrower_than_separate
     t = rng.integers(0, 5, 300)
     a = np.where(rng.random(300) < 0.8, t, (t + 1) % 5)
     b = a.copy()
-    flip = rng.choice(300, 6, replace=False)
-    b[flip] = t[flip]  # B fixes up to 6 of A's mistakes and changes nothing else
+    flip = rng.choice(np.nonzero(a != t)[0], 6, replace=False)
+    b[flip] = t[flip]  # B fixes 6 of A's mistakes and changes nothing else
     same = paired_difference(t, a, a, list(range(5)))
-    assert same["top1"]["value"] == 0 and same["balanced_acc"]["ci"] == [0.0, 0.0]
+    for m in ("top1", "balanced_acc", "macro_f1"):  # no difference seen, but an honest interval around 0
+        lo, hi = same[m]["ci"]
+        assert same[m]["value"] == 0 and lo == pytest.approx(-hi) and hi > 0, m
     d = paired_difference(t, a, b, list(range(5)))
-    ia = metric_intervals(t, a, list(range(5)), list("abcde"))["top1"]["ci"]
-    assert d["top1"]["value"] < 0 and d["only_a_right"] == 0
-    assert d["top1"]["ci"][1] - d["top1"]["ci"][0] < ia[1] - ia[0]
+    ia = metric_intervals(t, a, list(range(5)), list("abcde"))
+    assert d["top1"]["value"] == pytest.approx(-2.0) and d["only_a_right"] == 0 and d["only_b_right"] == 6
+    for m in ("top1", "balanced_acc", "macro_f1"):  # pairing: much narrower than one model's own interval
+        assert d[m]["value"] < 0 and d[m]["ci"][0] < d[m]["value"] < d[m]["ci"][1], m
+        assert d[m]["ci"][1] - d[m]["ci"][0] < 0.6 * (ia[m]["ci"][1] - ia[m]["ci"][0]), m
+
+
+def test_paired_balanced_accuracy_is_newcombe_per_class_joined_by_mover():
+    # class 0: 10 images, A right on 9, B on 6 (B's 6 among A's 9); class 1: 10 images, both right on 8
+    t = [0] * 10 + [1] * 10
+    a = [0] * 9 + [1] + [1] * 8 + [0] * 2
+    b = [0] * 6 + [1] * 4 + [1] * 8 + [0] * 2
+    d = paired_difference(t, a, b, [0, 1])["balanced_acc"]
+    d0, l0, h0 = paired_difference_interval(6, 3, 0, 1)
+    d1, l1, h1 = paired_difference_interval(8, 0, 0, 2)
+    assert d["value"] == pytest.approx(100 * (d0 + d1) / 2) == pytest.approx(15.0)
+    assert d["ci"] == pytest.approx([100 * ((d0 + d1) / 2 - np.hypot(d0 - l0, d1 - l1) / 2),
+                                     100 * ((d0 + d1) / 2 + np.hypot(h0 - d0, h1 - d1) / 2)])
+
+
+def test_paired_intervals_cover_on_small_folders_where_the_bootstrap_did_not():
+    """The paired bootstrap it replaced covered the true difference of balanced accuracy in 4-63% of 20-image
+    folders (scripts/interval_coverage.py); A and B here differ on about 5% of images."""
+    from scripts.interval_coverage import paired_population
+
+    rng = np.random.default_rng(3)
+    target, a, b = paired_population(rng, 3, (0.9, 0.99), (0.85, 1.0), 0.05)
+    ma, mb = (_metrics(target[None], p[None], [0, 1, 2]) for p in (a, b))
+    truth = {m: float(ma[m][0] - mb[m][0]) for m in ("balanced_acc", "macro_f1")}
+    for n in (20, 60, 200):
+        hits = dict.fromkeys(truth, 0)
+        for _ in range(150):
+            idx = rng.choice(len(target), n, replace=False)
+            d = paired_difference(target[idx], a[idx], b[idx], [0, 1, 2])
+            for m in truth:
+                hits[m] += d[m]["ci"][0] <= truth[m] <= d[m]["ci"][1]
+        assert min(hits.values()) / 150 >= 0.9, (n, hits)
 
 
 def _pixel_classifier_logits():
@@ -246,7 +282,12 @@ def test_compare_and_tta(run, tmp_path, capsys):
     m = evaluate.main([ckpt, os.path.join(data, "val"), "--out", str(tmp_path / "e"), "--workers", "0",
                        "--no-progress", "--compare", ckpt])
     assert m["compare"]["top1"]["value"] == 0 and m["compare"]["n"] == 120
-    assert "compare: best.pt minus best.pt on the same 120 images: top-1 +0.00 points" in capsys.readouterr().out
+    c = m["compare"]
+    assert c["balanced_acc"]["value"] == 0 and c["balanced_acc"]["ci"][1] > 0  # the same model: no collapse to [0, 0]
+    assert (f"compare: best.pt minus best.pt on the same 120 images: top-1 +0.00 points (95% CI "
+            f"{c['top1']['ci'][0]:+.2f} to {c['top1']['ci'][1]:+.2f}); balanced accuracy +0.00 points (95% CI "
+            f"{c['balanced_acc']['ci'][0]:+.2f} to {c['balanced_acc']['ci'][1]:+.2f}); only the first right on 0, "
+            "only the second on 0") in capsys.readouterr().out
     model = open_model(ckpt, device="cpu")
     from utils.trust.tta import with_flip_tta
 

@@ -49,30 +49,45 @@ def wilson_interval(k: float, n: float, z: float = Z95) -> tuple[float, float]:
     return max(0.0, (centre - half) / denom), min(1.0, (centre + half) / denom)
 
 
+def newcombe_phi(both: int, first_only: int, second_only: int, neither: int) -> float:
+    """The correlation of two paired proportions from their 2x2 table (right by both, first only, second only,
+    neither), with Newcombe's correction: ``ad - bc`` reduced by n/2 when positive, 0 within [0, n/2]."""
+    n = both + first_only + second_only + neither
+    margins = (both + first_only) * (second_only + neither) * (both + second_only) * (first_only + neither)
+    if n <= 0 or margins <= 0:
+        return 0.0
+    a = both * neither - first_only * second_only
+    a = a - n / 2 if a > n / 2 else (0.0 if a >= 0 else a)
+    return a / math.sqrt(margins)
+
+
+def mover_difference(a: float, a_ci: tuple[float, float], b: float, b_ci: tuple[float, float],
+                     r: float) -> tuple[float, float]:
+    """95% interval of ``a - b`` from each one's 95% interval and their correlation ``r`` (MOVER-D, Zou & Donner
+    2008: the distances to the bounds are squared and added, less the correlated part)."""
+    d = a - b
+    lo_a, hi_a, lo_b, hi_b = a - a_ci[0], a_ci[1] - a, b - b_ci[0], b_ci[1] - b
+    lower = d - math.sqrt(max(0.0, lo_a ** 2 + hi_b ** 2 - 2 * r * lo_a * hi_b))
+    upper = d + math.sqrt(max(0.0, hi_a ** 2 + lo_b ** 2 - 2 * r * hi_a * lo_b))
+    return lower, upper
+
+
 def paired_difference_interval(both: int, first_only: int, second_only: int, neither: int,
                                z: float = Z95) -> tuple[float, float, float]:
-    """Newcombe's square-and-add interval for ``p_first - p_second`` of two paired proportions.
+    """Newcombe's square-and-add interval for ``p_first - p_second`` of two paired proportions (his method 10).
 
     The counts are the 2x2 table of the same images judged twice: correct by both, by the first only, by the
-    second only, by neither. Returns (estimate, lower, upper) as fractions. The correlation term ``phi`` uses
-    Newcombe's correction (``ad - bc`` reduced by n/2 when positive, 0 within [0, n/2]), as his method 10 does.
+    second only, by neither. Returns (estimate, lower, upper) as fractions: the two Wilson intervals joined by
+    :func:`mover_difference` with :func:`newcombe_phi`.
     """
     n = both + first_only + second_only + neither
     if n <= 0:
         return 0.0, -1.0, 1.0
     p1, p2 = (both + first_only) / n, (both + second_only) / n
-    l1, u1 = wilson_interval(both + first_only, n, z)
-    l2, u2 = wilson_interval(both + second_only, n, z)
-    margins = ((both + first_only) * (second_only + neither) * (both + second_only) * (first_only + neither))
-    phi = 0.0
-    if margins > 0:
-        a = both * neither - first_only * second_only
-        a = a - n / 2 if a > n / 2 else (0.0 if a >= 0 else a)
-        phi = a / math.sqrt(margins)
-    est = p1 - p2
-    lower = est - math.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
-    upper = est + math.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
-    return est, max(-1.0, lower), min(1.0, upper)
+    lower, upper = mover_difference(p1, wilson_interval(both + first_only, n, z), p2,
+                                    wilson_interval(both + second_only, n, z),
+                                    newcombe_phi(both, first_only, second_only, neither))
+    return p1 - p2, max(-1.0, lower), min(1.0, upper)
 
 
 def per_class_recall(pred: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> dict[str, Any]:

@@ -10,9 +10,9 @@ On 8 test images one image is 12.5 points; a number without an interval says not
   collapsed here too ("1.000 (95% CI 1.000-1.000, n=6)") and, in a seeded simulation (scripts/interval_coverage.py,
   docs/trust.md), covered the true macro-F1 in 9-69% of 12-image folders and 34-89% of 40-image ones, against
   84-96% for this interval at every size from 12 to 640 images.
-For two models on the same images, a stratified bootstrap (images resampled with replacement *within each class*,
-seeded, the same resamples for both models) gives a paired interval of the difference in balanced accuracy and
-macro-F1, much narrower than comparing two separate intervals; top-1 uses Newcombe's paired interval.
+For two models on the same images (:func:`paired_difference`), paired intervals of the difference, much narrower
+than two separate intervals: Newcombe's paired interval for top-1 and for each class's recall (MOVER joins those
+into balanced accuracy), and MOVER-D with Newcombe's correlation for each class's F1.
 """
 from __future__ import annotations
 
@@ -21,22 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from utils.deploy.int8_check import paired_difference_interval, wilson_interval
-
-N_BOOT = 1000
-SEED = 0
-
-
-def _resamples(target: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, n) indices: each row resamples every class's images with replacement (stratified)."""
-    rng = np.random.default_rng(seed)
-    out = np.empty((n_boot, len(target)), dtype=np.int64)
-    start = 0
-    for c in np.unique(target):
-        members = np.nonzero(target == c)[0]
-        out[:, start:start + len(members)] = members[rng.integers(0, len(members), size=(n_boot, len(members)))]
-        start += len(members)
-    return out
+from utils.deploy.int8_check import mover_difference, newcombe_phi, paired_difference_interval, wilson_interval
 
 
 def _metrics(target: np.ndarray, pred: np.ndarray, labels: Sequence[int]) -> dict[str, np.ndarray]:
@@ -59,23 +44,6 @@ def _metrics(target: np.ndarray, pred: np.ndarray, labels: Sequence[int]) -> dic
             "macro_f1": f1[:, present].mean(axis=1), "recall": recall}
 
 
-def _boot(target: np.ndarray, preds: Sequence[np.ndarray], labels: Sequence[int], n_boot: int, seed: int,
-          chunk: int = 100) -> list[dict[str, np.ndarray]]:
-    """:func:`_metrics` of every prediction array over the same ``n_boot`` stratified resamples, computed
-    ``chunk`` resamples at a time (memory stays ~chunk x images, not n_boot x images)."""
-    idx = [_resamples(target, min(chunk, n_boot - i), seed + i) for i in range(0, n_boot, chunk)]
-    out = []
-    for p in preds:
-        parts = [_metrics(target[ix], p[ix], labels) for ix in idx]
-        out.append({k: np.concatenate([m[k] for m in parts]) for k in parts[0]})
-    return out
-
-
-def _interval(values: np.ndarray) -> list[float]:
-    lo, hi = np.percentile(values, [2.5, 97.5])
-    return [float(lo), float(hi)]
-
-
 def mover_mean(values: Sequence[float], intervals: Sequence[tuple[float, float]]) -> tuple[float, float]:
     """95% interval of the mean of independent estimates from each one's 95% interval (MOVER: the distances to
     the bounds are squared, added and rooted, as in Newcombe's interval of a difference)."""
@@ -84,6 +52,13 @@ def mover_mean(values: Sequence[float], intervals: Sequence[tuple[float, float]]
     lo = est - math.sqrt(sum((v - low) ** 2 for v, (low, _) in zip(values, intervals))) / k
     hi = est + math.sqrt(sum((high - v) ** 2 for v, (_, high) in zip(values, intervals))) / k
     return lo, hi
+
+
+def _f1_and_interval(t: np.ndarray, p: np.ndarray, c: int) -> tuple[float, tuple[float, float]]:
+    """Class ``c``'s F1 read as the proportion TP / (TP + (FP + FN) / 2), and its Wilson interval."""
+    tp, fp, fn = int(((p == c) & (t == c)).sum()), int(((p == c) & (t != c)).sum()), int(((t == c) & (p != c)).sum())
+    trials = tp + (fp + fn) / 2
+    return (tp / trials if trials else 0.0), wilson_interval(tp, trials)
 
 
 def metric_intervals(target: Sequence[int], pred: Sequence[int], labels: Sequence[int],
@@ -104,12 +79,7 @@ def metric_intervals(target: Sequence[int], pred: Sequence[int], labels: Sequenc
     out: dict[str, Any] = {"top1": {"value": float(full["top1"][0]), "ci": [100.0 * lo, 100.0 * hi]}}
     lo, hi = mover_mean([float(full["recall"][0, i]) for i, _ in present], [recall_ci[c] for _, c in present])
     out["balanced_acc"] = {"value": float(full["balanced_acc"][0]), "ci": [100.0 * max(0.0, lo), 100.0 * min(1.0, hi)]}
-    f1s, f1_cis = [], []
-    for _, c in present:  # support > 0, so TP + (FP + FN) / 2 > 0
-        tp, fp, fn = int((right & (t == c)).sum()), int(((p == c) & (t != c)).sum()), int(((t == c) & ~right).sum())
-        trials = tp + (fp + fn) / 2
-        f1s.append(tp / trials)
-        f1_cis.append(wilson_interval(tp, trials))
+    f1s, f1_cis = zip(*(_f1_and_interval(t, p, c) for _, c in present))
     lo, hi = mover_mean(f1s, f1_cis)
     out["macro_f1"] = {"value": float(full["macro_f1"][0]), "ci": [max(0.0, lo), min(1.0, hi)]}
     out["recall"] = {names[c]: {"value": float(full["recall"][0, i]), "ci": list(recall_ci[c])} for i, c in present}
@@ -119,24 +89,52 @@ def metric_intervals(target: Sequence[int], pred: Sequence[int], labels: Sequenc
     return out
 
 
-def paired_difference(target: Sequence[int], pred_a: Sequence[int], pred_b: Sequence[int], labels: Sequence[int],
-                      n_boot: int = N_BOOT, seed: int = SEED) -> dict[str, Any]:
-    """A - B for top-1, balanced accuracy and macro-F1 on the same images with paired 95% intervals (bootstrap:
-    both models scored on the same resamples; top-1: Newcombe). Also the images only A / only B gets right."""
+def _table(right_a: np.ndarray, right_b: np.ndarray) -> tuple[int, int, int, int]:
+    """The paired 2x2 counts: right by both, by A only, by B only, by neither."""
+    return (int((right_a & right_b).sum()), int((right_a & ~right_b).sum()), int((~right_a & right_b).sum()),
+            int((~right_a & ~right_b).sum()))
+
+
+def paired_difference(target: Sequence[int], pred_a: Sequence[int], pred_b: Sequence[int],
+                      labels: Sequence[int]) -> dict[str, Any]:
+    """A - B for top-1, balanced accuracy and macro-F1 on the same images, with paired 95% intervals in closed
+    form (the same data always gives the same interval), and the images only A / only B gets right.
+
+    - Top-1: Newcombe's paired interval (as export.py's int8 check).
+    - Balanced accuracy: each class's recall difference gets Newcombe's paired interval on that class's images;
+      MOVER combines them into the mean (the classes are independent samples).
+    - Macro-F1: each class's F1 (as in :func:`metric_intervals`) gets its Wilson interval per model, MOVER-D
+      joins the two with the correlation Newcombe's method estimates from the class's paired right/wrong table,
+      and MOVER combines the classes.
+    A paired bootstrap did this until 2026-12-06: it collapses to a point when the two models disagree on no or
+    one image, and covered the true difference of balanced accuracy in 4-63% of 20-image folders
+    (scripts/interval_coverage.py, docs/trust.md).
+    """
     t = np.asarray(target, dtype=np.int64)
     a, b = np.asarray(pred_a, dtype=np.int64), np.asarray(pred_b, dtype=np.int64)
     labels = sorted(set(labels) | set(t.tolist()) | set(a.tolist()) | set(b.tolist()))
     fa, fb = _metrics(t[None, :], a[None, :], labels), _metrics(t[None, :], b[None, :], labels)
-    ba, bb = _boot(t, [a, b], labels, n_boot, seed)
-    out: dict[str, Any] = {k: {"value": float(fa[k][0] - fb[k][0]), "ci": _interval(ba[k] - bb[k])}
-                           for k in ("balanced_acc", "macro_f1")}
     ra, rb = a == t, b == t
-    counts = [int((ra & rb).sum()), int((ra & ~rb).sum()), int((~ra & rb).sum()), int((~ra & ~rb).sum())]
-    # Top-1: Newcombe's closed-form paired interval (as export.py's int8 check), which stays honest when the two
-    # models disagree on no or one image, where a bootstrap interval collapses to a point.
+    recall_d, recall_ci, f1_d, f1_ci = [], [], [], []
+    for c in sorted(set(t.tolist())):  # the classes balanced accuracy and macro-F1 average over
+        table = _table(ra[t == c], rb[t == c])
+        est, lo, hi = paired_difference_interval(*table)
+        recall_d.append(est)
+        recall_ci.append((lo, hi))
+        (f_a, ci_a), (f_b, ci_b) = _f1_and_interval(t, a, c), _f1_and_interval(t, b, c)
+        f1_d.append(f_a - f_b)
+        f1_ci.append(mover_difference(f_a, ci_a, f_b, ci_b, newcombe_phi(*table)))
+    out: dict[str, Any] = {}
+    lo, hi = mover_mean(recall_d, recall_ci)
+    out["balanced_acc"] = {"value": float(fa["balanced_acc"][0] - fb["balanced_acc"][0]),
+                           "ci": [100.0 * max(-1.0, lo), 100.0 * min(1.0, hi)], "method": "Newcombe per class, MOVER"}
+    lo, hi = mover_mean(f1_d, f1_ci)
+    out["macro_f1"] = {"value": float(fa["macro_f1"][0] - fb["macro_f1"][0]), "ci": [max(-1.0, lo), min(1.0, hi)],
+                       "method": "Wilson per class and model, MOVER-D with Newcombe's phi, MOVER"}
+    counts = _table(ra, rb)
     est, lo, hi = paired_difference_interval(*counts)
     out["top1"] = {"value": 100.0 * est, "ci": [100.0 * lo, 100.0 * hi], "method": "Newcombe paired"}
-    out.update(n=int(len(t)), only_a_right=counts[1], only_b_right=counts[2], n_boot=n_boot, seed=seed)
+    out.update(n=int(len(t)), only_a_right=counts[1], only_b_right=counts[2])
     return out
 
 
