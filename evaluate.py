@@ -311,10 +311,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         c = result["metrics"]["compare"]
         diffs = "; ".join(f"{name} {c[k]['value']:+.2f} points (95% CI {c[k]['ci'][0]:+.2f} to {c[k]['ci'][1]:+.2f})"
                           for k, name in (("top1", "top-1"), ("balanced_acc", "balanced accuracy")))
-        print(f"compare: {os.path.basename(args.model)} minus {os.path.basename(args.compare)} on the same {c['n']} "
+        first, second = model_labels(args.model, args.compare)
+        print(f"compare: {first} minus {second} on the same {c['n']} "
               f"images: {diffs}; only the first right on {c['only_a_right']}, only the second on {c['only_b_right']}")
     print(summary_line(result["metrics"]))
     return result["metrics"]
+
+
+def model_labels(first: str, second: str) -> tuple[str, str]:
+    """Short names for two model files: their file names, or with their folder when the file names are the same
+    (two runs' best.pt)."""
+    a, b = os.path.basename(first), os.path.basename(second)
+    if a != b:
+        return a, b
+    return (os.path.join(os.path.basename(os.path.dirname(os.path.abspath(first))), a),
+            os.path.join(os.path.basename(os.path.dirname(os.path.abspath(second))), b))
 
 
 def compare_models(result: dict[str, Any], model: LoadedModel, args: argparse.Namespace,

@@ -329,6 +329,31 @@ def test_large_jpeg_decodes_reduced_for_training_only(tmp_path):
     assert _TrainFiles([(broken, 3)], tf, 100)[(0, 7)][0] is None  # skipped and counted, as before
 
 
+def test_a_200_megapixel_photo_is_a_photo_not_a_decompression_bomb(tmp_path, monkeypatch):
+    """Pillow refuses images over 179 MP (and warns over 89 MP), a guard for services decoding hostile uploads.
+    A user's own 200 MP phone photo (16320 x 12240) or a line-scan image was therefore "unreadable" to
+    split_dataset.py, and the PIL paths skipped it. utils.data opens images with the limit raised to 1 gigapixel."""
+    from utils.data import decode_rgb
+    from utils.data.folders import LARGEST_IMAGE_PIXELS, open_image
+    from utils.data.images import pil_from_bytes
+    from utils.data.split import _check_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # Pillow's default, whatever ran before
+    big = str(tmp_path / "pano.jpg")
+    Image.open(os.path.join(PHOTOS, "ibex.jpg")).convert("L").resize((16320, 12240), Image.BILINEAR).save(big, quality=50)
+    with open(big, "rb") as f:
+        data = f.read()
+    with pytest.raises(Image.DecompressionBombError):  # what Pillow alone does with it
+        Image.open(big)
+    assert _check_image(data) == (None, "L")  # split_dataset.py keeps it
+    assert Image.MAX_IMAGE_PIXELS == LARGEST_IMAGE_PIXELS == 2 ** 30
+    assert pil_from_bytes(data).size == (16320, 12240)  # the PIL path (predict's fallback, report thumbnails)
+    assert decode_rgb(big, 300).shape == (3, 1530, 2040)  # training: decoded at 1/8 scale
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)  # a user who switched the guard off keeps it off
+    open_image(big).close()
+    assert Image.MAX_IMAGE_PIXELS is None
+
+
 def test_report_thumbnails_and_mistakes_grid_show_what_training_saw(tmp_path):
     """report.html's thumbnails and mistakes.png draw a 16-bit scan and a sideways-stored phone photo exactly as
     their 8-bit / upright twins (PIL's plain convert("RGB") drew the scan white and the photo on its side)."""

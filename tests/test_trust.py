@@ -284,10 +284,13 @@ def test_compare_and_tta(run, tmp_path, capsys):
     assert m["compare"]["top1"]["value"] == 0 and m["compare"]["n"] == 120
     c = m["compare"]
     assert c["balanced_acc"]["value"] == 0 and c["balanced_acc"]["ci"][1] > 0  # the same model: no collapse to [0, 0]
-    assert (f"compare: best.pt minus best.pt on the same 120 images: top-1 +0.00 points (95% CI "
+    run_name = os.path.basename(os.path.dirname(os.path.abspath(ckpt)))  # two best.pt files: named by their run
+    assert (f"compare: {run_name}/best.pt minus {run_name}/best.pt on the same 120 images: top-1 +0.00 points (95% CI "
             f"{c['top1']['ci'][0]:+.2f} to {c['top1']['ci'][1]:+.2f}); balanced accuracy +0.00 points (95% CI "
             f"{c['balanced_acc']['ci'][0]:+.2f} to {c['balanced_acc']['ci'][1]:+.2f}); only the first right on 0, "
             "only the second on 0") in capsys.readouterr().out
+    assert evaluate.model_labels("runs/a/best.pt", "runs/a/model.int8.onnx") == ("best.pt", "model.int8.onnx")
+    assert evaluate.model_labels("runs/a/best.pt", "runs/b/best.pt") == ("a/best.pt", "b/best.pt")
     model = open_model(ckpt, device="cpu")
     from utils.trust.tta import with_flip_tta
 

@@ -1,12 +1,14 @@
 """Image files and class folders without decoding them: which files are images, listing a folder tree and its
-class sub-folders, and naming and counting unreadable files. Imports no torch, so split_dataset.py starts in a
-fraction of a second."""
+class sub-folders, opening one (Pillow's pixel limit raised for the user's own large photos), naming and counting
+unreadable files. Imports no torch, so split_dataset.py starts in a fraction of a second."""
 from __future__ import annotations
 
 import os
 import re
 import sys
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
+
+from PIL import Image
 
 from utils.errors import UserError
 
@@ -37,6 +39,21 @@ def report_unreadable(path: str, error: str) -> None:
 
 
 _BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+# Pillow warns above 89 MP and refuses above 179 MP: a guard for services decoding untrusted uploads, which also
+# turned a user's own 108 or 200 MP phone photo or a large line-scan image into an "unreadable" file. The files
+# here are the user's own, so the limit is 1 gigapixel (3 GB as RGB); training decodes large JPEGs reduced anyway.
+LARGEST_IMAGE_PIXELS = 1 << 30
+
+
+def open_image(source: Any) -> Any:
+    """``PIL.Image.open(source)`` (lazy: nothing is decoded yet) with Pillow's pixel limit raised to
+    :data:`LARGEST_IMAGE_PIXELS` (set on first use in each process, DataLoader workers included; a higher limit
+    or none, set by the user's own code, is kept). Above it Pillow warns; above twice it raises."""
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < LARGEST_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = LARGEST_IMAGE_PIXELS
+    return Image.open(source)
 
 
 def describe_error(e: BaseException) -> str:

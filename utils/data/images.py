@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2 as T
 
-from utils.data.folders import IMAGE_EXTENSIONS, class_folders, describe_error, images_under, is_image_file
+from utils.data.folders import IMAGE_EXTENSIONS, class_folders, describe_error, images_under, is_image_file, open_image
 from utils.errors import UserError
 
 
@@ -78,7 +78,7 @@ def pil_from_bytes(data: bytes) -> Image.Image:
     """The fully decoded PIL image (any mode) in a file's bytes; raises on a corrupt or empty file."""
     if not data:
         raise OSError("empty file (0 bytes)")
-    img = Image.open(io.BytesIO(data))
+    img = open_image(io.BytesIO(data))
     img.load()
     upright(img)
     return img
@@ -143,7 +143,7 @@ def _decode_jpeg_reduced(data: bytes, min_side: int) -> torch.Tensor | None:
     """The JPEG in ``data`` decoded at the smallest DCT scale whose shorter side is still >= ``min_side``; None
     when the file is under twice that (no smaller scale exists) or PIL cannot read it (the full decoder decides)."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = open_image(io.BytesIO(data))
         if min(img.size) < 2 * min_side:
             return None
         img.draft("RGB", (min_side, min_side))  # picks the scale: both sides stay >= min_side

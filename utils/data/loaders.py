@@ -25,13 +25,12 @@ from typing import Any, Callable, Collection, Iterator
 import numpy as np
 import torch
 import torchvision.io
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from utils.data.augment import AugmentConfig, _augment_batch, _square, _stack_uniform
-from utils.data.folders import SkippedFiles, describe_error, unreadable_line
+from utils.data.folders import SkippedFiles, describe_error, open_image, unreadable_line
 from utils.data.images import (
     _IO_DEPRECATION,
     ImageFiles,
@@ -299,7 +298,7 @@ def _estimate_bytes(samples: list[tuple[str, int]], resize_size: int) -> int | N
         return 0
     for path, _ in samples[:8]:  # a corrupt first file must not decide the cache (it is skipped later anyway)
         try:
-            with Image.open(path) as im:
+            with open_image(path) as im:
                 w, h = im.size
             break
         except Exception:

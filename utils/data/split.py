@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from PIL import Image
 from tqdm import tqdm
 
-from utils.data.folders import IMAGE_EXTENSIONS, describe_error, is_image_file, walk_tree
+from utils.data.folders import IMAGE_EXTENSIONS, describe_error, is_image_file, open_image, walk_tree
 from utils.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -86,7 +86,7 @@ def _check_image(data: bytes) -> tuple[str | None, str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            with open_image(io.BytesIO(data)) as im:
                 mode = im.mode
                 if im.format == "JPEG":
                     im.draft("RGB", (64, 64))  # DCT-domain downscale: much faster, still reads every byte
