@@ -34,6 +34,7 @@ from utils.deploy.inference import add_run_arguments, as_records, run_on_files
 from utils.deploy.runtime import LoadedModel, open_model
 from utils.errors import UserError, run_main
 from utils.files import REPO_ROOT, write_text
+from utils.log import plural_s, rate_text
 from utils.metrics import class_summary, confusion_matrix, macro_average, per_class_report, topk_correct
 from utils.plots import plot_confusion_matrix, plot_mistakes
 from utils.trust.calibration import fit_calibration, write_calibration_to_checkpoint
@@ -252,8 +253,9 @@ def summary_line(m: dict[str, Any]) -> str:
         top1 = ci_text("top-1", m["intervals"]["top1"], m["intervals"]["n"])
     return (f"{m['kind']} {m['model']} on {m['data']}: {top1}  top-5 {m['top5']:.2f}%  "
             f"loss {m['loss']:.4f}{smoothed}  balanced accuracy {m['balanced_acc']:.2f}%  macro-F1 {m['macro_f1']:.4f}  "
-            f"| {m['images']} images{skipped} in "
-            f"{m['seconds']:.1f} s, {m['images_per_s']:.0f} images/s (model alone {m['model_images_per_s']:.0f} images/s, "
+            f"| {m['images']} image{plural_s(m['images'])}{skipped} in "
+            f"{m['seconds']:.1f} s, {rate_text(m['images_per_s'])} images/s (model alone "
+            f"{rate_text(m['model_images_per_s'])} images/s, "
             f"{m['engine']} on {m['runs_on']})")
 
 

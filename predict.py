@@ -24,6 +24,7 @@ from utils.deploy.inference import add_run_arguments, as_records, expand_image_a
 from utils.deploy.runtime import LoadedModel, open_model
 from utils.errors import UserError, run_main
 from utils.files import csv_text, write_json, write_text
+from utils.log import plural_s, rate_text
 from utils.trust.calibration import calibrated_probs
 from utils.trust.reject import UNKNOWN
 from utils.trust.summary import add_predict_arguments
@@ -181,9 +182,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                      f"; threshold {threshold:.4f}: {unknown}/{n} answered unknown"))
     written = "".join(f", wrote {f}" for f in (args.json, args.csv) if f)
     skipped = len(result["failed"]) + len(unmatched)
-    print(f"{model.kind} {os.path.basename(model.path)}: {n} images predicted"
+    print(f"{model.kind} {os.path.basename(model.path)}: {n} image{plural_s(n)} predicted"
           f"{f', {skipped} skipped' if skipped else ''} in {result['seconds']:.2f} s, "
-          f"{result['images_per_s']:.0f} images/s (model alone {result['model_images_per_s']:.0f} images/s, "
+          f"{rate_text(result['images_per_s'])} images/s (model alone {rate_text(result['model_images_per_s'])} images/s, "
           f"{model.engine.value} on {model.runs_on}){written}")
     if n == 0:
         raise UserError(f"none of the {len(paths)} files could be read as images; see the messages above")

@@ -44,7 +44,7 @@ from utils.distributed import (
     local_world_size,
 )
 from utils.errors import UserError, run_main
-from utils.log import CSVLogger, summary_line
+from utils.log import CSVLogger, plural_s, seconds_text, summary_line
 from utils.lr_find import run_lr_find
 from utils.plots import plot_curves
 from utils.rank_state import (
@@ -395,16 +395,6 @@ def run_phases(run: Run, phases: list[Phase], model: nn.Module, device: torch.de
 
 
 PHASE_TEXT = {"head": "classifier-only epoch{s} (backbone frozen)", "full": "whole-network epoch{s}"}
-
-
-def plural_s(n: int) -> str:
-    """The plural ending of a count's noun: "1 step", "2 steps"."""
-    return "" if n == 1 else "s"
-
-
-def seconds_text(seconds: float) -> str:
-    """A duration for a log line: "0.6 s" below 10 s (a tiny folder's epochs), else whole seconds ("48 s")."""
-    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
 
 
 def phase_text(name: str, epochs: int) -> str:

@@ -15,6 +15,7 @@ import predict
 from utils.data import build_eval_transform
 from utils.deploy.runtime import open_model
 from utils.errors import UserError
+from utils.log import rate_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -89,11 +90,15 @@ def test_onnx_and_checkpoint_predict_the_same(ckpt, tmp_path):
            [[t["class"] for t in p["top"]] for p in b["predictions"]]
 
 
-def test_topk_is_capped_at_class_count(tmp_path):
+def test_topk_is_capped_at_class_count(tmp_path, capsys):
     two = make_checkpoint(str(tmp_path / "two.pt"), ["a", "b"])
     r = predict.main([two, photo_paths()[0], "--topk", "5", "--no-progress"])
     assert len(r["predictions"][0]["top"]) == 2
     assert sum(t["prob"] for t in r["predictions"][0]["top"]) == pytest.approx(1.0, abs=1e-5)
+    # one photo: "1 image predicted", and a rate below 10 per second in tenths (not "0 images/s")
+    rate = rate_text(r["images_per_s"])
+    assert f"two.pt: 1 image predicted in {r['seconds']:.2f} s, {rate} images/s" in capsys.readouterr().out
+    assert rate_text(0.34) == "0.3" and rate_text(9.96) == "10" and rate_text(2208.4) == "2208"
 
 
 def test_nothing_to_predict_errors(ckpt, tmp_path):

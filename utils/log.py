@@ -42,6 +42,21 @@ class CSVLogger:
         write_text(self.path, buf.getvalue())
 
 
+def plural_s(n: int) -> str:
+    """The plural ending of a count's noun: "1 step", "2 steps"."""
+    return "" if n == 1 else "s"
+
+
+def seconds_text(seconds: float) -> str:
+    """A duration for a log line: "0.6 s" below 10 s (a tiny folder's epochs), else whole seconds ("48 s")."""
+    return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+
+
+def rate_text(per_second: float) -> str:
+    """A rate for a log line: "0.3" below 10 (one large photo), else whole numbers ("2208")."""
+    return f"{per_second:.1f}" if per_second < 9.95 else f"{per_second:.0f}"
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
