@@ -373,10 +373,21 @@ def calibrate_best(run: Run, data_dir: str) -> None:
     best = os.path.join(run.out, "best.pt")
     if not os.path.isfile(best):
         return
-    c = calibrate_checkpoint(best, os.path.join(data_dir, "val"), DEFAULT_TARGET_ACCURACY, workers=None)
+    c, scores = calibrate_checkpoint(best, os.path.join(data_dir, "val"), DEFAULT_TARGET_ACCURACY, workers=None)
     print(f"calibration (val, {c['images']} images): temperature {c['temperature']:.3f}, ECE {c['ece_before']:.2f}% -> "
           f"{c['ece_after']:.2f}%; threshold {c['threshold']:.4f} answers {100 * c['coverage']:.1f}% of val at "
           f"{100 * c['target_accuracy']:g}% accuracy (fitted on val: optimistic there) -> stored in best.pt")
+    print(exported_line(run, scores))
+
+
+def exported_line(run: Run, scores: dict) -> str:
+    """best.pt's val scores in fp32, as evaluate.py and the exported files give them; training validated in its
+    own precision (bf16 autocast where the probe chose it), which can differ by a few images."""
+    line = (f"best.pt on val in fp32 ({scores['engine']}), as evaluate.py and export.py will report it: top-1 "
+            f"{scores['top1']:.2f}%, balanced accuracy {scores['balanced_acc']:.2f}%")
+    if run.kept is not None:
+        line += f" (training's validation of that epoch: {run.best_name} {run.kept['value']:.2f}%)"
+    return line
 
 
 def run_phases(run: Run, phases: list[Phase], model: nn.Module, device: torch.device, dist, ckpt: dict | None,

@@ -9,6 +9,7 @@ import torch
 from cli_helpers import run_together
 from eval_helpers import link_sample_split
 
+import evaluate
 import train
 from utils import config as C
 from utils.checkpoint import load_checkpoint, model_from_checkpoint
@@ -186,9 +187,16 @@ def test_compiled_run_keeps_odd_batches_eager_and_resumes_exactly(data, tmp_path
     assert _max_diff(full["model"], cut["model"]) == 0
 
 
-def test_checkpoint_format_log_and_config(data, tmp_path):
+def test_checkpoint_format_log_and_config(data, tmp_path, capsys):
     out = tmp_path / "run"
     train.main(TINY + ["--epochs", "2", "--lr", "0.05", "--data", data, "--out", str(out), "--set", "ema_decay=0.5"])
+    # one line gives best.pt's val scores in fp32, the numbers evaluate.py reports for it
+    last = [line for line in capsys.readouterr().out.splitlines() if line.startswith("best.pt on val")][-1]
+    m = evaluate.main([str(out / "best.pt"), os.path.join(data, "val"), "--out", str(tmp_path / "eval"),
+                       "--workers", "0", "--no-progress"])
+    assert last.startswith("best.pt on val in fp32 (") and (
+        f"as evaluate.py and export.py will report it: top-1 {m['top1']:.2f}%, balanced accuracy "
+        f"{m['balanced_acc']:.2f}% (training's validation of that epoch: val top-1 ") in last, last
     assert sorted(os.listdir(out)) == ["best.pt", "config.yaml", "curves.png", "last.pt", "log.csv"]
     ck = torch.load(str(out / "last.pt"), map_location="cpu", weights_only=True)
     for key in ("model", "optimizer", "scheduler", "scaler", "ema", "epoch", "step", "best_acc", "config",

@@ -23,6 +23,7 @@ from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data import scan_class_folders
 from utils.deploy.inference import run_on_files
 from utils.deploy.runtime import open_model
+from utils.metrics import class_summary
 from utils.plots import Figure, _save_figure
 from utils.trust.reject import threshold_for_accuracy
 
@@ -133,10 +134,12 @@ def write_calibration_to_checkpoint(path: str, calibration: dict[str, Any]) -> N
 
 
 def calibrate_checkpoint(ckpt_path: str, val_dir: str, target_accuracy: float, workers: int | None = 0,
-                         progress: bool = False) -> dict[str, Any]:
+                         progress: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit temperature and reject threshold of a checkpoint on ``val_dir`` (class folders) and store them in it.
 
-    train.py calls this on best.pt at the end of training; returns the stored entry.
+    train.py calls this on best.pt at the end of training. Returns the stored entry, and what the same fp32 pass
+    scored (not stored): ``top1`` and ``balanced_acc`` in percent and the ``engine`` that ran it, i.e. what
+    evaluate.py and export.py will report for these images, whatever precision training validated in.
     """
     model = open_model(ckpt_path, device="cpu")
     per_class, _ = scan_class_folders(val_dir)
@@ -147,7 +150,12 @@ def calibrate_checkpoint(ckpt_path: str, val_dir: str, target_accuracy: float, w
     target = labels[res.indices]
     entry = fit_calibration(res.logits, target, target_accuracy, fitted_on=os.path.abspath(val_dir))
     write_calibration_to_checkpoint(ckpt_path, entry)
-    return entry
+    k = len(model.classes)
+    pred = res.logits.argmax(dim=1)
+    cm = torch.bincount(target * k + pred, minlength=k * k).reshape(k, k).numpy()
+    scores = {"top1": 100.0 * float((pred == target).float().mean()) if len(target) else 0.0,
+              "balanced_acc": class_summary(cm)["balanced_acc"], "engine": model.engine.value}
+    return entry, scores
 
 
 def fit_calibration(logits: torch.Tensor, target: torch.Tensor, target_accuracy: float,
