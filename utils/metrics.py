@@ -19,6 +19,12 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...]
     return [int(hit[:, : min(k, maxk)].any(dim=1).sum()) for k in ks]
 
 
+def confusion_counts(target: torch.Tensor, pred: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Flattened confusion counts of class indices 0..num_classes-1 (``[t * num_classes + p]``, on the tensors'
+    device): what training's validation sums batch by batch and across processes, without scikit-learn."""
+    return torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
+
+
 def confusion_matrix(target: Sequence[int], pred: Sequence[int], labels: Sequence[int]) -> np.ndarray:
     """Counts ``cm[i, j]`` of samples whose true class is ``labels[i]`` and predicted class ``labels[j]``."""
     # lazy: scikit-learn pulls in scipy and its own OpenMP runtime; only evaluate.py needs this function

@@ -39,7 +39,7 @@ from utils.distributed import (
 )
 from utils.errors import UserError
 from utils.machine import Choice, decide_forward_threads
-from utils.metrics import class_summary, standard_errors, topk_correct
+from utils.metrics import class_summary, confusion_counts, standard_errors, topk_correct
 from utils.schedule import WarmupCosine
 
 
@@ -408,7 +408,7 @@ def validate(model: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, cr
         c1, c5 = topk_correct(logits, targets, (1, 5))
         top1, top5, n = top1 + c1, top5 + c5, n + targets.shape[0]
         k = logits.shape[1]
-        counts = torch.bincount(targets * k + logits.argmax(1), minlength=k * k)
+        counts = confusion_counts(targets, logits.argmax(1), k)
         cm = counts if cm is None else cm + counts
     k = int(round(len(cm) ** 0.5)) if cm is not None else 0
     cells = cm.tolist() if cm is not None else []

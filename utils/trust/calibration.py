@@ -23,7 +23,7 @@ from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.data import scan_class_folders
 from utils.deploy.inference import run_on_files
 from utils.deploy.runtime import open_model
-from utils.metrics import class_summary
+from utils.metrics import class_summary, confusion_counts
 from utils.plots import Figure, _save_figure
 from utils.trust.reject import threshold_for_accuracy
 
@@ -152,7 +152,7 @@ def calibrate_checkpoint(ckpt_path: str, val_dir: str, target_accuracy: float, w
     write_calibration_to_checkpoint(ckpt_path, entry)
     k = len(model.classes)
     pred = res.logits.argmax(dim=1)
-    cm = torch.bincount(target * k + pred, minlength=k * k).reshape(k, k).numpy()
+    cm = confusion_counts(target, pred, k).reshape(k, k).numpy()
     scores = {"top1": 100.0 * float((pred == target).float().mean()) if len(target) else 0.0,
               "balanced_acc": class_summary(cm)["balanced_acc"], "engine": model.engine.value}
     return entry, scores
