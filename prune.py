@@ -33,6 +33,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=30, help="timed batch-1 runs per variant (default 30)")
     p.add_argument("--workers", type=int, default=2, help="data loader worker processes (default 2)")
     p.add_argument("--out", help="output folder (default: the checkpoint's folder + /pruned)")
+    p.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="hide the progress bar of the fine-tune steps")
     return p
 
 
@@ -42,7 +44,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise UserError(f"--steps must be 0 (no fine-tuning) or more, got {args.steps}")
     return prune_checkpoint(args.checkpoint, ratio=args.ratio, steps=args.steps, lr=args.lr,
                             batch_size=args.batch_size, data=args.data, bn_images=args.bn_images,
-                            val_limit=args.val_limit, repeats=args.repeats, workers=args.workers, out=args.out)
+                            val_limit=args.val_limit, repeats=args.repeats, workers=args.workers, out=args.out,
+                            progress=args.progress)
 
 
 if __name__ == "__main__":

@@ -233,8 +233,10 @@ def test_reduce_range_is_deprecated_default_and_faster_int8_prints_no_note(run, 
     out = str(tmp_path / "rr")
     monkeypatch.setattr(int8, "time_int8_vs_fp32", _fake_timing(8.25, 3.80))
     monkeypatch.setattr(machine, "cpu_info", lambda: AVX2_CPU)
-    report = export.main([ckpt, "--format", "int8", "--reduce-range", "--out", out, "--max-drop", "5"])
-    printed = capsys.readouterr().out
+    report = export.main([ckpt, "--format", "int8", "--reduce-range", "--out", out, "--max-drop", "5", "--no-progress"])
+    captured = capsys.readouterr()
+    printed = captured.out
+    assert "int8 check" not in captured.err  # --no-progress: no bar
     assert "note: --reduce-range is deprecated: 7-bit weights are the default now (--int8-target any-x86)" in printed
     assert "slower" not in printed and "saturate" not in printed and report["speed"]["note"] is None
     assert report["files"]["int8"]["target"]["value"] == "any-x86"
@@ -263,7 +265,9 @@ def test_int8_fallback_reports_one_line_and_keeps_fp32(run, tmp_path, capsys):
     (out / "model.int8.onnx").write_bytes(b"an int8 file from an earlier export")
     report = export.main([ckpt, "--format", "onnx", "torchscript", "int8", "--int8-fallback", "--out", str(out),
                           "--max-drop", "-100"])
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if "not written" in ln]
+    captured = capsys.readouterr()
+    assert "int8 check: 100%" in captured.err and "200/200" in captured.err  # the bar: 80 val + 120 calibration images
+    lines = [ln for ln in captured.out.splitlines() if "not written" in ln]
     assert len(lines) == 1 and lines[0].startswith(
         "int8         not written, continuing with the fp32 files (--int8-fallback): int8 model ")
     assert "more than --max-drop -100" in lines[0]

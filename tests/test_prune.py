@@ -49,11 +49,12 @@ def test_pruned_state_dict_loads_through_model_from_checkpoint():
         assert torch.equal(loaded(x), model(x))
 
 
-def test_prune_cli_fine_tunes_reports_and_exports(tmp_path):
+def test_prune_cli_fine_tunes_reports_and_exports(tmp_path, capsys):
     ckpt = make_run(str(tmp_path))
     out = str(tmp_path / "pruned")
     report = prune.main([ckpt, "--ratio", "0.5", "--steps", "4", "--lr", "0.001", "--batch-size", "16", "--workers", "0",
-                         "--repeats", "3", "--out", out])
+                         "--repeats", "3", "--out", out, "--no-progress"])
+    assert "epoch 1" not in capsys.readouterr().err  # --no-progress: no fine-tune bar
     b, a = report["before"], report["after_fine_tune"]
     assert a["macs"] < 0.8 * b["macs"] and a["params"] < b["params"]
     assert report["fine_tune"]["steps"] == 4 and report["val_images"] == 80

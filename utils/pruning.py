@@ -112,7 +112,7 @@ def recalibrate_batchnorm(model: nn.Module, items: list[tuple[str, int]], prepro
 
 def fine_tune(model: nn.Module, data_dir: str, cfg: "TrainConfig", preprocess: dict[str, Any], steps: int, lr: float,
               batch_size: int, device: torch.device, workers: int = 2,
-              skipped: Optional["SkippedFiles"] = None) -> dict[str, Any]:
+              skipped: Optional["SkippedFiles"] = None, progress: bool = True) -> dict[str, Any]:
     """Recover the accuracy pruning removed: ``steps`` optimizer steps with train.py's own data pipeline and
     step, the checkpoint's preprocessing, augmentation and optimizer, with a cosine decay from ``lr`` to 0.
     The unreadable files its data pipeline skipped (and named) are added to ``skipped``.
@@ -130,13 +130,13 @@ def fine_tune(model: nn.Module, data_dir: str, cfg: "TrainConfig", preprocess: d
     while step < steps:
         data.set_epoch(epoch)
         torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout: the same fine-tune every run
-        progress = EpochProgress(step=step)
-        last = train_one_epoch(ctx, data.train_loader, schedule, epoch + 1, progress, max_steps=steps - step,
-                               bar=True)
-        if progress.step == step:
+        done = EpochProgress(step=step)
+        last = train_one_epoch(ctx, data.train_loader, schedule, epoch + 1, done, max_steps=steps - step,
+                               bar=progress)
+        if done.step == step:
             raise UserError(f"{data_dir}/train gave no training batch (every image unreadable?); check it with "
                             "split_dataset.py's report.csv")
-        step, epoch = progress.step, epoch + 1
+        step, epoch = done.step, epoch + 1
     if skipped is not None:
         skipped.merge(data.skipped_paths(), "unreadable (skipped by the fine-tune's data loader)")
     model.to(memory_format=torch.contiguous_format).eval()
@@ -196,7 +196,7 @@ def format_report(r: dict[str, Any]) -> str:
 def prune_checkpoint(checkpoint: str, *, ratio: float = 0.4, steps: int = 300, lr: float | None = None,
                      batch_size: int | None = None, data: str | None = None, bn_images: int = 512,
                      val_limit: int = 2000, repeats: int = 30, workers: int = 2,
-                     out: str | None = None) -> dict[str, Any]:
+                     out: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Prune ``checkpoint`` (see the module docstring), write OUT/pruned.pt and OUT/prune.json, print the
     before/after table; returns the report. OUT defaults to the checkpoint's folder + /pruned."""
     ckpt = load_checkpoint(checkpoint)
@@ -233,7 +233,7 @@ def prune_checkpoint(checkpoint: str, *, ratio: float = 0.4, steps: int = 300, l
         kept = copy.deepcopy(pruned.state_dict())
         lr = lr if lr is not None else cfg.lr / 10
         tune = fine_tune(pruned, data, cfg, preprocess, steps, lr, batch_size or cfg.batch_size, device,
-                         workers, skipped=skipped)
+                         workers, skipped=skipped, progress=progress)
         pruned.cpu()
         tune["val_top1"] = measure(pruned, images, labels, img_size)["val_top1"]
         if tune["val_top1"] < after_prune["val_top1_bn_recalibrated"]:
