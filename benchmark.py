@@ -39,7 +39,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True, metavar="MODE")
     for mode, (module, helptext) in MODES.items():
-        module.add_arguments(sub.add_parser(mode, help=helptext, description=module.__doc__))
+        module.add_arguments(sub.add_parser(mode, help=helptext, description=module.__doc__,
+                                            formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Export a train.py checkpoint to verified deployment files.
 
-    python export.py RUN/best.pt                                  # onnx + torchscript + int8 -> RUN/export/
+    python export.py RUN/best.pt                                  # onnx + torchscript + pt2 + int8 -> RUN/export/
     python export.py RUN/best.pt --format onnx --out /tmp/ship
     python export.py RUN/best.pt --format int8 --calib-data photos/ --max-drop 0.5
     python export.py RUN/best.pt --format tensorrt                # needs a GPU + tensorrt (untested here)

@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="photos per timed call (default 64; Fashion-MNIST: 4x as many); the memory variant "
                              "iterates its train loader over them in batches of 128")
     parser.add_argument("--repeats", type=int, default=7, help="timed calls per variant (default 7)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes for the '+workers' rows")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes for the '+workers' rows (default 2)")
     parser.add_argument("--out", default="runs/bench_data", help="folder for data_bench.csv/.md (default %(default)s)")
 
 
