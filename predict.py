@@ -151,6 +151,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = get_args_parser().parse_args(argv)
     if args.topk < 1:
         raise UserError(f"--topk must be at least 1, got {args.topk}")
+    for flag, out in (("--json", args.json), ("--csv", args.csv)):
+        if out and os.path.isdir(out):  # checked before the work: the file is written after every prediction
+            raise UserError(f"{flag} {out} is a folder; pass a file name, e.g. "
+                            f"{os.path.join(out, 'preds' + flag.replace('--', '.'))}")
     paths, unmatched = expand_image_args(args.images)
     for item in unmatched:
         print(f"skipped {item}: {NOT_FOUND}", file=sys.stderr)

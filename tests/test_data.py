@@ -467,3 +467,111 @@ def test_last_partial_batch_is_kept_unless_a_rank_would_get_one_image():
     seen = {i for r in range(2) for batch in EpochBatchSampler(101, 8, shuffle=True, rank=r, world=2)
             for i, _ in batch}
     assert seen == set(range(101))
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` (the 194 KB "photo" of 40000x40000 a user met is this,
+    plus compressed zeros): signature, IHDR and IEND with correct CRCs, no pixel data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IEND", b""))
+
+
+def test_an_image_over_the_pixel_limit_is_refused_alike_by_every_decoder(tmp_path, monkeypatch):
+    """A 1.6 gigapixel PNG trained through libpng (memory cache, no limit: 8.5 GB), printed Pillow's raw
+    DecompressionBombWarning and took 18 GB in predict.py, and split_dataset.py called it unreadable. Now every
+    decoder refuses an image over the limit from its header, before decoding, with one reason naming its size."""
+    from utils.data import decode_rgb
+    from utils.data.folders import ImageTooLarge, check_encoded_size, open_image
+    from utils.data.images import load_pil
+    from utils.data.loaders import _decode_one
+    from utils.data.split import _check_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # Pillow's default: the first use raises it
+    reason = "40000x40000 pixels (1,600 MP) is over the 1,074 MP limit for one image; downscale it"
+    for name, data in (("declared.png", _png_header_only(40000, 40000)),
+                       ("declared_as.jpg", _png_header_only(40000, 40000))):  # a PNG under a .jpg name: torchvision path
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(ImageTooLarge, match=reason.replace("(", r"\(").replace(")", r"\)")):
+            decode_rgb(str(path))  # training without a cache, and train.py's validation
+        with pytest.raises(ImageTooLarge, match="1,600 MP"):
+            load_pil(str(path))  # evaluate, predict, export
+        assert _decode_one(str(path)) == f"ImageTooLarge: {reason}"  # the memory cache
+        assert _check_image(data) == (f"unreadable image (ImageTooLarge: {reason})", "")  # split_dataset.py
+    with pytest.raises(ImageTooLarge, match="^2,500 MP is over the 1,074 MP limit"):  # > 2x: Pillow's own error
+        open_image(io.BytesIO(_png_header_only(50000, 50000)))
+    check_encoded_size(_png_header_only(32768, 32768))  # exactly 1 GP: allowed
+
+    # Real photos against a lowered limit: JPEG (libjpeg, reduced-size decode), PNG (libpng) and PIL alike.
+    import utils.data.folders as folders
+
+    monkeypatch.setattr(folders, "LARGEST_IMAGE_PIXELS", 50_000)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 50_000)
+    photo = Image.open(os.path.join(PHOTOS, "ibex.jpg"))
+    jpg, png = str(tmp_path / "photo.jpg"), str(tmp_path / "photo.png")
+    photo.save(jpg)
+    photo.save(png)
+    size = f"{photo.width}x{photo.height} pixels ({photo.width * photo.height / 1e6:.3g} MP) is over the 0.05 MP limit"
+    for path in (jpg, png):
+        for decode in (decode_rgb, partial(decode_rgb, min_side=64), load_pil):
+            with pytest.raises(ImageTooLarge, match=size.replace("(", r"\(").replace(")", r"\)")):
+                decode(path)
+        assert size in _decode_one(path)
+    assert decode_rgb(_png(SAMPLE)).shape == (3, 28, 28)  # under the limit: decoded as before
+
+
+def _png(folder: str) -> str:
+    cls = sorted(os.listdir(folder))[0]
+    return os.path.join(folder, cls, sorted(os.listdir(os.path.join(folder, cls)))[0])
+
+
+def test_an_animated_gif_under_a_jpg_name_decodes_to_its_first_frame(tmp_path):
+    """torchvision decodes every frame of a GIF, (frames, 3, H, W): one such file under a .jpg/.png name
+    crashed the batch collation of training without a cache. Every path now takes the first frame, as PIL does."""
+    from utils.data import decode_rgb
+    from utils.data.images import load_pil_rgb
+
+    frames = [Image.open(os.path.join(PHOTOS, f)).convert("RGB").resize((64, 48)) for f in ("ibex.jpg", "goldfish.jpg")]
+    for name in ("anim.jpg", "anim.png"):
+        path = str(tmp_path / name)
+        frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], duration=100)
+        got = decode_rgb(path)
+        assert got.shape == (3, 48, 64)
+        assert torch.equal(got, torch.from_numpy(np.array(load_pil_rgb(path))).permute(2, 0, 1))
+
+
+def test_a_folder_link_up_the_tree_is_not_entered(tmp_path):
+    """`Bag/up -> ..` listed every other class's images as Bags too (and the split then found 117 'labelling
+    conflicts' and a val split of one class); a link to the folder itself or above it is not entered."""
+    from utils.data.folders import images_under
+
+    raw = tmp_path / "raw"
+    for cls in ("Bag", "Coat"):
+        shutil.copytree(os.path.join(SAMPLE, cls), raw / cls)
+    os.symlink("..", raw / "Bag" / "up")
+    os.symlink(os.path.join("..", ".."), raw / "Coat" / "upup")
+    os.symlink(os.path.join("..", "Coat"), raw / "Bag" / "coat_link")  # a link to a sibling is followed, as before
+    bag = images_under(str(raw / "Bag"))
+    assert len(bag) == 40 and sum("coat_link" in p for p in bag) == 20
+    assert len(images_under(str(raw / "Coat"))) == 20
+    assert len(images_under(str(raw))) == 40  # from the top, each folder once: Coat is not walked again by its link
+
+
+def test_a_class_folder_without_images_in_train_is_an_error(tmp_path):
+    """An empty class folder in train/ became a class the model is never shown (ratio 'inf', predicted by
+    predict.py); split_dataset.py leaves such folders out, a split by hand now gets one line."""
+    data = tmp_path / "data"
+    for part in ("train", "val"):
+        for cls in ("Bag", "Coat"):
+            shutil.copytree(os.path.join(SAMPLE, cls), data / part / cls)
+        (data / part / "Empty class").mkdir()
+    with pytest.raises(UserError, match=r"data/train: class folder\(s\) without images: Empty class; add images to "
+                                        r"them or delete them from every split"):
+        load_data(str(data), img_size=32, resize_size=32, mean=[0.5] * 3, std=[0.5] * 3, batch_size=8, workers=0,
+                  augment={}, progress=False)

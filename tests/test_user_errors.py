@@ -73,6 +73,15 @@ def test_wrong_model_file(tmp_path):
     assert "cannot read model file" in image_msg
 
 
+def test_predict_output_file_that_is_a_folder(ckpt, tmp_path):
+    """`--csv DIR` predicted everything, then died in the atomic rename; now one line before any work."""
+    csv_msg, json_msg = fails_together(("predict.py", ckpt, PHOTOS, "--csv", str(tmp_path)),
+                                       ("predict.py", ckpt, PHOTOS, "--json", str(tmp_path)))
+    assert csv_msg == f"error: --csv {tmp_path} is a folder; pass a file name, e.g. {tmp_path}/preds.csv"
+    assert json_msg == f"error: --json {tmp_path} is a folder; pass a file name, e.g. {tmp_path}/preds.json"
+    assert os.listdir(tmp_path) == []
+
+
 def test_wrong_weights_for_architecture(tmp_path):
     from models.pretrained import resolve_imagenet_weights
 

@@ -3,9 +3,11 @@ class sub-folders, opening one (Pillow's pixel limit raised for the user's own l
 unreadable files. Imports no torch, so split_dataset.py starts in a fraction of a second."""
 from __future__ import annotations
 
+import io
 import os
 import re
 import sys
+import warnings
 from typing import Any, Iterator, Sequence
 
 from PIL import Image
@@ -47,13 +49,72 @@ _BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 LARGEST_IMAGE_PIXELS = 1 << 30
 
 
-def open_image(source: Any) -> Any:
-    """``PIL.Image.open(source)`` (lazy: nothing is decoded yet) with Pillow's pixel limit raised to
-    :data:`LARGEST_IMAGE_PIXELS` (set on first use in each process, DataLoader workers included; a higher limit
-    or none, set by the user's own code, is kept). Above it Pillow warns; above twice it raises."""
+class ImageTooLarge(OSError):
+    """An image with more pixels than the limit (:func:`pixel_limit`): refused by every decoder alike, before its
+    pixels are decoded (1.6 gigapixels took 18 GB to resize)."""
+
+
+def pixel_limit() -> int | None:
+    """Most pixels one image may have: :data:`LARGEST_IMAGE_PIXELS`, or Pillow's ``MAX_IMAGE_PIXELS`` when the
+    user's own code set it higher (None: no limit). The first call in a process raises Pillow's limit to ours and
+    silences its warning between the limit and twice the limit: :func:`check_pixels` refuses those images itself,
+    with their size, so every decoder (PIL, libpng, libjpeg) skips the same files with the same line."""
     if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < LARGEST_IMAGE_PIXELS:
         Image.MAX_IMAGE_PIXELS = LARGEST_IMAGE_PIXELS
-    return Image.open(source)
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+    return Image.MAX_IMAGE_PIXELS
+
+
+def check_pixels(width: int, height: int) -> None:
+    """Raise :class:`ImageTooLarge` for an image of ``width`` x ``height`` over :func:`pixel_limit`."""
+    limit = pixel_limit()
+    if limit is not None and width * height > limit:
+        raise ImageTooLarge(f"{width}x{height} pixels ({_megapixels(width * height)}) is over the "
+                            f"{_megapixels(limit)} limit for one image; downscale it")
+
+
+def open_image(source: Any) -> Any:
+    """``PIL.Image.open(source)`` (lazy: nothing is decoded yet) with the pixel limit of :func:`pixel_limit`:
+    a larger image raises :class:`ImageTooLarge` (Pillow's own limit is 89 MP, a guard for services decoding
+    hostile uploads that made a user's 200 MP phone photo "unreadable")."""
+    limit = pixel_limit()
+    try:
+        img = Image.open(source)
+    except Image.DecompressionBombError as e:  # over twice the limit: Pillow refuses it before we see its size
+        pixels = _PILLOW_PIXELS.search(str(e))
+        size = _megapixels(int(pixels.group(1))) if pixels else "its size"
+        raise ImageTooLarge(f"{size} is over the {_megapixels(limit or 0)} limit for one image; "
+                            "downscale it") from None
+    try:
+        check_pixels(*img.size)
+    except ImageTooLarge:
+        img.close()
+        raise
+    return img
+
+
+def _megapixels(n: int) -> str:
+    return f"{n / 1e6:,.0f} MP" if n >= 10 ** 7 else f"{n / 1e6:.3g} MP"
+
+
+_PILLOW_PIXELS = re.compile(r"\((\d+) pixels\)")
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def check_encoded_size(data: bytes) -> None:
+    """Raise :class:`ImageTooLarge` when the encoded image in ``data`` declares more pixels than the limit, from
+    its header alone (before a libpng/libjpeg decode that has no limit of its own). PNG: the IHDR fields (no
+    Pillow call, the hot path of 70,000 small PNGs); other formats: Pillow's header parse. A file neither can
+    read is left to the decoder, which says why."""
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        check_pixels(int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"))
+        return
+    try:
+        open_image(io.BytesIO(data)).close()
+    except ImageTooLarge:
+        raise
+    except Exception:  # not an image Pillow knows: the decoder reports it
+        pass
 
 
 def describe_error(e: BaseException) -> str:
@@ -97,15 +158,17 @@ class SkippedFiles:
 
 def walk_tree(folder: str) -> Iterator[tuple[str, list[str], list[str]]]:
     """``os.walk(folder)`` that follows symbolic links to folders, as torchvision's ImageFolder (train.py) does,
-    so every tool lists the same files; a link back to a folder already walked (a loop) is not entered.
+    so every tool lists the same files; a link back to a folder already walked, or to ``folder`` itself or a
+    folder above it (a loop: ``Bag/up -> ..`` would list every other class's images as Bags), is not entered.
     The caller may prune ``dirnames`` in place, as with os.walk."""
-    seen = {os.path.realpath(folder)}
+    top = os.path.realpath(folder)
+    seen = {top}
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         yield dirpath, dirnames, filenames
         keep = []
         for d in dirnames:
             real = os.path.realpath(os.path.join(dirpath, d))
-            if real not in seen:
+            if real not in seen and not top.startswith(real.rstrip(os.sep) + os.sep):
                 seen.add(real)
                 keep.append(d)
         dirnames[:] = keep

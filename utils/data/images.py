@@ -19,7 +19,15 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2 as T
 
-from utils.data.folders import IMAGE_EXTENSIONS, class_folders, describe_error, images_under, is_image_file, open_image
+from utils.data.folders import (
+    IMAGE_EXTENSIONS,
+    check_encoded_size,
+    class_folders,
+    describe_error,
+    images_under,
+    is_image_file,
+    open_image,
+)
 from utils.errors import UserError
 
 
@@ -127,13 +135,14 @@ def decode_rgb(path: str, min_side: int | None = None) -> torch.Tensor:
         if reduced is not None:
             return reduced
     if path.lower().endswith(_IO_EXTENSIONS) and data:
+        check_encoded_size(data)  # libjpeg/libpng have no pixel limit of their own
         try:
             with warnings.catch_warnings():  # torchvision 0.29 marks these decoders deprecated, once per call
                 warnings.filterwarnings("ignore", message=_IO_DEPRECATION, category=DeprecationWarning)
                 t = torchvision.io.decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                                                 mode=torchvision.io.ImageReadMode.RGB, apply_exif_orientation=True)
-            if t.dtype == torch.uint8:
-                return t
+            if t.dtype == torch.uint8 and t.ndim == 3:  # an animated GIF/WebP under a .jpg name: (frames, 3, H, W)
+                return t                                # -> PIL below, which takes the first frame as every path does
         except (RuntimeError, AttributeError):  # corrupt (PIL then says why) or a torchvision without image.io
             pass
     return T.functional.pil_to_tensor(to_rgb(pil_from_bytes(data)))

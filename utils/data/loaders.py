@@ -30,7 +30,7 @@ from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
 from utils.data.augment import AugmentConfig, _augment_batch, _square, _stack_uniform
-from utils.data.folders import SkippedFiles, describe_error, open_image, unreadable_line
+from utils.data.folders import SkippedFiles, check_encoded_size, describe_error, open_image, unreadable_line
 from utils.data.images import (
     _IO_DEPRECATION,
     ImageFiles,
@@ -153,6 +153,7 @@ def _decode_one(path: str) -> torch.Tensor | str:
         with open(path, "rb") as f:
             data = f.read()
         if path.lower().endswith(".png") and data:  # an empty file gets PIL's route and its fixed message
+            check_encoded_size(data)  # libpng has no pixel limit of its own
             # libpng through torchvision.io: 2x faster than PIL here, and lossless, so the same pixels.
             # Alpha, 16-bit or odd PNGs take the PIL route below for PIL's exact RGB conversion.
             try:
@@ -322,6 +323,10 @@ def load_split(data_dir: str) -> tuple[ImageFolderRGB, ImageFolderRGB]:
             raise UserError(f"{os.path.join(data_dir, part)} not found; {data_dir} must hold train/ and val/ "
                             "folders of class sub-folders (make them with split_dataset.py RAW OUT --val 0.2)")
     train_ds = load_image_folder(os.path.join(data_dir, "train"))
+    empty = sorted(set(train_ds.classes) - {train_ds.classes[y] for y in train_ds.targets})
+    if empty:  # it would become a class the model is never shown, yet predicts and counts in balanced accuracy
+        raise UserError(f"{os.path.join(data_dir, 'train')}: class folder(s) without images: {', '.join(empty)}; "
+                        "add images to them or delete them from every split (split_dataset.py leaves them out)")
     val_ds = load_image_folder(os.path.join(data_dir, "val"), min_classes=1)  # train/ holds the classes
     only_val = sorted(set(val_ds.classes) - set(train_ds.classes))
     if only_val:

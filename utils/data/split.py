@@ -21,11 +21,9 @@ import random
 import shutil
 import tempfile
 import unicodedata
-import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
-from PIL import Image
 from tqdm import tqdm
 
 from utils.data.folders import IMAGE_EXTENSIONS, describe_error, is_image_file, open_image, walk_tree
@@ -84,13 +82,11 @@ def _sort_key(path: str) -> str:
 def _check_image(data: bytes) -> tuple[str | None, str]:
     """(error or None, PIL mode). Fully decodes, so truncated files are caught."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with open_image(io.BytesIO(data)) as im:
-                mode = im.mode
-                if im.format == "JPEG":
-                    im.draft("RGB", (64, 64))  # DCT-domain downscale: much faster, still reads every byte
-                im.load()
+        with open_image(io.BytesIO(data)) as im:  # refuses an image over the pixel limit, as training does
+            mode = im.mode
+            if im.format == "JPEG":
+                im.draft("RGB", (64, 64))  # DCT-domain downscale: much faster, still reads every byte
+            im.load()
         return None, mode
     except Exception as e:  # PIL raises many types for bad files; each becomes a reported reason
         return f"unreadable image ({describe_error(e)})", ""
