@@ -101,7 +101,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "2000; the interval of the change says how much a smaller number can tell)")
     p.add_argument("--tol", type=float, default=1e-4,
                    help="largest allowed logit difference of fp32 exports vs PyTorch: absolute for logits within "
-                        "+-1, times the largest |logit| beyond that (default 1e-4)")
+                        "+-1, times the largest |logit| beyond that (default 1e-4); a file beyond it still passes "
+                        "within 4x PyTorch's own fp32 error on those images (measured against float64 only then: "
+                        "pruned networks can carry large intermediate values)")
     p.add_argument("--tol-fp16", type=float, default=5e-2,
                    help="the same bound for the TensorRT engine, which runs in fp16 (and TF32 on Ampere or newer "
                         "GPUs); an all-fp16 graph of a small test model differed by up to 2.2e-2 x largest |logit| "
@@ -195,10 +197,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     report["calibration"] = src.calibration  # temperature + reject threshold every file carries (docs/trust.md)
 
+    rounding: list[float] = []  # PyTorch's own fp32 error on verify_x, measured once if a file needs it
+
+    def fp32_rounding() -> float:
+        if not rounding:
+            rounding.append(ex.fp32_rounding_error(src.model, verify_x, reference))
+        return rounding[0]
+
     def verified(fmt: str, tmp: str, facts: dict[str, Any]) -> None:
         got = ex.batched_logits(ex.file_predictor(tmp), verify_x)
         try:
-            check = ex.verify_parity(fmt, paths[fmt], reference, got, args.tol)
+            check = ex.verify_parity(fmt, paths[fmt], reference, got, args.tol, rounding=fp32_rounding)
         except UserError:
             _discard(tmp)
             raise

@@ -343,13 +343,33 @@ def compare_logits(reference: torch.Tensor, got: torch.Tensor) -> dict[str, Any]
     }
 
 
+FP32_ROUNDING_FACTOR = 4.0  # a correct export may differ from PyTorch by this many times PyTorch's own fp32 error
+
+
+def fp32_rounding_error(model: nn.Module, images: torch.Tensor, reference: torch.Tensor) -> float:
+    """Largest |logit| difference between ``reference`` (``model`` in fp32 on ``images``) and the same model in
+    float64: how far PyTorch's own fp32 answer is from the exact one. A pruned network whose BatchNorm statistics
+    were re-estimated can carry large intermediate values: one measured 2.7e-3 here at logits of 31, where
+    onnxruntime was closer to the float64 answer (7.3e-4) than PyTorch was, yet 3.4e-3 from PyTorch."""
+    import copy  # noqa: PLC0415
+
+    exact = copy.deepcopy(model).double().eval()
+    with torch.no_grad():
+        r64 = batched_logits(lambda t: exact(t.double()), images)
+    return float((reference.double() - r64).abs().max())
+
+
 def verify_parity(name: str, path: str, reference: torch.Tensor, got: torch.Tensor, tol: float,
                   near_ties: bool = False, flag: str = "--tol",
-                  hint: str = "report this with your torch/onnx/onnxruntime versions") -> dict[str, Any]:
+                  hint: str = "report this with your torch/onnx/onnxruntime versions",
+                  rounding: Callable[[], float] | None = None) -> dict[str, Any]:
     """Fail (UserError) unless ``got`` matches ``reference`` within ``tol`` with the same top-1 on every image.
 
     ``tol`` is absolute for logits within +-1 and relative to the largest |logit| beyond that: fp32 rounding
     error grows with magnitude (a model with logits near 30 differs by ~2e-4 between two correct runtimes).
+    ``rounding`` (e.g. :func:`fp32_rounding_error`), asked only when that bound is exceeded: the reference's own
+    fp32 error; up to :data:`FP32_ROUNDING_FACTOR` times it is allowed too, since two correct fp32 runtimes
+    differ by about their distance from the exact answer (a broken export differs by whole logits).
     ``near_ties`` (fp16 engines, whose ``tol`` is large): top-1 may differ on near-ties, images whose reference
     top-1/top-2 gap is within twice the allowed difference, as rounding within the bound can swap those two;
     on every other image the bound itself rules out a different top-1, so the bound alone decides.
@@ -357,6 +377,9 @@ def verify_parity(name: str, path: str, reference: torch.Tensor, got: torch.Tens
     r = compare_logits(reference, got)
     scale = max(1.0, float(reference.abs().max()))
     r.update(tolerance=tol, logit_scale=round(scale, 3), allowed=tol * scale)
+    if rounding is not None and not r["max_abs_diff"] <= r["allowed"]:
+        r["fp32_rounding"] = float(f"{rounding():.3g}")
+        r["allowed"] = max(r["allowed"], FP32_ROUNDING_FACTOR * r["fp32_rounding"])
     top1_ok = r["top1_agree"] == r["images"]
     if near_ties and reference.shape[1] > 1:
         top2 = reference.topk(2, dim=1).values
@@ -367,7 +390,9 @@ def verify_parity(name: str, path: str, reference: torch.Tensor, got: torch.Tens
         ties = f" ({r['near_ties']} near-ties may differ)" if "near_ties" in r else ""
         raise UserError(
             f"{name} export {path} does not match the PyTorch model: max abs logit difference "
-            f"{r['max_abs_diff']:.3g} (allowed {r['allowed']:.3g} = {flag} {tol:g} x largest |logit| {scale:.3g}), "
+            f"{r['max_abs_diff']:.3g} (allowed {r['allowed']:.3g} = {flag} {tol:g} x largest |logit| {scale:.3g}"
+            + (f", or {FP32_ROUNDING_FACTOR:g}x PyTorch's own fp32 error {r['fp32_rounding']:.3g}"
+               if "fp32_rounding" in r else "") + "), "
             f"same top-1 on {r['top1_agree']}/{r['images']} images{ties}; nothing was written under that name; {hint}")
     return r
 
