@@ -377,10 +377,9 @@ def _int8_accuracy(args, src, fp32_path: str, int8_path: str, val, calib: torch.
             fp32_extra.append(ex.batched_logits(fp32_predict, calib[i:i + chunk]).argmax(1))
             int8_extra.append(ex.batched_logits(int8_predict, calib[i:i + chunk]).argmax(1))
             bar.update(len(calib[i:i + chunk]))
-    fp32_extra = torch.cat(fp32_extra) if fp32_extra else torch.empty(0, dtype=torch.long)
-    int8_extra = torch.cat(int8_extra) if int8_extra else torch.empty(0, dtype=torch.long)
-    verdict = int8_check.judge_int8(torch.cat(fp32_pred), torch.cat(int8_pred), torch.cat(labels), fp32_extra,
-                                    int8_extra, src.classes, args.max_drop, args.min_agreement)
+    verdict = int8_check.judge_int8(torch.cat(fp32_pred), torch.cat(int8_pred), torch.cat(labels),
+                                    torch.cat(fp32_extra), torch.cat(int8_extra), src.classes, args.max_drop,
+                                    args.min_agreement)  # calib is never empty (_calibration raises)
     print(verdict.summary())
     return verdict
 

@@ -17,6 +17,7 @@ in its sidecar ``model.engine.json``.
 """
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 import warnings
@@ -351,8 +352,6 @@ def fp32_rounding_error(model: nn.Module, images: torch.Tensor, reference: torch
     float64: how far PyTorch's own fp32 answer is from the exact one. A pruned network whose BatchNorm statistics
     were re-estimated can carry large intermediate values: one measured 2.7e-3 here at logits of 31, where
     onnxruntime was closer to the float64 answer (7.3e-4) than PyTorch was, yet 3.4e-3 from PyTorch."""
-    import copy  # noqa: PLC0415
-
     exact = copy.deepcopy(model).double().eval()
     with torch.no_grad():
         r64 = batched_logits(lambda t: exact(t.double()), images)
