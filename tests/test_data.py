@@ -17,6 +17,7 @@ from utils.data import (
     augment_batch,
     build_eval_transform,
     build_train_transform,
+    is_image_file,
     load_data,
     load_image_folder,
     sample_seeds,
@@ -538,11 +539,11 @@ def test_an_animated_gif_under_a_jpg_name_decodes_to_its_first_frame(tmp_path):
     from utils.data.images import load_pil_rgb
 
     frames = [Image.open(os.path.join(PHOTOS, f)).convert("RGB").resize((64, 48)) for f in ("ibex.jpg", "goldfish.jpg")]
-    for name in ("anim.jpg", "anim.png"):
+    for name in ("anim.jpg", "anim.png", "anim.gif"):  # a .gif is an image file too
         path = str(tmp_path / name)
         frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], duration=100)
         got = decode_rgb(path)
-        assert got.shape == (3, 48, 64)
+        assert is_image_file(path) and got.shape == (3, 48, 64)
         assert torch.equal(got, torch.from_numpy(np.array(load_pil_rgb(path))).permute(2, 0, 1))
 
 
@@ -575,3 +576,40 @@ def test_a_class_folder_without_images_in_train_is_an_error(tmp_path):
                                         r"them or delete them from every split"):
         load_data(str(data), img_size=32, resize_size=32, mean=[0.5] * 3, std=[0.5] * 3, batch_size=8, workers=0,
                   augment={}, progress=False)
+
+
+def test_a_thin_strip_is_cut_to_16_to_1_before_its_resize_and_trains(tmp_path):
+    """A 3 x 60,000 px strip resized to a shorter side of 256 would be 256 x 5,120,000 px (3.9 GB) for a 224 px
+    center crop: its long side is cut to 16x the short one first. Any photo or panorama is resized as
+    torchvision's T.Resize does, to the bit."""
+    from torchvision.transforms import v2 as T
+
+    from utils.data.transforms import MAX_ASPECT, resize_shorter
+
+    pre = {"img_size": 224, "resize_size": 256, "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+    tf = build_eval_transform(pre)
+    plain = T.Compose([T.PILToTensor(), T.Resize(256, antialias=True), T.CenterCrop(224),
+                       T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    photo = Image.open(os.path.join(PHOTOS, "ibex.jpg")).convert("RGB")
+    for size in (photo.size, (400, 300), (300, 4000), (MAX_ASPECT * 20, 20)):  # photo, portrait, 16:1 panorama
+        im = photo.resize(size)
+        assert torch.equal(tf(im), plain(im)), size
+    strip = photo.resize((3, 60000))
+    t = T.functional.pil_to_tensor(strip)
+    assert tuple(resize_shorter(t, 256).shape) == (3, 256 * MAX_ASPECT, 256)  # not 256 x 5,120,000
+    middle = strip.crop((0, (60000 - 48) // 2, 3, (60000 - 48) // 2 + 48))
+    assert torch.equal(tf(strip), plain(middle))
+    # in a training folder: every loader (per-step decode, memory cache of mixed sizes) yields full batches
+    raw = tmp_path / "raw"
+    for cls, names in (("a", ("ibex.jpg", "goldfish.jpg")), ("b", ("forklift.jpg", "fireboat.jpg"))):
+        (raw / cls).mkdir(parents=True)
+        for n in names:
+            shutil.copy(os.path.join(PHOTOS, n), raw / cls / n)
+        strip.save(raw / cls / "strip.png")
+        strip.transpose(Image.Transpose.ROTATE_90).save(raw / cls / "wide.png")
+    data = tmp_path / "data"
+    split_dataset(str(raw), str(data), val=0.5, seed=0)
+    for cache in ("none", "memory"):
+        b = _load(str(data), cache=cache, img_size=48, resize_size=56, batch_size=4, augment={})
+        n = sum(len(x) for x, _ in b.train_loader) + sum(len(x) for x, _ in b.val_loader)
+        assert n == 8 and b.cache == cache

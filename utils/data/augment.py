@@ -13,7 +13,7 @@ from torchvision.transforms import v2 as T
 
 from utils.data.images import single_thread
 from utils.data.samplers import _uniforms
-from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_train_transform
+from utils.data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_train_transform, resize_shorter
 from utils.errors import UserError
 
 AUGMENT_KEYS = ("scale", "hflip", "color_jitter", "rotation", "auto_augment", "random_erasing")
@@ -29,7 +29,7 @@ def _stack_uniform(tensors: list[torch.Tensor]) -> torch.Tensor | None:
 
 
 def _square(t: torch.Tensor, size: int) -> torch.Tensor:
-    return T.functional.center_crop(T.functional.resize(t, size, antialias=True), [size, size])
+    return T.functional.center_crop(resize_shorter(t, size), [size, size])
 
 
 @dataclass

@@ -14,7 +14,8 @@ from PIL import Image
 
 from utils.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# torchvision ImageFolder's list plus .gif (scraped folders hold them; an animated one is read as its first frame)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
 def is_image_file(path: str) -> bool:

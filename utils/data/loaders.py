@@ -45,7 +45,7 @@ from utils.data.images import (
     worker_ignores_ctrl_c,
 )
 from utils.data.samplers import EpochBatchSampler
-from utils.data.transforms import build_eval_transform, build_train_transform
+from utils.data.transforms import build_eval_transform, build_train_transform, resize_shorter
 from utils.errors import UserError
 
 MEMORY_BUDGET = 2 * 1024 ** 3  # "auto" caches in RAM when the decoded train+val images fit in this
@@ -441,7 +441,7 @@ def _memory_bundle(train_ds, val_ds, train_sampler, val_sampler, img_size, resiz
     train_x, train_y = parts["train"]
     val_x, val_y = parts["val"]
     # Val: exactly build_eval_transform's uint8 ops (resize shorter side, center crop), done once.
-    val_x = T.functional.center_crop(T.functional.resize(val_x, resize_size, antialias=True), [img_size, img_size])
+    val_x = T.functional.center_crop(resize_shorter(val_x, resize_size), [img_size, img_size])
     train_sampler.n, val_sampler.n = len(train_y), len(val_y)
     return DataBundle(MemoryTrainLoader(train_x, train_y, train_sampler, img_size, cfg, mean, std, pin, device),
                       MemoryValLoader(val_x.contiguous(), val_y, val_sampler, mean, std, pin, device),

@@ -2,6 +2,7 @@
 train transform of the disk path."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import torch
@@ -12,6 +13,21 @@ from utils.errors import UserError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# Longest side / shorter side an image keeps before its shorter side is resized: a 1 x 20,000 px strip would
+# otherwise become 256 x 5,120,000 px (3.9 GB) on its way to a 224 px center crop. No photo or panorama comes
+# near 16:1, so every real image is resized exactly as torchvision does.
+MAX_ASPECT = 16
+
+
+def resize_shorter(t: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 image tensor (..., C, H, W) with its shorter side resized to ``size`` (antialiased), as
+    ``T.Resize(size)``; a side longer than ``MAX_ASPECT`` x the shorter one is first cut to that, centred
+    (the center crop after the resize keeps only the middle anyway)."""
+    h, w = t.shape[-2:]
+    short = min(h, w)
+    if max(h, w) > MAX_ASPECT * short:
+        t = T.functional.center_crop(t, [min(h, MAX_ASPECT * short), min(w, MAX_ASPECT * short)])
+    return T.functional.resize(t, size, antialias=True)
 
 
 # --------------------------------------------------------------------------------------------- transforms
@@ -24,7 +40,7 @@ def build_eval_transform(preprocess: dict[str, Any]) -> Callable:
     return T.Compose([
         T.Lambda(to_rgb),
         T.PILToTensor(),
-        T.Resize(int(preprocess["resize_size"]), antialias=True),
+        T.Lambda(functools.partial(resize_shorter, size=int(preprocess["resize_size"]))),  # picklable: spawn workers
         T.CenterCrop(int(preprocess["img_size"])),
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(list(preprocess["mean"]), list(preprocess["std"])),
