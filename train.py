@@ -345,14 +345,15 @@ def main(argv: list[str] | None = None) -> dict:
     finally:  # SIGINT gets its handler back however the run ends
         if stop is not None:
             stop.uninstall()
-    if dist.is_main and not run.lr_find:
-        calibrate_best(run, data_dir)  # temperature + reject threshold on val -> best.pt (docs/trust.md)
     if run.lr_find:
         return run.lr_find
-    if dist.is_main:
-        print(done_line(run))
+    # rank 0 alone from here: the other torchrun processes end now rather than wait for it in a barrier, which
+    # NCCL aborts after 10 minutes (a large val folder)
     barrier()
     cleanup()
+    if dist.is_main:
+        calibrate_best(run, data_dir, device)  # temperature + reject threshold on val -> best.pt (docs/trust.md)
+        print(done_line(run))
     return {"best_acc": run.best_acc, "last": run.row, "out": run.out}
 
 
@@ -366,14 +367,15 @@ def done_line(run: Run) -> str:
     return line
 
 
-def calibrate_best(run: Run, data_dir: str) -> None:
+def calibrate_best(run: Run, data_dir: str, device: torch.device) -> None:
     """Fit temperature + reject threshold of best.pt on the val images and store them in it (docs/trust.md), so
-    every export made from best.pt carries them."""
+    every export made from best.pt carries them. Runs on the training device."""
 
     best = os.path.join(run.out, "best.pt")
     if not os.path.isfile(best):
         return
-    c, scores = calibrate_checkpoint(best, os.path.join(data_dir, "val"), DEFAULT_TARGET_ACCURACY, workers=None)
+    c, scores = calibrate_checkpoint(best, os.path.join(data_dir, "val"), DEFAULT_TARGET_ACCURACY, workers=None,
+                                     device=str(device))
     print(f"calibration (val, {c['images']} images): temperature {c['temperature']:.3f}, ECE {c['ece_before']:.2f}% -> "
           f"{c['ece_after']:.2f}%; threshold {c['threshold']:.4f} answers {100 * c['coverage']:.1f}% of val at "
           f"{100 * c['target_accuracy']:g}% accuracy (fitted on val: optimistic there) -> stored in best.pt")
@@ -516,6 +518,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
     if cfg.logit_adjust:
         prior = ballib.draw_prior(list(balance["train_counts"].values()), balance["class_balance"])
         criterion = ballib.LogitAdjusted(criterion, prior, cfg.logit_adjust)
+    criterion = criterion.to(device)  # class weights / offsets on the GPU: a per-step CPU copy would sync it
     ctx = StepContext(trainable, optimizer, criterion, device, amp_dtype, scaler, ema,
                       build_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, len(run.classes)), cfg.clip_grad_norm,
                       channels_last, [p for p in model.parameters() if p.requires_grad])

@@ -189,9 +189,16 @@ def test_compile_failure_user_settings_and_cached_features():
     assert c.value is False and c.reason == "only the linear head trains, on cached features"
 
 
-def test_gpu_plan_estimates_the_run_from_the_gpu_rate():
-    probe, seen = _fake_probe({"eager bf16 channels_last": 0.02, "compiled bf16 channels_last": 0.015,
-                               "compiled bf16 channels_last (first step)": 40.0})
+def test_gpu_plan_estimates_the_run_from_the_gpu_rate(monkeypatch):
+    fake, seen = _fake_probe({"eager bf16 channels_last": 0.02, "compiled bf16 channels_last": 0.015,
+                              "compiled bf16 channels_last (first step)": 40.0})
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    autotuned = []
+
+    def probe(variants):  # the compile probe times steps as training runs them: with cuDNN autotuning
+        autotuned.append(torch.backends.cudnn.benchmark)
+        return fake(variants)
+
     plan = M.plan_training(device=torch.device("cuda"), amp="auto", channels_last="auto", cache="none",
                            workers=M.Choice(8, "x"), threads=M.Choice(2, "x"), probe=probe, cpu=ZEN2, gpu=A100,
                            compile="auto", run_steps=100_000, images_per_step=256)
@@ -199,6 +206,7 @@ def test_gpu_plan_estimates_the_run_from_the_gpu_rate():
     assert seen == [["eager bf16 channels_last", "compiled bf16 channels_last"]]
     assert plan.compile.value is True and plan.record()["compile"]["value"] is True
     assert "compiled bf16 channels_last" in plan.record()["probe_s_per_step"]
+    assert autotuned == [True]
 
 
 def test_threads_split_between_local_processes(monkeypatch):
@@ -280,3 +288,32 @@ def test_a_run_config_given_back_as_recipe_ignores_the_record(sample, tmp_path):
                 "--set", "progress=false", "--set", "max_steps_per_epoch=1"])
     again = train.main(["--config", str(tmp_path / "a" / "config.yaml"), "--out", str(tmp_path / "b")])
     assert again["last"]["epoch"] == 1
+
+
+def test_the_speed_probe_never_joins_a_collective_of_synced_batchnorm(tmp_path):
+    """Under torchrun rank 0 probes alone while the others wait in a broadcast: a synced BatchNorm in the probe's
+    copy would join a collective the others never enter (nn.SyncBatchNorm on a GPU: a hang until NCCL's watchdog
+    aborts). The copy computes plain statistics; the model keeps its synced layers. One gloo process here: CPU
+    input already makes nn.SyncBatchNorm raise where it would sync."""
+    import torch.distributed as dist
+
+    from models import build_model
+    from utils.distributed import CPUSyncBatchNorm, local_batchnorm
+    from utils.train_loop import make_probe_step
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(build_model("mobilenet_v2", num_classes=3,
+                                                                          width_mult=0.25)).train()
+        with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
+            model(torch.randn(2, 3, 32, 32))  # what the probe's copy did before
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        step = make_probe_step(model, frozen=False, device=torch.device("cpu"), batch=2, img_size=32, num_classes=3)
+        step((False, None))()
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # the model is untouched
+        assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()) == 52
+        local = local_batchnorm(torch.nn.Sequential(torch.nn.SyncBatchNorm(4),
+                                                    torch.nn.Sequential(CPUSyncBatchNorm(4))))
+        assert type(local[0]) is torch.nn.BatchNorm2d and not local[1][0].synced
+    finally:
+        dist.destroy_process_group()

@@ -112,3 +112,17 @@ def test_classes_that_differ(tmp_path, ckpt):
             shutil.copy(os.path.join(src, f), data / cls / f)
     msg = fails("evaluate.py", ckpt, str(data), "--workers", "0", "--no-progress")
     assert "Parka" in msg and "class" in msg
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_device_cuda_without_a_gpu_or_a_device_that_is_no_device(ckpt, tmp_path):
+    """evaluate/predict with --device cuda where torch sees no GPU (a CPU-only build, a Jetson's own torch): one
+    line, not torch's "Torch not compiled with CUDA enabled" traceback from inside the first batch."""
+    import torch
+
+    photo = os.path.join(PHOTOS, "ibex.jpg")
+    cuda, name = fails_together(("predict.py", ckpt, photo, "--device", "cuda"),
+                                ("evaluate.py", ckpt, SAMPLE, "--device", "gpu"))
+    assert cuda == (f"error: --device cuda: this PyTorch ({torch.__version__}) sees no CUDA GPU (a CPU-only build, "
+                    "or no NVIDIA driver); use --device cpu, or install a CUDA build of torch")
+    assert name == "error: --device gpu: not a device name; use cpu, cuda or cuda:N"

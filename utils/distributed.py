@@ -183,6 +183,25 @@ def _swap_bn(module: torch.nn.Module, group) -> None:
             _swap_bn(child, group)
 
 
+def local_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every synchronised BatchNorm computing per-process statistics, in place: for a copy that
+    runs on one process while the others wait (train.py's speed probe). ``nn.SyncBatchNorm`` in training mode
+    joins a collective of the whole group, which on a GPU waits forever for ranks that never join; it becomes a
+    plain ``BatchNorm2d`` with the same state. :class:`CPUSyncBatchNorm` stops syncing."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.SyncBatchNorm):
+            plain = torch.nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                         child.track_running_stats).to(next(child.buffers(), torch.empty(0)).device)
+            plain.load_state_dict(child.state_dict())
+            plain.train(child.training)
+            setattr(module, name, plain)
+        elif isinstance(child, CPUSyncBatchNorm):
+            child.synced = False
+        else:
+            local_batchnorm(child)
+    return module
+
+
 def local_world_size(dist: DistInfo) -> int:
     """Processes sharing this machine's cores (torchrun's LOCAL_WORLD_SIZE; 1 without torchrun)."""
     return int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if dist.enabled else 1

@@ -509,6 +509,7 @@ def plan_training(*, device: torch.device, amp: str, channels_last: str, cache: 
         bench = Choice(True, "fixed input size: cuDNN picks the fastest convolution algorithm once")
         if torch.are_deterministic_algorithms_enabled():  # autotuning may pick another algorithm in every process
             bench = Choice(False, "deterministic algorithms requested (torch.use_deterministic_algorithms)")
+        torch.backends.cudnn.benchmark = bool(bench.value)  # the compile probe below times what training runs
         times: dict[str, float] = {}
         machine = f"{gpu.describe()}; host {cpu.describe()}"
     else:

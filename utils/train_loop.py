@@ -30,11 +30,11 @@ from utils.data import (
 from utils.deploy.engine import fast_forward
 from utils.deploy.inference import ImageFiles, collate_readable
 from utils.distributed import (
-    CPUSyncBatchNorm,
     all_reduce_sum,
     broadcast_object,
     gather_rows,
     is_main_process,
+    local_batchnorm,
     shard_indices,
 )
 from utils.errors import UserError
@@ -223,10 +223,7 @@ def make_probe_step(model: nn.Module, *, frozen: bool, device: torch.device, bat
         memo = {id(g): None for m in model.modules() for g in (getattr(m, "group", None),
                                                                getattr(m, "process_group", None))
                 if g is not None and not isinstance(g, (nn.Module, torch.Tensor))}
-        net = copy.deepcopy(model, memo).to(device)
-        for m in net.modules():  # the probe runs on one process: no collectives with the others
-            if isinstance(m, CPUSyncBatchNorm):
-                m.synced = False
+        net = local_batchnorm(copy.deepcopy(model, memo)).to(device)  # one process: no collectives with the others
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
         params = [p for p in net.parameters() if p.requires_grad]
@@ -572,14 +569,14 @@ def speed_plan(cfg: TrainConfig, model: nn.Module, device: torch.device, cache: 
 
     def measure(variants):
         old = recorded.get("probe_s_per_step") or {}
-        if recorded.get("machine") == machine.cpu_info().describe() and all(machine.variant_name(v) in old
+        if recorded.get("machine") == machine.describe_machine(device) and all(machine.variant_name(v) in old
                                                                             for v in variants):
             return old, True
         factory = make_probe_step(model, frozen=frozen, device=device, batch=batch, img_size=cfg.img_size,
                                   num_classes=num_classes, full_batch=cfg.batch_size)
         full = any(len(v) > 2 for v in variants)  # the compile probe runs at the real batch size
         what = {"model": dict(model.arch), "img_size": cfg.img_size, "batch": cfg.batch_size if full else batch,
-                "frozen": frozen, "small_input": cfg.small_input}
+                "frozen": frozen, "small_input": cfg.small_input, "device": machine.describe_machine(device)}
         return machine.probe_variants(factory, variants, machine.cpu_info(), what)
 
     def probe(variants):  # rank 0 measures, every torchrun process trains with its choice

@@ -38,10 +38,26 @@ ACCEPTED = ("a train.py checkpoint (.pt), a TorchScript file, an ONNX file (.onn
 
 
 def inference_device(device: str | torch.device | None = None) -> torch.device:
-    """``device`` if given, else cuda when available, else cpu."""
+    """``device`` if given, else cuda when available, else cpu (UserError for a name that is no device)."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device name; use cpu, cuda or cuda:N") from None
+
+
+def check_torch_device(dev: torch.device) -> None:
+    """UserError unless PyTorch itself can run on ``dev``: a CUDA device with a CPU-only torch build, no driver or
+    an index beyond the GPUs present. (ONNX files and TensorRT engines reach the GPU without torch's CUDA.)"""
+    if dev.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise UserError(f"--device {dev}: this PyTorch ({torch.__version__}) sees no CUDA GPU (a CPU-only build, or "
+                        "no NVIDIA driver); use --device cpu, or install a CUDA build of torch")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {dev}: only {torch.cuda.device_count()} CUDA GPU(s) here "
+                        f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
 
 
 class LoadedModel:
@@ -367,6 +383,7 @@ def open_model(path: str, device: str | torch.device | None = None, threads: int
     else:
         if threads:
             torch.set_num_threads(threads)
+        check_torch_device(dev)
         model = _open_checkpoint(path, dev, threads) if kind == "checkpoint" else _open_torchscript(path, dev)
     model.threads = threads
     return model

@@ -134,14 +134,15 @@ def write_calibration_to_checkpoint(path: str, calibration: dict[str, Any]) -> N
 
 
 def calibrate_checkpoint(ckpt_path: str, val_dir: str, target_accuracy: float, workers: int | None = 0,
-                         progress: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+                         progress: bool = False, device: str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
     """Fit temperature and reject threshold of a checkpoint on ``val_dir`` (class folders) and store them in it.
 
     train.py calls this on best.pt at the end of training. Returns the stored entry, and what the same fp32 pass
     scored (not stored): ``top1`` and ``balanced_acc`` in percent and the ``engine`` that ran it, i.e. what
     evaluate.py and export.py will report for these images, whatever precision training validated in.
+    ``device``: where the pass runs (train.py: its own device, so a GPU run does not wait for a CPU pass).
     """
-    model = open_model(ckpt_path, device="cpu")
+    model = open_model(ckpt_path, device=device)
     per_class, _ = scan_class_folders(val_dir)
     index = {c: i for i, c in enumerate(model.classes)}
     paths = [p for c in per_class if c in index for p in per_class[c]]
