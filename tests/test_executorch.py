@@ -114,6 +114,18 @@ def test_pt2_loads_with_plain_torch(run):
 
 
 @needs_executorch
+def test_pt2_with_device_cuda_says_it_runs_on_the_cpu(run, capsys):
+    _, out, _ = run
+    path = os.path.join(out, "model.pt2")
+    assert open_model(path, device="cuda").device.type == "cpu"
+    assert capsys.readouterr().err == (f"warning: --device cuda asked, but a .pt2 file runs on the CPU only; running "
+                                       f"{path} on the CPU (for a GPU: the checkpoint, model.onnx or a TensorRT "
+                                       "engine)\n")
+    open_model(path)
+    assert capsys.readouterr().err == ""
+
+
+@needs_executorch
 def test_predict_pte_prints_the_checkpoints_top1(run, tmp_path):
     ckpt, out, _ = run
     photo = sorted(os.path.join(dp, f) for dp, _, fs in os.walk(os.path.join(os.path.dirname(ckpt), "..", "data",

@@ -378,6 +378,9 @@ def open_model(path: str, device: str | torch.device | None = None, threads: int
         model = _open_onnx(path, dev, threads)
     elif kind in ("pt2", "pte"):
         model = _open_exported(path, kind)
+        if device is not None and dev.type != "cpu":
+            print(f"warning: --device {device} asked, but a .{kind} file runs on the CPU only; running {path} on the "
+                  "CPU (for a GPU: the checkpoint, model.onnx or a TensorRT engine)", file=sys.stderr)
         if threads and kind == "pt2":  # a .pte keeps ExecuTorch's own thread pool (resetting it hung here)
             torch.set_num_threads(threads)
     else:
