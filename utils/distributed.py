@@ -170,13 +170,17 @@ def convert_sync_batchnorm(model: torch.nn.Module, device_type: str) -> torch.nn
     return model
 
 
+def _batchnorm_like(cls: type, bn: torch.nn.modules.batchnorm._BatchNorm) -> torch.nn.Module:
+    """A ``cls`` BatchNorm with ``bn``'s settings, parameters, statistics, mode and device."""
+    new = cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats)
+    new.load_state_dict(bn.state_dict())
+    return new.train(bn.training).to(next(bn.buffers(), torch.empty(0)).device)
+
+
 def _swap_bn(module: torch.nn.Module, group) -> None:
     for name, child in list(module.named_children()):
         if isinstance(child, torch.nn.BatchNorm2d) and not isinstance(child, CPUSyncBatchNorm):
-            new = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                   child.track_running_stats)
-            new.load_state_dict(child.state_dict())
-            new.train(child.training)
+            new = _batchnorm_like(CPUSyncBatchNorm, child)
             new.group = group
             setattr(module, name, new)
         else:
@@ -190,11 +194,7 @@ def local_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
     plain ``BatchNorm2d`` with the same state. :class:`CPUSyncBatchNorm` stops syncing."""
     for name, child in list(module.named_children()):
         if isinstance(child, torch.nn.SyncBatchNorm):
-            plain = torch.nn.BatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                         child.track_running_stats).to(next(child.buffers(), torch.empty(0)).device)
-            plain.load_state_dict(child.state_dict())
-            plain.train(child.training)
-            setattr(module, name, plain)
+            setattr(module, name, _batchnorm_like(torch.nn.BatchNorm2d, child))
         elif isinstance(child, CPUSyncBatchNorm):
             child.synced = False
         else:
