@@ -519,8 +519,10 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
         prior = ballib.draw_prior(list(balance["train_counts"].values()), balance["class_balance"])
         criterion = ballib.LogitAdjusted(criterion, prior, cfg.logit_adjust)
     criterion = criterion.to(device)  # class weights / offsets on the GPU: a per-step CPU copy would sync it
-    ctx = StepContext(trainable, optimizer, criterion, device, amp_dtype, scaler, ema,
-                      build_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, len(run.classes)), cfg.clip_grad_norm,
+    # MixUp / CutMix mix images; cached features are pooled vectors of unaugmented images, so a classifier phase
+    # on them trains without (CutMix cannot cut a vector) and the whole-network phase mixes its images
+    mix = None if cached else build_mixup(cfg.mixup_alpha, cfg.cutmix_alpha, len(run.classes))
+    ctx = StepContext(trainable, optimizer, criterion, device, amp_dtype, scaler, ema, mix, cfg.clip_grad_norm,
                       channels_last, [p for p in model.parameters() if p.requires_grad])
     if run.lr_find:  # the sweep only: writes RUN/lr_find.{csv,png}, no config.yaml, log or checkpoint
 

@@ -55,6 +55,26 @@ def test_head_epochs_train_the_classifier_then_the_whole_network(data, tmp_path,
     assert rec["speed"]["compile"]["value"] is False
 
 
+def test_mixup_and_cutmix_mix_the_images_of_the_whole_network_phase_only(data, tmp_path, monkeypatch):
+    # the classifier phase trains on cached pooled features: CutMix on those (N, C) vectors raised ValueError
+    mixed = []
+    real_build = train.build_mixup
+
+    def recording_build(mixup_alpha, cutmix_alpha, num_classes):
+        op = real_build(mixup_alpha, cutmix_alpha, num_classes)
+
+        def mix(images, targets):
+            mixed.append(tuple(images.shape))
+            return op(images, targets)
+        return mix
+
+    monkeypatch.setattr(train, "build_mixup", recording_build)
+    train.main(PHASED + ["--data", data, "--out", str(tmp_path / "run"), "--set", "max_steps_per_epoch=2",
+                         "--set", "mixup_alpha=0.2", "--set", "cutmix_alpha=1.0"])
+    assert len(_rows(str(tmp_path / "run" / "log.csv"))) == 3
+    assert len(mixed) == 4 and all(len(shape) == 4 for shape in mixed)  # 2 whole-network epochs x 2 image batches
+
+
 @pytest.mark.parametrize("cut_after", [1, 2])
 def test_resume_across_and_inside_the_phases_is_exact(data, tmp_path, monkeypatch, cut_after):
     args = PHASED + ["--data", data]
