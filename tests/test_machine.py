@@ -189,6 +189,22 @@ def test_compile_failure_user_settings_and_cached_features():
     assert c.value is False and c.reason == "only the linear head trains, on cached features"
 
 
+@pytest.mark.parametrize("cpu, gpu", [(SAPPHIRE, None), (ZEN2, None), (ZEN2, T4), (ZEN2, A100)])
+def test_classifier_on_cached_features_trains_in_fp32_without_a_probe_and_says_why(cpu, gpu):
+    """The head phase of finetune.yaml (amp and channels_last left on auto): fp32, NCHW, no probe, and the reason
+    printed is the cached features, not "set by the user" (the user set nothing)."""
+    def probe(variants):
+        raise AssertionError(f"probed {variants}")
+
+    plan = M.plan_training(device=torch.device("cuda" if gpu else "cpu"), amp="auto", channels_last="auto",
+                           cache="features", workers=M.Choice(0, "x"), threads=M.Choice(2, "x"), probe=probe,
+                           cpu=cpu, gpu=gpu, compile="auto", run_steps=100_000, images_per_step=32)
+    why = "only the linear head trains, on cached features"
+    assert (plan.amp.value, plan.amp.reason) == (None, why)
+    assert (plan.channels_last.value, plan.channels_last.reason) == (False, why)
+    assert (plan.compile.value, plan.compile.reason) == (False, why) and plan.probe == {}
+
+
 def test_gpu_plan_estimates_the_run_from_the_gpu_rate(monkeypatch):
     fake, seen = _fake_probe({"eager bf16 channels_last": 0.02, "compiled bf16 channels_last": 0.015,
                               "compiled bf16 channels_last (first step)": 40.0})

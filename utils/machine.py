@@ -386,6 +386,7 @@ def cpu_candidates(amp: str, channels_last: str, cpu: CpuInfo) -> tuple[list[Var
 
 
 Probe = Callable[[list[Variant]], tuple[dict[str, float], bool]]  # variants -> (s per step by name, from cache)
+FEATURES_ONLY = "only the linear head trains, on cached features"
 TIE = 0.03  # variants within 3% of the fastest count as tied: the earlier candidate wins (stable across runs)
 
 
@@ -459,7 +460,7 @@ def decide_compile(mode: str, best: Variant, *, features_only: bool, run_steps: 
     if mode != "auto":
         return Choice(mode == "on", "set by the user"), {}
     if features_only:
-        return Choice(False, "only the linear head trains, on cached features"), {}
+        return Choice(False, FEATURES_ONLY), {}
     if probe is None or run_steps <= 0:
         return Choice(False, "no probe on this path"), {}
     times: dict[str, float] = {}
@@ -503,6 +504,9 @@ def plan_training(*, device: torch.device, amp: str, channels_last: str, cache: 
     """
     cpu = cpu or cpu_info()
     gpu = gpu or gpu_info(device)
+    features_only = cache == "features"
+    if features_only:  # a linear layer on pooled features: nothing for bf16, fp16 or NHWC to speed up, no probe
+        amp, channels_last = "off", "off"
     if gpu is not None:
         amp_c = cuda_amp(amp, gpu)
         cl_c = decide_cuda_layout(channels_last, amp_c.value, gpu)
@@ -520,12 +524,14 @@ def plan_training(*, device: torch.device, amp: str, channels_last: str, cache: 
         machine = cpu.describe()
     if cache == "memory" and workers.value:
         workers = Choice(0, "images are cached in RAM and augmented in batches: no decode workers")
+    if features_only:  # the user did not set them: say why they are off
+        amp_c, cl_c = Choice(None, FEATURES_ONLY), Choice(False, FEATURES_ONLY)
     best = (bool(cl_c.value), amp_c.value)
     if gpu is not None:
         est = images_per_step / GPU_TRAIN_IMAGES_PER_S if images_per_step else None
     else:
         est = times[variant_name(best)] * batch_scale if variant_name(best) in times else None
-    compile_c, compile_times = decide_compile(compile, best, features_only=cache == "features", run_steps=run_steps,
+    compile_c, compile_times = decide_compile(compile, best, features_only=features_only, run_steps=run_steps,
                                               est_step_s=est, probe=probe, batch_scale=batch_scale, run_s=run_s)
     return SpeedPlan(machine, amp_c, cl_c, threads, workers, decide_augment_device(device, cache, int(workers.value)), bench,
                      decide_openmp(), {**times, **compile_times}, compile=compile_c)

@@ -561,9 +561,6 @@ def speed_plan(cfg: TrainConfig, model: nn.Module, device: torch.device, cache: 
     recorded, so it continues with the same choices (and bit for bit). ``run_steps`` (optimizer steps left), or
     ``run_s`` (seconds left under a time budget), decides whether torch.compile is worth probing."""
     frozen = cfg.freeze == "features"
-    amp, layout = cfg.amp, cfg.channels_last
-    if cfg.cache_features:  # only the linear head trains, on cached features: nothing for bf16 or NHWC to speed up
-        amp, layout = "off", "off"
     recorded = (resumed or {}).get("speed") or {}
     batch = machine.probe_batch(cfg.batch_size, cfg.img_size)
 
@@ -591,6 +588,6 @@ def speed_plan(cfg: TrainConfig, model: nn.Module, device: torch.device, cache: 
             raise result
         return result
 
-    return machine.plan_training(device=device, amp=amp, channels_last=layout, cache=cache, workers=workers,
-                                 threads=threads, probe=probe, compile=cfg.compile, run_steps=run_steps,
+    return machine.plan_training(device=device, amp=cfg.amp, channels_last=cfg.channels_last, cache=cache,
+                                 workers=workers, threads=threads, probe=probe, compile=cfg.compile, run_steps=run_steps,
                                  batch_scale=cfg.batch_size / batch, images_per_step=cfg.batch_size, run_s=run_s)
