@@ -9,19 +9,25 @@ selects them). This repository is developed on a CPU-only machine: these tests h
   cuDNN/cuBLAS algorithms with ``CUBLAS_WORKSPACE_CONFIG=:4096:8``, cuDNN autotuning kept off).
 - The training loop reads loss/accuracy from the GPU only every k steps (CUDA sync debug mode counts the
   synchronising calls; the every-step control shows that the count does see them).
+- ``configs/finetune.yaml`` on one GPU: the classifier on cached features in fp32, then the whole network with
+  autocast and MixUp/CutMix; Ctrl-C inside the whole-network phase then resume is bit-exact; ``--time-budget``
+  ends the run after the epoch that spends it; ``--lr-find`` on the whole network (autocast, and the GradScaler
+  where fp16 is chosen) writes only its csv and plot.
 - With 2+ GPUs: DDP over nccl, Ctrl-C on one rank then resume is bit-exact (each rank's own CUDA RNG state),
   and cached features are encoded half per rank and all-gathered over nccl in file order.
 """
 import csv
 import math
+import os
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
+import yaml
 from eval_helpers import link_sample_split
 from torch import nn
-from torchrun_driver import launch
+from torchrun_driver import ROOT, launch
 
 from utils.checkpoint import load_checkpoint
 
@@ -34,6 +40,10 @@ GPU = ["--model", "mobilenet_v2", "--width-mult", "0.25", "--img-size", "32", "-
 # dropout 0.2 (the default) draws from the CUDA generator, mixup from the CPU one
 RECIPE = ["--epochs", "3", "--lr", "0.02", "--set", "warmup_epochs=1", "--set", "ema_decay=0.9",
           "--set", "mixup_alpha=0.2", "--set", "label_smoothing=0.1"]
+# the fine-tune recipe from scratch at the tiny size: 1 classifier epoch on cached features, 2 whole-network epochs
+FINETUNE = ["--config", os.path.join(ROOT, "configs", "finetune.yaml"), "--pretrained", "none"] + GPU + \
+    ["--batch-size", "16", "--epochs", "3", "--set", "head_epochs=1", "--set", "mixup_alpha=0.2",
+     "--set", "cutmix_alpha=1.0"]
 DETERMINISTIC = {"DETERMINISTIC": "1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 
 
@@ -83,6 +93,45 @@ def test_ctrl_c_mid_epoch_on_one_gpu_then_resume_is_exact(data, tmp_path):
     assert a["step"] == b["step"] == 15
     assert _same(a["model"], b["model"]) and _same(a["ema"], b["ema"])
     assert _rows(str(full / "log.csv")) == _rows(str(cut / "log.csv"))
+
+
+def test_finetune_recipe_on_one_gpu_ctrl_c_in_the_whole_network_phase_then_resume_is_exact(data, tmp_path):
+    args = FINETUNE + ["--data", data]  # 80 images / 16: 5 steps per epoch
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    r = launch(args + ["--out", str(full)], 1, DETERMINISTIC)
+    head, whole = r.stdout.split("epochs 2-3: whole-network epochs")
+    assert "amp: fp32 - only the linear head trains, on cached features" in head, r.stdout
+    assert "autocast" in whole.splitlines()[0], r.stdout  # amp auto: bf16 or fp16 in the whole-network phase
+    with open(full / "config.yaml") as f:
+        assert [p["name"] for p in yaml.safe_load(f)["phases"]] == ["head", "full"]
+    # SIGINT just before the 8th step: the 3rd of epoch 2, the first whole-network epoch
+    r = launch(args + ["--out", str(cut)], 1, dict(DETERMINISTIC, SIGINT_RANK="0", SIGINT_AT_STEP="7"), ok=False)
+    assert r.returncode == 130 and "interrupted in epoch 2 after 3 steps" in r.stderr, r.stderr[-3000:]
+    assert load_checkpoint(str(cut / "last.pt"))["phase"] == "full"
+    launch(["--resume", str(cut / "last.pt")], 1, DETERMINISTIC)
+    a, b = load_checkpoint(str(full / "last.pt")), load_checkpoint(str(cut / "last.pt"))
+    assert a["step"] == b["step"] == 15 and a["phase"] == b["phase"] == "full"
+    assert (a["scaler"] is not None) == ("fp16 autocast" in whole)
+    assert _same(a["model"], b["model"])
+    assert _rows(str(full / "log.csv")) == _rows(str(cut / "log.csv"))
+
+
+def test_time_budget_and_lr_find_of_the_finetune_recipe_on_one_gpu(data, tmp_path):
+    out = tmp_path / "budget"
+    # 0.0005 minutes (30 ms) are spent before the first whole-network epoch ends: that epoch is the last
+    r = launch(FINETUNE + ["--epochs", "4", "--data", data, "--out", str(out), "--time-budget", "0.0005"], 1)
+    assert "time budget 0.0005 min:" in r.stdout, r.stdout
+    ck = load_checkpoint(str(out / "last.pt"))
+    assert ck["epoch"] == 2 and ck["time_budget_fit"]["epochs"] == 2
+    assert [r["epoch"] for r in _rows(str(out / "log.csv"))] == ["1", "2"]
+    out = tmp_path / "lr_find"
+    r = launch(FINETUNE + ["--set", "head_epochs=0", "--data", data, "--out", str(out), "--lr-find",
+                           "--lr-find-steps", "5", "--lr-find-range", "1e-5", "1e-2"], 1)
+    assert sorted(os.listdir(out)) == ["lr_find.csv", "lr_find.png"], r.stdout  # no checkpoint, config or log
+    with open(out / "lr_find.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5 and all(math.isfinite(float(row["loss"])) for row in rows), rows
+    assert "suggested lr" in r.stdout
 
 
 def test_training_loop_reads_the_gpu_only_every_k_steps():
