@@ -600,9 +600,10 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
             barrier()  # no process exits before the file is written (torchrun would stop the others)
             raise
         run.step = progress.step
+        t_val = time.perf_counter()
         val = validate(eval_fn, val_loader, val_criterion, device, amp_dtype=amp_dtype,
                        channels_last=ctx.channels_last, bar=main_proc and cfg.progress, num_classes=len(run.classes))
-        seconds = time.perf_counter() - t_epoch
+        seconds, val_seconds = time.perf_counter() - t_epoch, time.perf_counter() - t_val
         run.unreadable |= data.skipped_everywhere()  # every process calls it: under torchrun it unites their sets
         skipped = len(run.unreadable)
         se = {k: val.pop(k) for k in ("val_top1_se", "val_bal_acc_se")}  # for select_se; not logged
@@ -610,8 +611,9 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
                          "train_acc": stats["train_acc"], **val, "epoch_seconds": seconds,
                          "images_per_s": stats["images"] / max(progress.seconds, 1e-9),
                          "skipped_images": skipped}
-        if last and refits_budget(run, phase, epoch):
-            end = fit_to_budget(run, phase, epoch, seconds)
+        if last and (refits_budget(run, phase, epoch) or trims_budget(run, phase, epoch)):
+            end = fit_to_budget(run, phase, epoch, seconds, finish_s=val_seconds,
+                                trim_only=not refits_budget(run, phase, epoch))
             if end != phase.end:
                 phase.end = end
                 run.cfg = replace(run.cfg, epochs=end)
@@ -668,32 +670,56 @@ def refits_budget(run: Run, phase: Phase, epoch: int) -> bool:
     return "epoch_seconds_seen" in run.budget_fit and 2 * (epoch + 1 - phase.first) <= phase.end - phase.first
 
 
-def fit_to_budget(run: Run, phase: Phase, epoch: int, seconds: float) -> int:
+def trims_budget(run: Run, phase: Phase, epoch: int) -> bool:
+    """Whether --time-budget may end the last phase earlier after ``epoch``: in its second half, where
+    :func:`refits_budget` no longer fits. Epochs that turn slower there (a busy host: 56 s became 59-69 s) would
+    otherwise overrun the budget (30 minutes became 31.3); the end only ever moves earlier, never later."""
+    return (bool(run.cfg.time_budget) and bool(run.budget_fit) and "epoch_seconds_seen" in run.budget_fit
+            and not refits_budget(run, phase, epoch))
+
+
+BUDGET_RECENT_EPOCHS = 5  # a trim judges the speed by the median of the last 5 epochs: a slowdown, not one slow epoch
+
+
+def fit_to_budget(run: Run, phase: Phase, epoch: int, seconds: float, finish_s: float = 0.0,
+                  trim_only: bool = False) -> int:
     """The epoch the last phase should end at so the run takes about ``time_budget`` minutes. Called after each
     epoch ``refits_budget`` allows, with that epoch's ``seconds`` (training + validation): the first fit uses the
     first epoch's time; later ones the median of the epochs after it, because the first carries one-time costs
     (kernel selection, a cache filling, a cold machine) that once cost a 30-minute run 11 of its minutes.
-    Decided on rank 0 and shared with every process."""
+    ``trim_only`` (the second half, :func:`trims_budget`): the median of the last few epochs, and the end may only
+    move earlier. ``finish_s`` is kept free for the work after the last epoch (the calibration of best.pt is one
+    more pass over val: about one validation). Decided on rank 0 and shared with every process."""
     fit = run.budget_fit or {}
     seen = fit.get("epoch_seconds_seen", []) + [round(seconds, 2)]
-    typical = seen[0] if len(seen) == 1 else statistics.median(seen[1:])
+    if len(seen) == 1:
+        typical = seen[0]
+    else:
+        typical = statistics.median(seen[1:][-BUDGET_RECENT_EPOCHS:] if trim_only else seen[1:])
     budget = run.cfg.time_budget * 60
-    left = budget - run.elapsed()
+    left = budget - run.elapsed() - finish_s
     more = max(0, int(left // max(typical, 1e-6)))
     # from the recipe's epochs, fixed at the first fit (phase.end moves with every fit)
     cap = fit.get("cap", phase.first + BUDGET_MAX_FACTOR * (phase.end - phase.first))
-    end = broadcast_object(min(epoch + 1 + more, cap))
+    end = min(epoch + 1 + more, cap, phase.end if trim_only else cap)
+    end = broadcast_object(end)
     changed = run.budget_fit is None or end != run.budget_fit["epochs"]
     run.budget_fit = {"epochs": end, "cap": cap, "epoch_seconds": typical, "epoch_seconds_seen": seen,
-                      "minutes_spent": round(run.elapsed() / 60, 2), "budget_minutes": run.cfg.time_budget}
+                      "finish_seconds": round(finish_s, 2), "minutes_spent": round(run.elapsed() / 60, 2),
+                      "budget_minutes": run.cfg.time_budget}
     if run.main_proc and changed:
         capped = " (capped at 10x the recipe's epochs)" if end == cap and epoch + 1 + more > cap else ""
-        took = f"an epoch takes {seconds_text(typical)}" if len(seen) == 1 else \
-            f"epochs after the first take {seconds_text(typical)} (median; the first {seconds_text(seen[0])})"
+        if len(seen) == 1:
+            took = f"an epoch takes {seconds_text(typical)}"
+        elif trim_only:
+            took = (f"the last {min(len(seen) - 1, BUDGET_RECENT_EPOCHS)} epochs took {seconds_text(typical)} "
+                    "(median): slower than planned")
+        else:
+            took = f"epochs after the first take {seconds_text(typical)} (median; the first {seconds_text(seen[0])})"
         still = end - epoch - 1
         print(f"time budget {run.cfg.time_budget:g} min: {run.elapsed() / 60:.1f} min spent, {took} -> "
               f"{still} more epoch{plural_s(still)}, {end} in all{capped} (expected end after "
-              f"~{(run.elapsed() + still * typical) / 60:.1f} min)", flush=True)
+              f"~{(run.elapsed() + still * typical + finish_s) / 60:.1f} min)", flush=True)
     return end
 
 

@@ -139,6 +139,45 @@ def test_time_budget_refits_keep_the_cap_of_the_recipe_epochs():
     assert ends == [2 + 10 * 3] * 3 and run.budget_fit["cap"] == 32
 
 
+def _simulate_budget(epoch_seconds, trims: bool, minutes_before=2.0, budget=30):
+    """Run --time-budget's fitting over a whole-network phase (epochs 31-40 of the recipe) whose epoch ``i`` takes
+    ``epoch_seconds(i)``; returns (minutes at the phase's end, its last epoch, the fit lines printed)."""
+    phase = train.Phase("full", train.cfglib.TrainConfig(), 30, 40)
+    run = _fake_run(minutes_before, budget)
+    epoch = 30
+    while epoch < phase.end:
+        run.t0 -= epoch_seconds(epoch)  # the epoch's time passes
+        if train.refits_budget(run, phase, epoch) or (trims and train.trims_budget(run, phase, epoch)):
+            phase.end = train.fit_to_budget(run, phase, epoch, epoch_seconds(epoch),
+                                            trim_only=not train.refits_budget(run, phase, epoch))
+        epoch += 1
+    return run.elapsed() / 60, phase.end
+
+
+def test_time_budget_trims_the_second_half_when_epochs_turn_slower_and_never_lengthens_it():
+    # the tops_readme run of docs/finetune.md: epochs of 56 s planned, then 66 s from the second half on (a busy
+    # host); fitting only in the first half ran the 30-minute budget to 31.3 minutes
+    slower = lambda e: 56.0 if e < 46 else 66.0  # noqa: E731
+    over, _ = _simulate_budget(slower, trims=False)
+    assert over > 31.0  # what the old rule did
+    minutes, end = _simulate_budget(slower, trims=True)
+    assert 29.0 <= minutes <= 30.0 and end < 30 + 31
+    # epochs that turn faster never move the end later (the cosine tail stays where it was planned)
+    steady, steady_end = _simulate_budget(lambda e: 56.0, trims=True)
+    faster, faster_end = _simulate_budget(lambda e: 56.0 if e < 46 else 40.0, trims=True)
+    assert faster_end == steady_end and faster < steady <= 30.0
+    # one slow epoch (+64 s) costs one epoch and no more: the median of the last 5 is not moved by it
+    blip, blip_end = _simulate_budget(lambda e: 120.0 if e == 50 else 56.0, trims=True)
+    assert blip_end == steady_end - 1 and blip <= 30.0
+
+
+def test_time_budget_keeps_the_finish_free():
+    # the calibration after the last epoch is one more pass over val: a fit leaves its time free
+    phase = train.Phase("full", train.cfglib.TrainConfig(), 2, 5)
+    assert train.fit_to_budget(_fake_run(5.9, 30), phase, 2, 120.0) == 2 + 1 + 12  # 1446 s // 120
+    assert train.fit_to_budget(_fake_run(5.9, 30), phase, 2, 120.0, finish_s=10.0) == 2 + 1 + 11  # 1436 s // 120
+
+
 def test_time_budget_run_stops_on_time_and_resume_keeps_the_fit(data, tmp_path, capsys):
     out = tmp_path / "run"
     # 0.0005 minutes (30 ms) are spent before the first whole-network epoch ends: that epoch is the last
