@@ -173,6 +173,15 @@ def test_weights_only_refuses_pickled_code(tmp_path):
         load_checkpoint(photo)
     assert str(e.value) == (f"cannot read checkpoint {photo} (not a PyTorch file (an ONNX model, an image or another "
                             "format?)); it must be a .pt file written by train.py")
+    # a checkpoint cut short (an interrupted copy): torch's miniz text is replaced by what happened and the fix
+    whole = tmp_path / "whole.pt"
+    torch.save({"model": build_model("mobilenet_v2", width_mult=0.25).state_dict()}, whole)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(UserError) as e:
+        load_checkpoint(str(cut))
+    assert str(e.value) == (f"cannot read checkpoint {cut} (incomplete or damaged: the file ends before its index; "
+                            "copy it again, or take last.pt / best.pt); it must be a .pt file written by train.py")
 
 
 def test_offline_download_failure_names_the_fix(tmp_path, monkeypatch):

@@ -53,6 +53,9 @@ def torch_load_problem(path: str, e: BaseException) -> str:
     if "Unsupported global" in text or "unsupported GLOBAL" in text:
         return ("it holds pickled Python objects (a whole model saved with torch.save(model)?), which are never "
                 "loaded because unpickling can run code; save model.state_dict() instead")
+    if "central directory" in text or "failed reading zip archive" in text or "file read failed" in text:
+        # a zip cut short (a copy or download that stopped, a disk that filled while saving)
+        return "incomplete or damaged: the file ends before its index; copy it again, or take last.pt / best.pt"
     first = text.splitlines()[0] if text else type(e).__name__
     if first.startswith("Weights only load failed"):
         return "a PyTorch file whose content cannot be loaded safely (weights_only)"
