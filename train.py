@@ -16,6 +16,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from utils.process import configure_process  # imports nothing that loads torch
@@ -35,6 +36,7 @@ from utils import machine
 from utils.bn_adapt import adapt_batchnorm
 from utils.checkpoint import Preprocess, load_checkpoint, save_checkpoint, training_state
 from utils.data import load_data, load_split
+from utils.data.folders import scan_class_folders
 from utils.distributed import (
     barrier,
     broadcast_object,
@@ -165,16 +167,35 @@ def resumed_feature_engine(resumed: dict | None) -> str:
     return used if same_machine and used in ("onnxruntime", "pytorch") else "auto"
 
 
-def class_balance_plan(cfg: cfglib.TrainConfig, labels: torch.Tensor, classes: list[str]) -> dict:
+def class_balance_plan(cfg: cfglib.TrainConfig, labels: torch.Tensor, classes: list[str],
+                       val_missing: Sequence[str] = ()) -> dict:
     """The imbalance of the training folder and the class_balance / select_metric actually used, with reasons
-    (utils/balance.py); printed in the run header, saved in config.yaml and the checkpoints."""
+    (utils/balance.py), and the classes val/ has no images of; printed in the run header, saved in config.yaml and
+    the checkpoints."""
     counts = ballib.class_counts(labels, len(classes))
     balance = imblib.decide_class_balance(cfg.class_balance, counts)
     select = imblib.decide_select_metric(cfg.select_metric, counts)
     return {"train_counts": dict(zip(classes, counts)), "ratio": imblib.imbalance(counts)[2],
             "imbalanced": imblib.is_imbalanced(counts), "described": imblib.describe_counts(counts, classes),
             "class_balance": balance.value, "class_balance_reason": balance.reason,
-            "select_metric": select.value, "select_metric_reason": select.reason}
+            "select_metric": select.value, "select_metric_reason": select.reason,
+            "val_missing": list(val_missing)}
+
+
+def val_missing_classes(data_dir: str, classes: list[str]) -> list[str]:
+    """The classes of the run with no image files in ``data_dir/val`` (load_split accepts such a val/)."""
+    per_class, _ = scan_class_folders(os.path.join(data_dir, "val"))
+    return [c for c in classes if c not in per_class]
+
+
+def val_missing_line(missing: list[str], num_classes: int) -> str:
+    """The note for classes with training images but none in val/ (a folder split by hand, or a class too small
+    for split_dataset.py to share): nothing measures them, so the user hears it before trusting the scores."""
+    them = ", ".join(missing)
+    return (f"  val/ has no images of {them}: {'its' if len(missing) == 1 else 'their'} recall is not measured; "
+            f"balanced accuracy, macro-F1 and the choice of best.pt use the other {num_classes - len(missing)} "
+            f"classes (move some of {'its' if len(missing) == 1 else 'their'} images to val/, or re-split with "
+            "split_dataset.py)")
 
 
 def checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch, step, best_acc, classes,
@@ -447,7 +468,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
                          known_unreadable=left_out)  # an earlier phase's bad files: same counts, one warning
     train_loader, val_loader = data.train_loader, data.val_loader
     labels = ballib.train_labels(train_loader)
-    balance = class_balance_plan(cfg, labels, run.classes)
+    balance = class_balance_plan(cfg, labels, run.classes, val_missing_classes(run.data_dir, run.classes))
     if balance["class_balance"] in ballib.SAMPLER_POWER:  # the draw is a function of (seed, epoch): resume stays exact
         ballib.use_balanced_sampler(train_loader, labels, len(run.classes), balance["class_balance"])
     run.best_name = imblib.SELECT_NAMES[balance["select_metric"]]
@@ -554,6 +575,8 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
         print(f"class balance of train: {balance['described']}\n  class_balance {balance['class_balance']} "
               f"({balance['class_balance_reason']})\n  select_metric {balance['select_metric']}: best.pt = best "
               f"{run.best_name} ({balance['select_metric_reason']})")
+        if balance["val_missing"]:
+            print(val_missing_line(balance["val_missing"], len(run.classes)))
 
     def save(name: str, epoch_done: int, part: EpochProgress | None = None) -> None:
         state = checkpoint_state(cfg, model, optimizer, schedule, scaler, ema, epoch_done, progress.step,

@@ -136,6 +136,14 @@ def test_load_data_checks(fm, tmp_path):
         shutil.rmtree(bad / "val" / c)
     train_ds, val_ds = load_split(str(bad))
     assert set(val_ds.targets) == {train_ds.class_to_idx["Coat"]}
+    # train.py names the classes val/ cannot measure, once per phase, and records them
+    import train
+    missing = train.val_missing_classes(str(bad), train_ds.classes)
+    assert missing == [c for c in train_ds.classes if c != "Coat"] and len(missing) == 9
+    assert train.val_missing_line(["Bag"], 10) == (
+        "  val/ has no images of Bag: its recall is not measured; balanced accuracy, macro-F1 and the choice of "
+        "best.pt use the other 9 classes (move some of its images to val/, or re-split with split_dataset.py)")
+    assert train.val_missing_line(["Bag", "Shirt"], 10).startswith("  val/ has no images of Bag, Shirt: their recall")
 
 
 @pytest.mark.parametrize("cache", ["none", "memory"])
