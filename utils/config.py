@@ -73,7 +73,7 @@ class TrainConfig:
     sync_bn: bool = False  # SyncBatchNorm across torchrun processes
     # optimisation
     epochs: int = 10  # number of epochs (head_epochs included)
-    time_budget: float = 0.0  # minutes of training: the last phase's epochs are fitted during its first half (0 = off)
+    time_budget: float = 0.0  # minutes of training: the last phase's epochs are fitted in its first half, trimmed in its second (0 = off)
     batch_size: int = 64  # images per step per process
     optimizer: str = "sgd"  # sgd | adamw | rmsprop
     lr: float = 0.1  # peak learning rate (after warmup)
@@ -121,8 +121,9 @@ FLAGS = {
     "--out": ("out", "run folder (config.yaml, log.csv, curves.png, last.pt, best.pt)"),
     "--resume": ("resume", "checkpoint to continue from, e.g. RUN/last.pt"),
     "--time-budget": ("time_budget", "train for about this many minutes: the epochs are fitted from the measured "
-                      "time of the first full-network epoch, then re-fitted after each epoch of the first half of "
-                      "that phase (at most 10x the recipe's; 0 = use epochs)"),
+                      "time of the first full-network epoch, re-fitted after each epoch of the first half of "
+                      "that phase, and cut short in the second half if epochs turn slower (at most 10x the "
+                      "recipe's; 0 = use epochs)"),
 }
 
 
