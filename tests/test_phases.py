@@ -118,7 +118,7 @@ def test_time_budget_refits_from_the_epochs_after_a_slow_first_one():
     run.t0 -= 90  # the third takes 90 s: the median of 80 and 90 is 85; 1312 s left / 85 s = 15 more
     phase.end = train.fit_to_budget(run, phase, 32, 90.0)
     assert phase.end == 33 + 15
-    # fits go on through the first half of the phase (epochs 31-39 of 31-48), then its end stays put
+    # fits go on through the first half of the phase (epochs 31-39 of 31-48), then only trims_budget may move its end (earlier)
     assert train.refits_budget(run, phase, 38) and not train.refits_budget(run, phase, 39)
     # a checkpoint written before re-fitting existed keeps its one fit; no budget, no fit
     legacy = _fake_run(3 + 138 / 60, 30)
