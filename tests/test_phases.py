@@ -120,6 +120,7 @@ def test_time_budget_refits_from_the_epochs_after_a_slow_first_one():
     assert phase.end == 33 + 15
     # fits go on through the first half of the phase (epochs 31-39 of 31-48), then only trims_budget may move its end (earlier)
     assert train.refits_budget(run, phase, 38) and not train.refits_budget(run, phase, 39)
+    assert not train.trims_budget(run, phase, 38) and train.trims_budget(run, phase, 39)
     # a checkpoint written before re-fitting existed keeps its one fit; no budget, no fit
     legacy = _fake_run(3 + 138 / 60, 30)
     legacy.budget_fit = {"epochs": 41, "epoch_seconds": 138.0, "minutes_spent": 5.3, "budget_minutes": 30}
