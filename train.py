@@ -480,7 +480,9 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
     # ---- speed choices (probed on this very model), precision, memory format
     budget_left = None  # a time budget not yet fitted fixes how long this (last) phase trains
     if last and run.cfg.time_budget and run.budget_fit is None:
-        budget_left = max(0.0, run.cfg.time_budget * 60 - run.elapsed())
+        # rank 0's clock for every process: each started its own a moment apart, and the compile decision this
+        # feeds is a collective probe that every torchrun process must take or skip together
+        budget_left = broadcast_object(max(0.0, run.cfg.time_budget * 60 - run.elapsed()))
     plan = speed_plan(cfg, model, device, "features" if cached else data.cache, threads, workers,
                       len(run.classes), ckpt, 0 if cached else steps_per_epoch * (phase.end - start_epoch),
                       budget_left)

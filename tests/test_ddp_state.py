@@ -80,3 +80,15 @@ def test_cached_features_are_sharded_then_gathered_in_order(data, tmp_path):
     for r in ranks:
         for k in ("train_x", "train_y", "val_x", "val_y"):
             assert torch.equal(r[k], one[k]), k
+
+
+def test_time_budget_feeds_every_process_the_same_clock(data, tmp_path):
+    """torchrun's processes start their run clocks a moment apart; the budget left, which decides whether the
+    compile probe (a collective) runs at all, must be rank 0's on every process, or a budget near the 20-minute
+    line makes one process probe while the other waits in DDP's first broadcast (a hang under nccl)."""
+    folder = tmp_path / "run_s"
+    _run(TINY + ["--epochs", "1", "--lr", "0.02", "--data", data, "--out", str(tmp_path / "r"), "--time-budget", "21",
+                 "--set", "max_steps_per_epoch=1"], 2, {"CLOCK_LAG": "120", "COMPILE_RUN_S_DIR": str(folder)})
+    seen = [(folder / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert len(seen[0]) == 1 and seen[0] == seen[1], seen
+    assert 1200 < float(seen[0][0]) < 21 * 60  # rank 0's: above the compile line that rank 1's own clock is under

@@ -12,6 +12,9 @@ Hooks, from environment variables:
   how many images it encoded itself to ``DIR/rank<R>.pt``.
 - ``SYNC_EVERY=K``: train_one_epoch reads loss/accuracy (and checks for Ctrl-C under torchrun) every K steps,
   as on a GPU, whatever the device.
+- ``CLOCK_LAG=SECONDS``: rank 1 starts its run clock that many seconds earlier than it did (torchrun processes
+  start a moment apart), and each rank writes the budget it handed the compile decision to
+  ``COMPILE_RUN_S_DIR/rank<R>.txt``; compile itself is decided off there (no probe: it would compile for minutes).
 - ``DETERMINISTIC=1``: deterministic GPU kernels and no cuDNN autotuning, for bit-exact comparisons between
   GPU runs (needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the environment), see :func:`deterministic`.
 """
@@ -82,6 +85,27 @@ def hook_feature_dump(folder: str) -> None:
     train.cache_pooled_features = cache
 
 
+def hook_clock_lag(lag_s: float, folder: str) -> None:
+    import utils.machine as machine
+
+    real_open, real_decide = train.open_run, machine.decide_compile
+
+    def open_run(*a, **k):
+        run, start_epoch = real_open(*a, **k)
+        if RANK == 1:
+            run.t0 -= lag_s
+        return run, start_epoch
+
+    def decide_compile(mode, best, *, run_s=None, **k):
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, f"rank{RANK}.txt"), "a") as f:
+            f.write(f"{run_s}\n")
+        return real_decide("off", best, run_s=run_s, **k)
+
+    train.open_run = open_run
+    machine.decide_compile = decide_compile
+
+
 def deterministic() -> None:
     """Same GPU results in every process: deterministic cuDNN/cuBLAS algorithms, and cuDNN autotuning kept off
     even if train.py turns it on (it times the candidate algorithms in each process and may pick a different
@@ -105,6 +129,8 @@ if __name__ == "__main__":
         hook_sigint(int(os.environ["SIGINT_RANK"]), int(os.environ["SIGINT_AT_STEP"]))
     if "DUMP_FEATURES" in os.environ:
         hook_feature_dump(os.environ["DUMP_FEATURES"])
+    if "CLOCK_LAG" in os.environ:
+        hook_clock_lag(float(os.environ["CLOCK_LAG"]), os.environ["COMPILE_RUN_S_DIR"])
     if os.environ.get("DETERMINISTIC") == "1":
         deterministic()
     run_main(lambda: train.main(sys.argv[1:]))
