@@ -283,3 +283,25 @@ def test_gather_rows_under_two_gloo_processes(tmp_path):
         got = torch.load(f"{tmp_path / 'out'}.{rank}", weights_only=True)
         for n in (5, 1):
             assert torch.equal(got[n], torch.arange(n * 3, dtype=torch.float32).view(n, 3) * 1.5), (rank, n)
+
+
+@pytest.mark.parametrize("device_type, backend", [("cuda", "nccl"), ("cpu", "gloo")])
+def test_init_distributed_picks_the_gpu_before_joining_and_waits_30_minutes(monkeypatch, device_type, backend):
+    """Under torchrun on GPUs: each process selects its own GPU before the process group exists (NCCL's object
+    collectives run on the current device), and a collective waits 30 minutes, not NCCL's 10, while rank 0
+    alone runs a compile probe."""
+    import datetime
+
+    import utils.distributed as ud
+
+    calls = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(ud.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(ud.torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+    monkeypatch.setattr(ud.dist, "init_process_group", lambda b, **k: calls.append(("init", b, k["timeout"])))
+    info = ud.init_distributed(device_type)
+    assert (info.enabled, info.rank, info.world_size, info.local_rank, info.is_main) == (True, 1, 2, 1, False)
+    first = [("set_device", 1)] if device_type == "cuda" else []
+    assert calls == first + [("init", backend, datetime.timedelta(minutes=30))]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -25,10 +26,15 @@ class DistInfo:
         return self.rank == 0
 
 
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)  # gloo's default; NCCL's is 10 minutes
+
+
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group torchrun describes (RANK/WORLD_SIZE/LOCAL_RANK); a no-op when run plainly.
 
-    Backend: nccl for CUDA, gloo for CPU.
+    Backend: nccl for CUDA, gloo for CPU. Both wait up to ``COLLECTIVE_TIMEOUT`` in a collective: rank 0 alone
+    measures the speed probes (a torch.compile probe compiles for minutes on a slow host) while the others wait
+    in a broadcast, and NCCL's own default would abort them after 10 minutes.
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) < 2:
         return DistInfo()
@@ -36,7 +42,7 @@ def init_distributed(device_type: str) -> DistInfo:
     if not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
     return info
 
 
