@@ -345,6 +345,8 @@ def main(argv: list[str] | None = None) -> dict:
     refuse_to_overwrite(cfg, args)
     # device and processes
     device, dist = setup_device(cfg)
+    if args.lr_find and dist.enabled:  # before any data or probe work, on every process alike
+        raise UserError("--lr-find runs in one process; start it with python, not torchrun")
     barrier()  # every process has checked --out before process 0 writes into it (nccl connects lazily)
     torch.manual_seed(cfg.seed)
     cfg = restore_settings(cfg, ckpt, dist.world_size)

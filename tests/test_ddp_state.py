@@ -92,3 +92,17 @@ def test_time_budget_feeds_every_process_the_same_clock(data, tmp_path):
     seen = [(folder / f"rank{r}.txt").read_text().split() for r in (0, 1)]
     assert len(seen[0]) == 1 and seen[0] == seen[1], seen
     assert 1200 < float(seen[0][0]) < 21 * 60  # rank 0's: above the compile line that rank 1's own clock is under
+
+
+def test_lr_find_under_torchrun_is_refused_before_any_work(data, tmp_path):
+    """Refused on every process at the start, not after the feature pass (here: the classifier phase on cached
+    features) and the speed probes, which took minutes on a real folder."""
+    r = _run(TINY + ["--epochs", "1", "--data", data, "--out", str(tmp_path / "r"), "--lr-find", "--freeze", "features",
+                     "--pretrained", "none", "--set", "cache_features=true"], 2,
+             {"DUMP_FEATURES": str(tmp_path / "features")}, ok=False)
+    assert r.returncode != 0
+    assert "--lr-find runs in one process; start it with python, not torchrun" in r.stderr, r.stderr[-3000:]
+    # the processes' own output is that line (each prints it); the traceback after it is torchrun's launcher's
+    assert r.stderr.startswith("error: --lr-find runs in one process")
+    assert "Traceback" not in r.stderr.split("failed (exitcode: 2)")[0], r.stderr[-3000:]
+    assert not (tmp_path / "features").exists() and not (tmp_path / "r").exists(), r.stdout
