@@ -103,6 +103,7 @@ def test_lr_find_under_torchrun_is_refused_before_any_work(data, tmp_path):
     assert r.returncode != 0
     assert "--lr-find runs in one process; start it with python, not torchrun" in r.stderr, r.stderr[-3000:]
     # the processes' own output is that line (each prints it); the traceback after it is torchrun's launcher's
-    assert r.stderr.startswith("error: --lr-find runs in one process")
+    line = "error: --lr-find runs in one process; start it with python, not torchrun\n"
+    assert r.stderr.startswith(line + line), r.stderr[:300]  # each process's line whole (they once ran together)
     assert "Traceback" not in r.stderr.split("failed (exitcode: 2)")[0], r.stderr[-3000:]
     assert not (tmp_path / "features").exists() and not (tmp_path / "r").exists(), r.stdout

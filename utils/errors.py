@@ -18,7 +18,8 @@ def run_main(main: Callable[[], object]) -> None:
         main()
     except UserError as e:
         msg = " ".join(str(e).split("\n"))
-        print(f"error: {msg}", file=sys.stderr)
+        sys.stderr.write(f"error: {msg}\n")  # one write: under torchrun every process may print the same line
+        sys.stderr.flush()
         sys.exit(2)
     except (MemoryError, RuntimeError) as e:
         if not _is_out_of_memory(e):
