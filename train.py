@@ -371,7 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
     if run.lr_find:
         return run.lr_find
     # rank 0 alone from here: the other torchrun processes end now rather than wait for it in a barrier, which
-    # NCCL aborts after 10 minutes (a large val folder)
+    # times out after 30 minutes (utils/distributed.py COLLECTIVE_TIMEOUT; a large val folder)
     barrier()
     cleanup()
     if dist.is_main:
