@@ -251,6 +251,7 @@ class Run:
     bn_adapted: dict | None = None  # what bn_adapt did (a fresh run only), for config.yaml
     lr_find: dict | None = None  # --lr-find: run_lr_find's settings, then its summary (the first phase is swept)
     unreadable: set = field(default_factory=set)  # images skipped so far (every phase, every process; kept in ckpt)
+    val_missing: list = field(default_factory=list)  # classes with no image in val/ (listed once, told every phase)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -357,6 +358,7 @@ def main(argv: list[str] | None = None) -> dict:
     # run folder, phases (each phase builds its data, speed plan, optimizer and schedule, wrapping: run_phase)
     run, start_epoch = open_run(cfg, args, ckpt, data_dir, classes, dist.is_main)
     run.bn_adapted = bn_adapted
+    run.val_missing = val_missing_classes(data_dir, classes)
     phases = plan_phases(cfg)
     if dist.is_main and not run.lr_find:
         print_header(run, model, device, dist, phases, start_epoch)
@@ -470,7 +472,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
                          known_unreadable=left_out)  # an earlier phase's bad files: same counts, one warning
     train_loader, val_loader = data.train_loader, data.val_loader
     labels = ballib.train_labels(train_loader)
-    balance = class_balance_plan(cfg, labels, run.classes, val_missing_classes(run.data_dir, run.classes))
+    balance = class_balance_plan(cfg, labels, run.classes, run.val_missing)
     if balance["class_balance"] in ballib.SAMPLER_POWER:  # the draw is a function of (seed, epoch): resume stays exact
         ballib.use_balanced_sampler(train_loader, labels, len(run.classes), balance["class_balance"])
     run.best_name = imblib.SELECT_NAMES[balance["select_metric"]]

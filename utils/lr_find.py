@@ -149,7 +149,9 @@ def run_lr_find(ctx, data: Any, out: str, *, steps: int, lr_range: tuple[float, 
 
     ``data`` is train.py's data bundle (images, or cached features for a frozen backbone); ``steps`` is already
     capped at one epoch by the caller; ``flag`` is the option that sets the swept phase's rate (``--lr``, or
-    ``--set head_lr=`` when the sweep ran on the classifier-only phase of a two-phase recipe). Only those two files are written in ``out``: no config, log or checkpoint. One process only: train.py refuses ``--lr-find`` under torchrun.
+    ``--set head_lr=`` when the sweep ran on the classifier-only phase of a two-phase recipe). Only those two
+    files are written in ``out``: no config, log or checkpoint. One process only: train.py refuses ``--lr-find``
+    under torchrun.
     """
     lrs = exponential_lrs(lr_range[0], lr_range[1], steps)
     if steps < MIN_STEPS_WARNING:
