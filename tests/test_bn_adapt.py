@@ -67,3 +67,42 @@ def test_train_py_adapts_a_pretrained_fresh_run_and_records_it(tmp_path, capsys)
     assert "BatchNorm statistics re-estimated on 12 training images" in capsys.readouterr().out
     with open(out / "config.yaml") as f:
         assert yaml.safe_load(f)["bn_adapted"]["images"] == 12
+
+
+def _adapt_in_process(rank: int, data: str, store: str, out: str) -> None:
+    """One of two gloo processes (as under torchrun): adapt a seeded model on its share, rank 0 saves the result."""
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = build_model("mobilenet_v2", num_classes=2, width_mult=0.25)
+        report = adapt_batchnorm(model, data, PRE, 2, 0, torch.device("cpu"), rank=rank, world_size=2)
+        if rank == 0:
+            torch.save({"report": report, "state": model.state_dict()}, out)
+    finally:
+        tdist.destroy_process_group()
+
+
+def test_two_processes_weight_by_images_seen_so_an_empty_share_adds_nothing(tmp_path):
+    # 3 training images, 2 processes, batch 2: rank 0 reads Bag/0 + Coat/0 (one batch), rank 1 only Bag/1, a single
+    # image, which has no batch statistics, so rank 1 keeps the pretrained ones. An equal-share average would mix
+    # them in half and half; the weighted one equals one process over rank 0's two images.
+    data = link_sample_split(str(tmp_path / "d"), {"Bag": 2, "Coat": 1}, 0)
+    alone = tmp_path / "alone"
+    for c, f in (("Bag", 0), ("Coat", 0)):
+        src = sorted(os.listdir(os.path.join(data, "train", c)))[f]
+        os.makedirs(alone / "train" / c)
+        os.symlink(os.path.join(data, "train", c, src), alone / "train" / c / src)
+    out = str(tmp_path / "rank0.pt")
+    torch.multiprocessing.spawn(_adapt_in_process, args=(data, str(tmp_path / "store"), out), nprocs=2)
+    got = torch.load(out)
+    torch.manual_seed(0)
+    expected = build_model("mobilenet_v2", num_classes=2, width_mult=0.25)
+    pretrained = {k: v.clone() for k, v in expected.state_dict().items() if "running" in k}
+    assert adapt_batchnorm(expected, str(alone), PRE, 2, 0, torch.device("cpu"))["images"] == 2
+    assert got["report"]["images"] == 2
+    for k, v in expected.state_dict().items():
+        if "running" in k:
+            assert torch.allclose(got["state"][k], v, rtol=1e-5, atol=1e-6), k
+            assert not torch.allclose(v, pretrained[k]), k  # the images did move every statistic

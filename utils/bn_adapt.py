@@ -32,7 +32,8 @@ def adapt_batchnorm(model: nn.Module, data_dir: str, preprocess: dict, batch_siz
                     device: torch.device, rank: int = 0, world_size: int = 1, max_images: int = MAX_IMAGES,
                     bar: bool = False) -> dict:
     """Replace every BatchNorm layer's running mean/variance by the average over ``data_dir/train`` images
-    (eval transform, evenly spaced up to ``max_images``; each torchrun process a share, then averaged).
+    (eval transform, evenly spaced up to ``max_images``; each torchrun process a share, then averaged weighted by
+    the images each process read).
 
     Unreadable files are left out silently here (the feature pass or the loader that reads them next names
     them). Returns ``{"images": n, "layers": k}`` for the run's record.
@@ -71,11 +72,15 @@ def adapt_batchnorm(model: nn.Module, data_dir: str, preprocess: dict, batch_siz
                 m.running_var.copy_(var)
         model.train(was_training)
     if world_size > 1:
-        for m in layers:  # the mean of the processes' statistics (equal shares)
-            for t in (m.running_mean, m.running_var):
-                tdist.all_reduce(t)
-                t /= world_size
-        total = torch.tensor(seen, device=layers[0].running_mean.device)
+        # each process's statistics weighted by the images it saw: a process whose share was empty or unreadable
+        # (it kept the pretrained statistics) adds nothing, and unequal shares count as one pass over all images
+        total = torch.tensor(float(seen), device=layers[0].running_mean.device)
         tdist.all_reduce(total)
+        for m in layers:
+            for t in (m.running_mean, m.running_var):
+                mixed = t * seen
+                tdist.all_reduce(mixed)
+                if total > 0:  # no process saw an image: every one kept the pretrained statistics
+                    t.copy_(mixed / total)
         seen = int(total)
     return {"images": seen, "layers": len(layers)}
