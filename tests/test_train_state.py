@@ -270,6 +270,9 @@ def _gather_worker(rank, store, out):
             full = torch.arange(n * 3, dtype=torch.float32).view(n, 3) * 1.5
             mine = full[list(shard_indices(n, rank, 2))] if len(shard_indices(n, rank, 2)) else torch.empty(0)
             results[n] = gather_rows(mine, n)
+            # in pieces of 2 rows (24 bytes) per exchange: 3 rows on rank 0, 2 on rank 1 -> two exchanges
+            results[(n, "chunked")] = gather_rows(mine, n, chunk_bytes=24)
+        results["odd chunk"] = gather_rows(torch.arange(7 * 3)[rank::2], 21, chunk_bytes=17)  # 2 int64 rows of 1
         torch.save(results, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -280,9 +283,11 @@ def test_gather_rows_under_two_gloo_processes(tmp_path):
 
     mp.spawn(_gather_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
     for rank in (0, 1):
-        got = torch.load(f"{tmp_path / 'out'}.{rank}", weights_only=True)
+        got = torch.load(f"{tmp_path / 'out'}.{rank}")
         for n in (5, 1):
             assert torch.equal(got[n], torch.arange(n * 3, dtype=torch.float32).view(n, 3) * 1.5), (rank, n)
+            assert torch.equal(got[(n, "chunked")], got[n]), (rank, n)
+        assert torch.equal(got["odd chunk"], torch.arange(21)), rank
 
 
 @pytest.mark.parametrize("device_type, backend", [("cuda", "nccl"), ("cpu", "gloo")])
