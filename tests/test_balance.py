@@ -4,7 +4,6 @@ of (seed, epoch), disjoint shards across ranks, memory / disk / cached-feature p
 what train.py and split_dataset.py print and record."""
 import csv
 import os
-import signal
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 import torch
 from eval_helpers import link_sample_split
 from torch import nn
+from train_helpers import train_cut_at_step
 
 import train
 from utils import balance as B
@@ -229,25 +229,8 @@ def test_sqrt_draw_follows_square_root_of_counts():
 def _full_then_cut(args, tmp_path, monkeypatch):
     """``train.main(args)`` into tmp_path/full uncut, then into tmp_path/cut stopped by a real Ctrl-C during the 2nd
     step of epoch 2 (4 steps per epoch: 28 images / batch 8, last batch 4): it stops after that step."""
-    import utils.train_loop as tl
-
     train.main(args + ["--out", str(tmp_path / "full")])
-    real_step, calls = tl.train_step, {"n": 0}
-
-    def step_then_interrupt(*a, **k):
-        if calls["n"] == 5:
-            os.kill(os.getpid(), signal.SIGINT)
-        calls["n"] += 1
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(tl, "train_step", step_then_interrupt)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train.main(args + ["--out", str(tmp_path / "cut")])
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    monkeypatch.setattr(tl, "train_step", real_step)
+    train_cut_at_step(monkeypatch, args + ["--out", str(tmp_path / "cut")], 5)
 
 
 def test_resume_with_sampler_is_exact(imb, tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from eval_helpers import link_sample_split
 from torch import nn
+from train_helpers import train_cut_at_step
 
 import train
 from utils import rank_state as rs
@@ -88,26 +89,10 @@ TINY = ["--model", "mobilenet_v2", "--width-mult", "0.25", "--img-size", "32", "
 
 
 def test_old_format_mid_epoch_checkpoint_resumes_exactly(tmp_path, monkeypatch):
-    import utils.train_loop as tl
-
     data = link_sample_split(str(tmp_path / "data"), 6, 2)  # 60 images: 4 steps per epoch
     train.main(TINY + ["--data", data, "--out", str(tmp_path / "full")])
-    real_step, calls = tl.train_step, {"n": 0}
-
-    def step_then_interrupt(*a, **k):
-        if calls["n"] == 5:  # a real Ctrl-C in the 2nd step of epoch 2: the run stops after it
-            os.kill(os.getpid(), signal.SIGINT)
-        calls["n"] += 1
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(tl, "train_step", step_then_interrupt)
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train.main(TINY + ["--data", data, "--out", str(tmp_path / "cut")])
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    monkeypatch.setattr(tl, "train_step", real_step)
+    # a real Ctrl-C in the 2nd step of epoch 2: the run stops after it
+    train_cut_at_step(monkeypatch, TINY + ["--data", data, "--out", str(tmp_path / "cut")], 5)
     ck = load_checkpoint(str(tmp_path / "cut" / "last.pt"))
     assert ck["partial_epoch"]["batches_done"] == 2 and ck["partial_epoch"]["world_size"] == 1
     del ck["partial_epoch"]["ranks"], ck["partial_epoch"]["world_size"]  # as written before per-rank states
