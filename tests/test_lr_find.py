@@ -119,3 +119,33 @@ def test_lr_find_on_cached_features_of_finetune_recipe(data, tmp_path, capsys):
     assert f"use it with --set head_lr={value}" in printed and "--lr " not in \
         printed.split("use it with")[1]
     assert C.build_config({}, "r", {}, [f"head_lr={value}"]).head_lr == pytest.approx(float(value))
+
+
+def test_sweep_repeats_a_learning_rate_when_gradscaler_skipped_the_step(data):
+    """fp16 with GradScaler: a step whose gradients overflowed changes no weight (the scaler skips it and halves its
+    scale), so its loss must not be recorded against that lr. A real GradScaler at a loss scale of 2**127 overflows
+    on the first step (the scaled loss itself is inf in fp32), and again until halving brings the gradients in range."""
+    from models import build_model
+    from utils.data import load_data
+    from utils.train_loop import StepContext, Trainable
+
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v2", num_classes=10, width_mult=0.25)
+    bundle = load_data(data, img_size=32, resize_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, batch_size=8, workers=0,
+                       augment={"scale": (0.5, 1.0), "hflip": 0.5}, cache="memory", seed=0)
+    batches = []
+
+    def counted():
+        for b in bundle.train_loader:
+            batches.append(len(b[1]))
+            yield b
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+    ctx = StepContext(Trainable(model), torch.optim.SGD(model.parameters(), lr=0.1), nn.CrossEntropyLoss(),
+                      torch.device("cpu"), channels_last=False, scaler=scaler)
+    lrs = lr_find.exponential_lrs(1e-5, 1e-3, 6)  # low rates: the sweep runs all its steps
+    result = lr_find.lr_sweep(ctx, counted(), lrs)
+    assert result.lrs == lrs and result.stopped is None
+    skipped = len(batches) - len(lrs)
+    assert 1 <= skipped <= lr_find.MAX_SCALER_SKIPS, batches  # overflowing steps took batches, recorded nothing
+    assert scaler.get_scale() == 2.0 ** 127  # the scaler's state is put back too

@@ -33,6 +33,9 @@ DIVERGE_FACTOR = 4.0
 # 1e-6 to 1). fastai's 0.98 averages over ~50 steps, which on a sweep this short shifts the minimum to the right.
 SMOOTHING = 0.9
 SKIP_START = 10  # ~1 / (1 - SMOOTHING): steps before the average means anything
+# GradScaler (fp16) starts at a loss scale of 2**16 and halves it on every overflow: 24 halvings reach 2**-8, so
+# more overflows in a row than that are gradients that are inf at any scale (the sweep has diverged)
+MAX_SCALER_SKIPS = 24
 MIN_STEPS_WARNING = 20
 HOW_SUGGESTED = ("the learning rate at the minimum of the smoothed loss, divided by 10 (the minimum is where "
                  "training stops improving at all; a tenth of it still learns fast and is stable; unlike the "
@@ -93,9 +96,9 @@ def lr_sweep(ctx, loader: Iterable, lrs: list[float], *, diverge: float = DIVERG
 
     The model's parameters and buffers, the optimizer state and the GradScaler's state are put back afterwards
     (also on an error), and the EMA, if any, is left alone: the caller's objects look as if the sweep never ran.
+    A step GradScaler skipped (fp16 gradients overflowed; it lowers its scale) records nothing: its learning rate
+    is tried again on the next batch, so every recorded loss follows a real update at the rate it is plotted at.
     """
-
-
     model, optimizer = ctx.trainable.model, ctx.optimizer
     saved_model = copy.deepcopy(model.state_dict())
     saved_opt = copy.deepcopy(optimizer.state_dict())
@@ -104,25 +107,39 @@ def lr_sweep(ctx, loader: Iterable, lrs: list[float], *, diverge: float = DIVERG
     losses: list[float] = []
     smoothed: list[float] = []
     stopped = None
+    skips = 0  # GradScaler skips in a row (fp16): each repeats the same learning rate on the next batch
     try:
         ctx.trainable.train()
         batches = iter(loader)
-        for lr in tqdm(lrs, desc="lr find", disable=not bar, leave=False, dynamic_ncols=True):
-            images, targets = next(batches, (None, None))
-            if images is None:
-                stopped = f"the epoch ended after {len(losses)} steps"
-                break
-            _set_lr(optimizer, lr)
-            loss, _ = train_step(step_ctx, images, targets)
-            value = float(loss)
-            if not math.isfinite(value):
-                stopped = f"loss {value} at lr {lr:.3g}"
-                break
-            losses.append(value)
-            smoothed = smooth(losses)
-            if smoothed[-1] > diverge * min(smoothed):
-                stopped = f"smoothed loss {smoothed[-1]:.3g} > {diverge:g}x its minimum {min(smoothed):.3g} at lr {lr:.3g}"
-                break
+        with tqdm(total=len(lrs), desc="lr find", disable=not bar, leave=False, dynamic_ncols=True) as progress:
+            while len(losses) < len(lrs):
+                lr = lrs[len(losses)]
+                images, targets = next(batches, (None, None))
+                if images is None:
+                    stopped = f"the epoch ended after {len(losses)} steps"
+                    break
+                _set_lr(optimizer, lr)
+                scale = ctx.scaler.get_scale() if ctx.scaler is not None else None
+                loss, _ = train_step(step_ctx, images, targets)
+                value = float(loss)
+                if not math.isfinite(value):
+                    stopped = f"loss {value} at lr {lr:.3g}"
+                    break
+                if scale is not None and ctx.scaler.get_scale() < scale:
+                    # fp16: the gradients overflowed at this loss scale, so GradScaler skipped the update and lowered
+                    # the scale; the loss says nothing about this lr yet, so the same lr is tried on the next batch
+                    skips += 1
+                    if skips > MAX_SCALER_SKIPS:
+                        stopped = f"gradients overflowed {skips} steps in a row at lr {lr:.3g}"
+                        break
+                    continue
+                skips = 0
+                losses.append(value)
+                progress.update()
+                smoothed = smooth(losses)
+                if smoothed[-1] > diverge * min(smoothed):
+                    stopped = f"smoothed loss {smoothed[-1]:.3g} > {diverge:g}x its minimum {min(smoothed):.3g} at lr {lr:.3g}"
+                    break
     finally:
         model.load_state_dict(saved_model)
         optimizer.load_state_dict(saved_opt)
