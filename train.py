@@ -37,6 +37,7 @@ from utils.bn_adapt import adapt_batchnorm
 from utils.checkpoint import Preprocess, load_checkpoint, save_checkpoint, training_state
 from utils.data import load_data, load_split
 from utils.data.folders import scan_class_folders
+from utils.data.shape import choose_resize_mode, resize_mode_line
 from utils.distributed import (
     barrier,
     broadcast_object,
@@ -249,6 +250,7 @@ class Run:
     best_name: str = "val top-1"  # what best_acc measures (select_metric)
     budget_fit: dict | None = None  # what --time-budget decided (kept in the checkpoint)
     bn_adapted: dict | None = None  # what bn_adapt did (a fresh run only), for config.yaml
+    resize_decision: dict | None = None  # what resize_mode auto decided (a fresh run only), for config.yaml
     lr_find: dict | None = None  # --lr-find: run_lr_find's settings, then its summary (the first phase is swept)
     unreadable: set = field(default_factory=set)  # images skipped so far (every phase, every process; kept in ckpt)
     val_missing: list = field(default_factory=list)  # classes with no image in val/ (listed once, told every phase)
@@ -285,6 +287,21 @@ def find_data(cfg: cfglib.TrainConfig, ckpt: dict | None, is_main: bool) -> tupl
         raise UserError(f"{cfg.resume} was trained on classes {ckpt['classes']}, but {data_dir} has {classes}; "
                         "resume with the same --data")
     return data_dir, classes
+
+
+def decide_resize_mode(cfg: cfglib.TrainConfig, ckpt: dict | None, data_dir: str,
+                       is_main: bool) -> tuple[cfglib.TrainConfig, dict | None]:
+    """``resize_mode`` auto made concrete from the training images' shape (utils/data/shape.py), one line about
+    it; a resumed run keeps its checkpoint's preprocessing. Returns the config and the decision (None: none made)."""
+    if ckpt is not None:
+        mode = Preprocess.from_dict(ckpt.get("preprocess"), cfg.resume).resize_mode
+        return replace(cfg, resize_mode=mode), None
+    if cfg.resize_mode != "auto":
+        return cfg, None
+    decision = choose_resize_mode([path for path, _ in load_split(data_dir)[0].samples])
+    if is_main:
+        print(resize_mode_line(decision))
+    return replace(cfg, resize_mode=decision["resize_mode"]), decision
 
 
 def restore_model(cfg: cfglib.TrainConfig, num_classes: int, ckpt: dict | None, device: torch.device,
@@ -353,11 +370,12 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = restore_settings(cfg, ckpt, dist.world_size)
     # data folder and classes
     data_dir, classes = find_data(cfg, ckpt, dist.is_main)
+    cfg, resize_decision = decide_resize_mode(cfg, ckpt, data_dir, dist.is_main)
     # model, restored when resuming
     model, bn_adapted = restore_model(cfg, len(classes), ckpt, device, dist, data_dir)
     # run folder, phases (each phase builds its data, speed plan, optimizer and schedule, wrapping: run_phase)
     run, start_epoch = open_run(cfg, args, ckpt, data_dir, classes, dist.is_main)
-    run.bn_adapted = bn_adapted
+    run.bn_adapted, run.resize_decision = bn_adapted, resize_decision
     run.val_missing = val_missing_classes(data_dir, classes)
     phases = plan_phases(cfg)
     if dist.is_main and not run.lr_find:
@@ -469,7 +487,8 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
                          batch_size=cfg.batch_size, workers=workers.value, augment=cfglib.augment_settings(cfg),
                          cache=cfg.cache, distributed=dist.enabled, seed=cfg.seed,
                          pin_memory=device.type == "cuda", progress=cfg.progress, augment_device=device,
-                         known_unreadable=left_out)  # an earlier phase's bad files: same counts, one warning
+                         known_unreadable=left_out,  # an earlier phase's bad files: same counts, one warning
+                         resize_mode=cfg.resize_mode)
     train_loader, val_loader = data.train_loader, data.val_loader
     labels = ballib.train_labels(train_loader)
     balance = class_balance_plan(cfg, labels, run.classes, run.val_missing)
@@ -567,6 +586,8 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
             rec["time_budget_fit"] = run.budget_fit
         if run.bn_adapted:
             rec["bn_adapted"] = run.bn_adapted
+        if run.resize_decision:
+            rec["resize_mode_auto"] = run.resize_decision
         return rec
 
     if main_proc:

@@ -34,15 +34,17 @@ def readme_snippet() -> str:
     return re.search(r"```python\n(.*?)```", after, re.S).group(1)
 
 
-def imagenet_checkpoint(path: str) -> str:
-    """The pretrained ImageNet MobileNetV2 with its 1000 class names, saved as train.py saves a checkpoint."""
+def imagenet_checkpoint(path: str, squash: bool = False) -> str:
+    """The pretrained ImageNet MobileNetV2 with its 1000 class names, saved as train.py saves a checkpoint
+    (``squash``: with the preprocessing train.py picks for a folder of tall or wide images)."""
     model = build_model("mobilenet_v2", num_classes=1000)
     load_pretrained(model, "imagenet")
     classes = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"]
     save_checkpoint(path, {
         "model": model.state_dict(), "optimizer": None, "scheduler": None, "scaler": None, "ema": None,
         "epoch": 1, "step": 0, "best_acc": 0.0, "config": {}, "classes": list(classes),
-        "preprocess": {"img_size": 224, "resize_size": 256, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "preprocess": {"img_size": 224, "resize_size": 256, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                       **({"resize_mode": "squash"} if squash else {})},
         "arch": dict(model.arch), "rng": {}, "versions": {"torch": str(torch.__version__)},
     })
     return path
@@ -79,3 +81,26 @@ def test_readme_onnx_snippet_prints_predict_py_calibrated_probabilities(tmp_path
             assert (len(out) == 4 and out[3].startswith("unknown")) == (p["answer"] == "unknown"), photo
         answers.add(p["answer"] == "unknown")
     assert answers == {True, False}  # both answers were compared
+
+
+def test_readme_onnx_snippet_squashes_like_predict_py_for_a_squash_model(tmp_path):
+    """A model trained on tall or wide images (resize_mode squash) reads the whole image squashed: the snippet
+    prints predict.py's probabilities, which differ from those of the same network read with a center crop."""
+    squash = export_onnx(imagenet_checkpoint(str(tmp_path / "squash.pt"), squash=True), str(tmp_path / "squash.onnx"))
+    crop = export_onnx(imagenet_checkpoint(str(tmp_path / "crop.pt")), str(tmp_path / "crop.onnx"))
+    script = tmp_path / "classify_onnx.py"
+    script.write_text(readme_snippet())
+    apart = 0.0
+    for photo, size in zip(photo_paths()[:4], [(150, 450), (540, 180), (120, 400), (600, 200)]):
+        copy = str(tmp_path / (os.path.splitext(os.path.basename(photo))[0] + ".png"))
+        Image.open(photo).convert("RGB").resize(size, Image.LANCZOS).save(copy)
+        out = subprocess.run([sys.executable, str(script), squash, copy], capture_output=True, text=True,
+                             timeout=120, check=True).stdout.splitlines()
+        got = [(c, float(q)) for c, q in (line.rsplit(None, 1) for line in out[:3])]
+        top = {}
+        for name, model in (("squash", squash), ("crop", crop)):
+            pred = predict.main([model, copy, "--no-progress", "--workers", "0", "--topk", "3"])
+            top[name] = {t["class"]: t["prob"] for t in pred["predictions"][0]["top"]}
+        assert all(abs(q - top["squash"].get(c, q + 1)) < 0.01 for c, q in got[:2]), (copy, got, top)
+        apart = max(apart, *(abs(top["squash"].get(c, 0.0) - top["crop"].get(c, 0.0)) for c in {*top["squash"], *top["crop"]}))
+    assert apart > 0.1, apart  # the two readings of these 3:1 photos differ: the match above means squash

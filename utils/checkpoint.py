@@ -22,29 +22,35 @@ import torchvision
 from torch import nn
 
 from models import build_model
+from utils.data.transforms import RESIZE_MODES
 from utils.errors import UserError, torch_load_problem
 from utils.files import atomic_write
 
-PREPROCESS_KEYS = ("img_size", "resize_size", "mean", "std")
+PREPROCESS_KEYS = ("img_size", "resize_size", "mean", "std")  # required; "resize_mode" optional (default crop)
 CALIBRATION_KEY = "calibration"  # checkpoint key / metadata name: temperature + reject threshold (utils/trust)
 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How an image becomes the network's input at evaluation: resize the shorter side to ``resize_size``,
-    center-crop ``img_size``, scale to [0, 1], normalise with ``mean``/``std``. Checkpoints and exported files
-    carry it as a dict (:meth:`as_dict`)."""
+    """How an image becomes the network's input at evaluation: resize the shorter side to ``resize_size``
+    (``resize_mode`` "crop") or the whole image to ``resize_size`` x ``resize_size`` ("squash"), center-crop
+    ``img_size``, scale to [0, 1], normalise with ``mean``/``std``. Checkpoints and exported files carry it as a
+    dict (:meth:`as_dict`); a dict without ``resize_mode`` (files from before it existed) means "crop"."""
 
     img_size: int
     resize_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resize_mode: str = "crop"
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Preprocess":
-        """The preprocessing of a TrainConfig (``img_size``, ``resize_size``, ``mean``, ``std``)."""
+        """The preprocessing of a TrainConfig (``img_size``, ``resize_size``, ``mean``, ``std``, ``resize_mode``,
+        which train.py has decided by then when the recipe says "auto")."""
+        if cfg.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode {cfg.resize_mode!r} is not decided yet (train.py decide_resize_mode)")
         return cls(int(cfg.img_size), int(cfg.resize_size), tuple(float(v) for v in cfg.mean),
-                   tuple(float(v) for v in cfg.std))
+                   tuple(float(v) for v in cfg.std), cfg.resize_mode)
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "the checkpoint", fix: str = "") -> "Preprocess":
@@ -52,13 +58,20 @@ class Preprocess:
         if not isinstance(d, dict) or any(k not in d for k in PREPROCESS_KEYS):
             raise UserError(f"{where} carries no preprocessing (metadata 'preprocess' needs "
                             f"{', '.join(PREPROCESS_KEYS)}){'; ' + fix if fix else ''}")
+        mode = d.get("resize_mode", "crop")
+        if mode not in RESIZE_MODES:
+            raise UserError(f"{where}: preprocess resize_mode {mode!r} is not one of {', '.join(RESIZE_MODES)} (a "
+                            f"newer version wrote it?){'; ' + fix if fix else ''}")
         return cls(int(d["img_size"]), int(d["resize_size"]), tuple(float(v) for v in d["mean"]),
-                   tuple(float(v) for v in d["std"]))
+                   tuple(float(v) for v in d["std"]), mode)
 
     def as_dict(self) -> dict[str, Any]:
-        """``{"img_size", "resize_size", "mean": [...], "std": [...]}``, the form stored in files."""
+        """``{"img_size", "resize_size", "mean": [...], "std": [...]}`` plus ``"resize_mode": "squash"`` when
+        squashed, the form stored in files (a crop file reads as it always has, to any reader)."""
         d = asdict(self)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        if self.resize_mode == "crop":
+            del d["resize_mode"]
         return d
 
 

@@ -32,6 +32,7 @@ CHOICES = {
     "auto_augment": ("none", "trivial"),
     "class_balance": ("auto", "none", "loss", "sampler", "sqrt"),
     "select_metric": ("auto", "top1", "balanced_acc"),
+    "resize_mode": ("auto", "crop", "squash"),
 }
 
 
@@ -44,6 +45,7 @@ class TrainConfig:
     img_size: int = 224  # training and validation crop size (px)
     resize_size: int = 0  # validation: shorter side before the center crop (0 = round(img_size / crop_pct))
     crop_pct: float = 0.875  # with resize_size 0: center crop / resized side (0.875 = 224/256; 1.0 = no border cut)
+    resize_mode: str = "auto"  # non-square images: crop (square crops, aspect kept) | squash (whole image resized square) | auto (squash when the median training image is over 1.5:1)
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # normalisation mean (RGB)
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # normalisation std (RGB)
     workers: int = -1  # data loader worker processes per training process (-1 = auto, see the run header)
@@ -297,7 +299,7 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 # Keys of a run's config.yaml that record what happened (e.g. the automatic speed choices), not settings:
 # a run's config.yaml given back as --config ignores them.
-RECORD_KEYS = ("speed", "phases", "time_budget_fit", "class_balance_used", "bn_adapted")
+RECORD_KEYS = ("speed", "phases", "time_budget_fit", "class_balance_used", "bn_adapted", "resize_mode_auto")
 
 
 def save_config(cfg: TrainConfig, path: str, record: Optional[dict[str, Any]] = None) -> None:

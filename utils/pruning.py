@@ -32,6 +32,7 @@ from models import count_macs, count_params
 from utils.checkpoint import load_checkpoint, model_from_checkpoint, pruned_state, save_checkpoint
 from utils.config import augment_settings, from_checkpoint
 from utils.data import SkippedFiles, list_labelled_images, load_data
+from utils.data.transforms import resize_mode_of
 from utils.deploy.export import batched_logits, evenly_spaced, export_onnx, read_images, top1_percent
 from utils.deploy.onnx_io import INPUT_NAME, onnx_session
 from utils.errors import UserError
@@ -120,7 +121,7 @@ def fine_tune(model: nn.Module, data_dir: str, cfg: "TrainConfig", preprocess: d
 
     data = load_data(data_dir, img_size=int(preprocess["img_size"]), resize_size=int(preprocess["resize_size"]),
                      mean=preprocess["mean"], std=preprocess["std"], batch_size=batch_size, workers=workers, augment=augment_settings(cfg), cache=cfg.cache,
-                     seed=cfg.seed)
+                     seed=cfg.seed, resize_mode=resize_mode_of(preprocess))
     model.to(device).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.optimizer, lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                 weight_decay=cfg.weight_decay, no_wd_norm_bias=True)

@@ -45,7 +45,14 @@ from utils.data.images import (
     worker_ignores_ctrl_c,
 )
 from utils.data.samplers import EpochBatchSampler
-from utils.data.transforms import build_eval_transform, build_train_transform, resize_shorter
+from utils.data.transforms import (
+    RESIZE_MODES,
+    build_eval_transform,
+    build_train_transform,
+    resize_shorter,
+    resize_square,
+    squash_for_training,
+)
 from utils.errors import UserError
 
 MEMORY_BUDGET = 2 * 1024 ** 3  # "auto" caches in RAM when the decoded train+val images fit in this
@@ -344,7 +351,7 @@ def load_split(data_dir: str) -> tuple[ImageFolderRGB, ImageFolderRGB]:
 def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batch_size: int, workers: int,
               augment: dict, cache: str = "auto", distributed: bool = False, seed: int = 0,
               pin_memory: bool = False, progress: bool = True, augment_device: torch.device | None = None,
-              known_unreadable: Collection[str] = ()) -> DataBundle:
+              known_unreadable: Collection[str] = (), resize_mode: str = "crop") -> DataBundle:
     """Train/val loaders for ``data_dir/{train,val}`` (ImageFolder layout), see the module docstring.
 
     ``batch_size`` is per process. ``cache``: "memory" (decode once into RAM), "none" (decode every step in
@@ -355,6 +362,7 @@ def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batc
     path send uint8 batches there and augment them on the GPU (utils.machine.decide_augment_device).
     ``known_unreadable``: files an earlier phase of the run found unreadable (train.py): left out without a second
     warning and counted as skipped, so both phases train on, count and report the same images.
+    ``resize_mode``: "crop" (aspect kept, crops) or "squash" (whole image resized square), as build_eval_transform.
     """
     if not 8 <= img_size <= 1024:
         raise UserError(f"img_size={img_size}: use a size between 28 and 224 (8..1024 accepted)")
@@ -362,6 +370,8 @@ def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batc
         raise UserError(f"resize_size={resize_size} is smaller than img_size={img_size}; use resize_size >= img_size")
     if cache not in ("auto", "memory", "none"):
         raise UserError(f"cache={cache!r}: use auto, memory or none")
+    if resize_mode not in RESIZE_MODES:
+        raise UserError(f"resize_mode={resize_mode!r}: use one of {', '.join(RESIZE_MODES)}")
     cfg = AugmentConfig.from_dict(augment)
     train_ds, val_ds = load_split(data_dir)
     known = _leave_out(known_unreadable, train_ds, val_ds)
@@ -377,12 +387,14 @@ def load_data(data_dir: str, *, img_size: int, resize_size: int, mean, std, batc
     if use_memory:
         bundle = _memory_bundle(train_ds, val_ds, train_sampler, val_sampler, img_size, resize_size, cfg, mean,
                                 std, pin, require_uniform=(cache == "auto"), progress=progress and rank == 0,
-                                device=augment_device, report=rank == 0)
+                                device=augment_device, report=rank == 0, resize_mode=resize_mode)
         if bundle is not None:
             bundle.skipped_at_load += known
             return bundle
-    train_tf = build_train_transform(img_size, mean=mean, std=std, **cfg.__dict__)
-    val_tf = build_eval_transform({"img_size": img_size, "resize_size": resize_size, "mean": mean, "std": std})
+    train_tf = build_train_transform(img_size, mean=mean, std=std, **cfg.__dict__, resize_mode=resize_mode,
+                                     squash_keep=resize_size)
+    val_tf = build_eval_transform({"img_size": img_size, "resize_size": resize_size, "mean": mean, "std": std,
+                                   "resize_mode": resize_mode})
     common = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
                   collate_fn=_collate_skipping, worker_init_fn=worker_ignores_ctrl_c)
     # Each loader draws its workers' base seed from its own generator: without one it takes a number from the
@@ -416,7 +428,7 @@ def _leave_out(paths: Collection[str], *datasets: ImageFolderRGB) -> list[str]:
 
 def _memory_bundle(train_ds, val_ds, train_sampler, val_sampler, img_size, resize_size, cfg, mean, std, pin,
                    require_uniform: bool, progress: bool, device: torch.device | None = None,
-                   report: bool = True) -> DataBundle | None:
+                   report: bool = True, resize_mode: str = "crop") -> DataBundle | None:
     """Decode both splits into RAM; None (caller falls back to disk) if ``require_uniform`` and sizes differ.
     Corrupt files are dropped here, each named in one line when ``report`` (rank 0: every process decodes all)."""
     parts = {}
@@ -435,13 +447,17 @@ def _memory_bundle(train_ds, val_ds, train_sampler, val_sampler, img_size, resiz
             if require_uniform:
                 return None
             side = max(resize_size, img_size)
-            stacked = torch.stack([to_rgb(_square(t, side)) for t in tensors])
+            square = resize_square if resize_mode == "squash" else _square
+            stacked = torch.stack([to_rgb(square(t, side)) for t in tensors])
+        elif resize_mode == "squash" and name == "train":  # once here, not on every step (val: below)
+            stacked = squash_for_training(stacked, resize_size)
         parts[name] = (stacked, labels)
     SkippedFiles(report).add(skipped)  # reported only now: after a None above, the disk path meets them
     train_x, train_y = parts["train"]
     val_x, val_y = parts["val"]
-    # Val: exactly build_eval_transform's uint8 ops (resize shorter side, center crop), done once.
-    val_x = T.functional.center_crop(resize_shorter(val_x, resize_size), [img_size, img_size])
+    # Val: exactly build_eval_transform's uint8 ops (resize shorter side or squash, center crop), done once.
+    resize = resize_square if resize_mode == "squash" else resize_shorter
+    val_x = T.functional.center_crop(resize(val_x, resize_size), [img_size, img_size])
     train_sampler.n, val_sampler.n = len(train_y), len(val_y)
     return DataBundle(MemoryTrainLoader(train_x, train_y, train_sampler, img_size, cfg, mean, std, pin, device),
                       MemoryValLoader(val_x.contiguous(), val_y, val_sampler, mean, std, pin, device),

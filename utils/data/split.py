@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from utils.data.folders import IMAGE_EXTENSIONS, describe_error, is_image_file, open_image, walk_tree
+from utils.data.shape import shape_line
 from utils.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -41,6 +42,7 @@ class ImageFile:
     sha256: str
     mode: str          # PIL mode (RGB, L, P, RGBA, CMYK, ...)
     split: str = ""
+    aspect: float = 1.0  # long side / short side
 
 
 @dataclass
@@ -79,17 +81,17 @@ def _sort_key(path: str) -> str:
     return unicodedata.normalize("NFC", path)
 
 
-def _check_image(data: bytes) -> tuple[str | None, str]:
-    """(error or None, PIL mode). Fully decodes, so truncated files are caught."""
+def _check_image(data: bytes) -> tuple[str | None, str, float]:
+    """(error or None, PIL mode, long side / short side). Fully decodes, so truncated files are caught."""
     try:
         with open_image(io.BytesIO(data)) as im:  # refuses an image over the pixel limit, as training does
-            mode = im.mode
+            mode, (w, h) = im.mode, im.size
             if im.format == "JPEG":
                 im.draft("RGB", (64, 64))  # DCT-domain downscale: much faster, still reads every byte
             im.load()
-        return None, mode
+        return None, mode, max(w, h) / max(min(w, h), 1)
     except Exception as e:  # PIL raises many types for bad files; each becomes a reported reason
-        return f"unreadable image ({describe_error(e)})", ""
+        return f"unreadable image ({describe_error(e)})", "", 1.0
 
 
 def scan_folder(raw: str, progress: bool = False) -> SplitResult:
@@ -142,7 +144,7 @@ def scan_folder(raw: str, progress: bool = False) -> SplitResult:
         if not data:
             skipped.append((src, "empty file (0 bytes)"))
             continue
-        err, mode = _check_image(data)
+        err, mode, aspect = _check_image(data)
         if err:
             skipped.append((src, err))
             continue
@@ -153,7 +155,7 @@ def scan_folder(raw: str, progress: bool = False) -> SplitResult:
                                "loaded"))
         elif mode not in ("RGB", "L"):
             notes.append((src, f"colour mode {mode}: converted to RGB when loaded"))
-        files.append(ImageFile(src, cls, rel, hashlib.sha256(data).hexdigest(), mode))
+        files.append(ImageFile(src, cls, rel, hashlib.sha256(data).hexdigest(), mode, aspect=aspect))
     classes = sorted({f.cls for f in files}, key=_sort_key)
     for cls in class_dirs:
         if cls not in classes:
@@ -304,6 +306,9 @@ def format_report(result: SplitResult, max_lines: int = 50) -> str:
     modes = Counter(f.mode for f in result.files)
     lines.append("colour modes: " + ", ".join(f"{m} {n}" for m, n in sorted(modes.items()))
                  + " (all converted to RGB when loaded)")
+    if result.files:
+        lines.append(shape_line([f.aspect for f in result.files if f.split == "train"]
+                                or [f.aspect for f in result.files]))
     for title, items in (("skipped", result.skipped), ("notes", result.notes)):
         lines.append(f"{title}: {len(items)}")
         for src, reason in items[:max_lines]:

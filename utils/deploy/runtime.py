@@ -125,7 +125,8 @@ class LoadedModel:
         """One line for summaries, e.g. ``mobilenet_v2 checkpoint, 10 classes, 224 px, cpu``."""
         name = f"{self.arch['name']} " if self.arch else ""
         return (f"{name}{self.kind}, {self.num_classes} classes, {self.preprocess['img_size']} px "
-                f"(resize {self.preprocess['resize_size']}), {self.runs_on}")
+                f"({'squash' if self.preprocess.get('resize_mode') == 'squash' else 'resize'} "
+                f"{self.preprocess['resize_size']}), {self.runs_on}")
 
     def __repr__(self) -> str:
         return f"LoadedModel({self.path!r}, {self.describe()})"
