@@ -354,7 +354,7 @@ def test_a_200_megapixel_photo_is_a_photo_not_a_decompression_bomb(tmp_path, mon
         data = f.read()
     with pytest.raises(Image.DecompressionBombError):  # what Pillow alone does with it
         Image.open(big)
-    assert _check_image(data) == (None, "L")  # split_dataset.py keeps it
+    assert _check_image(data) == (None, "L", 16320 / 12240)  # split_dataset.py keeps it (and its 4:3 shape)
     assert Image.MAX_IMAGE_PIXELS == LARGEST_IMAGE_PIXELS == 2 ** 30
     assert pil_from_bytes(data).size == (16320, 12240)  # the PIL path (predict's fallback, report thumbnails)
     assert decode_rgb(big, 300).shape == (3, 1530, 2040)  # training: decoded at 1/8 scale
@@ -419,7 +419,7 @@ def test_unreadable_file_errors_read_the_same_in_every_decoder(tmp_path):
         assert describe_error(e.value) == message
         assert _decode_one(p) == message
         assert ImageFiles([p], tf)[0][2] == message
-    assert _check_image(fake.read_bytes()) == (f"unreadable image ({want[str(fake)]})", "")
+    assert _check_image(fake.read_bytes()) == (f"unreadable image ({want[str(fake)]})", "", 1.0)
 
 
 def test_corrupt_image_is_skipped_and_counted(fm, tmp_path, capsys):
@@ -512,7 +512,7 @@ def test_an_image_over_the_pixel_limit_is_refused_alike_by_every_decoder(tmp_pat
         with pytest.raises(ImageTooLarge, match="1,600 MP"):
             load_pil(str(path))  # evaluate, predict, export
         assert _decode_one(str(path)) == f"ImageTooLarge: {reason}"  # the memory cache
-        assert _check_image(data) == (f"unreadable image (ImageTooLarge: {reason})", "")  # split_dataset.py
+        assert _check_image(data) == (f"unreadable image (ImageTooLarge: {reason})", "", 1.0)  # split_dataset.py
     with pytest.raises(ImageTooLarge, match="^2,500 MP is over the 1,074 MP limit"):  # > 2x: Pillow's own error
         open_image(io.BytesIO(_png_header_only(50000, 50000)))
     check_encoded_size(_png_header_only(32768, 32768))  # exactly 1 GP: allowed
