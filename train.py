@@ -279,17 +279,19 @@ def restore_settings(cfg: cfglib.TrainConfig, ckpt: dict | None, world_size: int
     return cfg
 
 
-def find_data(cfg: cfglib.TrainConfig, ckpt: dict | None, is_main: bool) -> tuple[str, list[str]]:
-    """The data folder (the default one prepared on first use) and its classes; a resumed run needs the same."""
+def find_data(cfg: cfglib.TrainConfig, ckpt: dict | None, is_main: bool) -> tuple[str, list[str], list[str]]:
+    """The data folder (the default one prepared on first use), its classes (a resumed run needs the same) and
+    its training images' paths."""
     data_dir = resolve_data_dir(cfg, is_main)
-    classes = list(load_split(data_dir)[0].classes)
+    train_ds = load_split(data_dir)[0]
+    classes = list(train_ds.classes)
     if ckpt is not None and list(ckpt.get("classes", classes)) != classes:
         raise UserError(f"{cfg.resume} was trained on classes {ckpt['classes']}, but {data_dir} has {classes}; "
                         "resume with the same --data")
-    return data_dir, classes
+    return data_dir, classes, [path for path, _ in train_ds.samples]
 
 
-def decide_resize_mode(cfg: cfglib.TrainConfig, ckpt: dict | None, data_dir: str,
+def decide_resize_mode(cfg: cfglib.TrainConfig, ckpt: dict | None, train_paths: list[str],
                        is_main: bool) -> tuple[cfglib.TrainConfig, dict | None]:
     """``resize_mode`` auto made concrete from the training images' shape (utils/data/shape.py), one line about
     it; a resumed run keeps its checkpoint's preprocessing. Returns the config and the decision (None: none made)."""
@@ -298,7 +300,7 @@ def decide_resize_mode(cfg: cfglib.TrainConfig, ckpt: dict | None, data_dir: str
         return replace(cfg, resize_mode=mode), None
     if cfg.resize_mode != "auto":
         return cfg, None
-    decision = choose_resize_mode([path for path, _ in load_split(data_dir)[0].samples])
+    decision = choose_resize_mode(train_paths)
     if is_main:
         print(resize_mode_line(decision))
     return replace(cfg, resize_mode=decision["resize_mode"]), decision
@@ -369,8 +371,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     cfg = restore_settings(cfg, ckpt, dist.world_size)
     # data folder and classes
-    data_dir, classes = find_data(cfg, ckpt, dist.is_main)
-    cfg, resize_decision = decide_resize_mode(cfg, ckpt, data_dir, dist.is_main)
+    data_dir, classes, train_paths = find_data(cfg, ckpt, dist.is_main)
+    cfg, resize_decision = decide_resize_mode(cfg, ckpt, train_paths, dist.is_main)
     # model, restored when resuming
     model, bn_adapted = restore_model(cfg, len(classes), ckpt, device, dist, data_dir)
     # run folder, phases (each phase builds its data, speed plan, optimizer and schedule, wrapping: run_phase)

@@ -153,6 +153,7 @@ def test_train_decides_squash_records_it_and_evaluate_follows(tmp_path, capsys):
     assert f"top-1 {m['top1']:.2f}%" in fp32, fp32
     # a resumed run keeps its checkpoint's preprocessing, whatever auto would say now
     cfg = train.resolve_config(train.get_args_parser().parse_args(tiny + ["--data", data]))[0]
+    data = train.find_data(cfg, None, False)[2]  # the training images' paths
     old = {"preprocess": {k: v for k, v in best["preprocess"].items() if k != "resize_mode"}}
     assert train.decide_resize_mode(cfg, old, data, False)[0].resize_mode == "crop"
     assert train.decide_resize_mode(cfg, None, data, False)[0].resize_mode == "squash"
