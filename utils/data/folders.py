@@ -41,6 +41,14 @@ def report_unreadable(path: str, error: str) -> None:
     print(f"warning: {unreadable_line(path, error)}", file=sys.stderr, flush=True)
 
 
+def damaged_line(path: str, messages: Sequence[str]) -> str:
+    """The one line for an image whose decoder warned but still gave pixels (a JPEG with corrupt data decodes with
+    grey or smeared blocks): ``damaged image PATH decoded anyway (libjpeg: first warning[; N more])``."""
+    more = f"; {len(messages) - 1} more" if len(messages) > 1 else ""
+    return (f"damaged image {path} decoded anyway, it may show grey or smeared blocks "
+            f"(libjpeg: {messages[0].strip()[:160]}{more}); re-save or delete it")
+
+
 _BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
