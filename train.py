@@ -340,6 +340,8 @@ def open_run(cfg: cfglib.TrainConfig, args: argparse.Namespace, ckpt: dict | Non
     if ckpt is not None:
         run.step, run.best_acc = int(ckpt["step"]), float(ckpt["best_acc"])
         run.best_se, run.kept = float(ckpt.get("best_se", 0.0)), ckpt.get("best_kept")  # absent before select_se
+        # what best_acc measures: a finished run resumed trains no phase that would set it again
+        run.best_name = imblib.SELECT_NAMES.get(ckpt.get("best_metric", "top1"), run.best_name)
     if args.lr_find:
         run.lr_find = {"steps": args.lr_find_steps, "lr_range": tuple(args.lr_find_range)}
     elif is_main:

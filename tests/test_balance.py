@@ -276,6 +276,10 @@ def test_auto_on_imbalanced_folder_prints_records_and_logs(imb, tmp_path, capsys
     assert "select_metric balanced_acc: best.pt = best val balanced accuracy (auto:" in text
     assert "bal-acc " in text and "macro-F1 " in text
     assert "done: best val balanced accuracy" in text
+    # resuming the finished run trains nothing, and still names what best_acc measures
+    train.main(["--resume", str(out / "last.pt")])
+    again = capsys.readouterr().out
+    assert f"done: best val balanced accuracy {res['best_acc']:.2f}%" in again and "val top-1" not in again
     with open(out / "log.csv") as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0])[5:9] == ["val_top1", "val_top5", "val_bal_acc", "val_macro_f1"]
