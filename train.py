@@ -91,7 +91,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr-find", action="store_true",
                         help="instead of training, sweep the learning rate exponentially over --lr-find-range on this "
                              "recipe's real data, model and pipeline, write RUN/lr_find.csv and RUN/lr_find.png and "
-                             "print a suggested --lr (smoothed-loss minimum / 10); no checkpoint is written or changed. "
+                             "print a suggested --lr (smoothed-loss minimum / 10; none when the loss never fell); no checkpoint is written or changed. "
                              "It sweeps the recipe's first phase: with head epochs (finetune.yaml) the classifier on "
                              "cached features (its lr is head_lr); --set head_epochs=0 sweeps the whole network")
     parser.add_argument("--lr-find-steps", type=int, default=100,

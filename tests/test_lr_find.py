@@ -50,7 +50,10 @@ def test_exponential_lrs_smoothing_and_suggestion():
     assert at_min == lrs[24] and suggestion == pytest.approx(lrs[24] / 10) == pytest.approx(lrs[14])
     # a lucky first batch is not the minimum (the first steps are skipped), and the suggestion stays in range
     assert lr_find.suggest_lr(lrs, [0.1] + loss[1:]) == (suggestion, at_min)
-    assert lr_find.suggest_lr(lrs, sorted(loss))[0] == lrs[0]
+    # no rate lowered the loss (lowest at the first step that counts): no suggestion, not the bottom of the range
+    assert lr_find.suggest_lr(lrs, sorted(loss)) == (None, lrs[10])
+    assert lr_find.suggest_lr([1e-6, 1e-3, 1.0], [1.48, 1.6, 2.1]) == (None, 1e-6)  # 3 steps: a small folder
+    assert lr_find.suggest_lr([1e-6, 1e-3, 1.0], [1.6, 1.48, 2.1]) == (1e-4, 1e-3)
     with pytest.raises(UserError, match="--lr-find-range"):
         lr_find.exponential_lrs(1.0, 1e-6, 10)
 
@@ -149,3 +152,27 @@ def test_sweep_repeats_a_learning_rate_when_gradscaler_skipped_the_step(data):
     skipped = len(batches) - len(lrs)
     assert 1 <= skipped <= lr_find.MAX_SCALER_SKIPS, batches  # overflowing steps took batches, recorded nothing
     assert scaler.get_scale() == 2.0 ** 127  # the scaler's state is put back too
+
+
+def test_lr_find_without_a_falling_loss_suggests_nothing(tmp_path, capsys, monkeypatch):
+    """A 3-step sweep (a small folder at batch 64) whose loss is lowest at its first step once suggested 1e-06,
+    the bottom of the range and 10,000x below the recipe's rate, as 'use it with'. Now it says there is none."""
+    lrs = lr_find.exponential_lrs(1e-6, 1.0, 3)
+    smoothed = [1.48, 1.55, 2.9]
+    suggestion, at_min = lr_find.suggest_lr(lrs, smoothed)
+    result = lr_find.LRFindResult(lrs, smoothed, smoothed, suggestion, at_min, None, 3)
+    monkeypatch.setattr(lr_find, "lr_sweep", lambda *a, **k: result)
+
+    class Data:
+        train_loader = None
+
+        def set_epoch(self, epoch):
+            pass
+
+    summary = lr_find.run_lr_find(None, Data(), str(tmp_path), steps=3, flag="--set head_lr=")
+    printed = capsys.readouterr().out
+    assert summary["lr_find"]["suggestion"] is None
+    assert ("no suggested lr: the smoothed loss never fell below its value at lr 1e-06, the first step that counts, "
+            "so this 3-step sweep found no rate that trains better; keep the recipe's rate") in printed
+    assert "use it with" not in printed and "suggested lr 1e-06" not in printed
+    assert (tmp_path / "lr_find.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "lr_find.csv").exists()

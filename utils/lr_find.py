@@ -49,7 +49,7 @@ class LRFindResult:
     lrs: list[float]
     losses: list[float]
     smoothed: list[float]
-    suggestion: float
+    suggestion: Optional[float]  # None: the loss never fell below its value at the first step that counts
     min_loss_lr: float
     stopped: Optional[str]  # why the sweep ended before its last step (None: it ran all steps)
     planned_steps: int
@@ -74,15 +74,18 @@ def smooth(losses: list[float], beta: float = SMOOTHING) -> list[float]:
     return out
 
 
-def suggest_lr(lrs: list[float], smoothed: list[float], skip: int = SKIP_START) -> tuple[float, float]:
+def suggest_lr(lrs: list[float], smoothed: list[float],
+               skip: int = SKIP_START) -> tuple[Optional[float], float]:
     """(suggested lr, lr at the smoothed minimum): see :data:`HOW_SUGGESTED`; never below the sweep's start.
 
     The first ``skip`` steps (at most a quarter of the sweep) are not candidates for the minimum: the average
-    has seen too few batches there, and one easy batch would win.
+    has seen too few batches there, and one easy batch would win. A minimum at the first candidate means no rate
+    of the sweep lowered the loss (a sweep of 3 steps on a small folder, or a START already too high): the
+    suggestion is then None, not the bottom of the range, which would be a rate 10,000x too small passed as advice.
     """
     first = min(skip, len(smoothed) // 4)
     i = min(range(first, len(smoothed)), key=smoothed.__getitem__)
-    return max(lrs[i] / 10, lrs[0]), lrs[i]
+    return (None if i == first else max(lrs[i] / 10, lrs[0])), lrs[i]
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -186,12 +189,20 @@ def run_lr_find(ctx, data: Any, out: str, *, steps: int, lr_range: tuple[float, 
     ended = f"stopped early: {result.stopped}" if result.stopped else f"ran all {steps} steps"
     print(f"lr find: {len(result.lrs)} steps, {ended}; smoothed loss lowest ({min(result.smoothed):.4g}) at lr "
           f"{result.min_loss_lr:.3g}")
-    print(f"suggested lr {result.suggestion:.3g}: {HOW_SUGGESTED}")
-    if not result.stopped and result.min_loss_lr >= result.lrs[-1]:
-        print("warning: the loss was still falling at the end of the sweep, so the suggestion is a guess; "
-              "raise the END of --lr-find-range or look at the plot")
-    # --set values are read as YAML, which takes 3e-05 for text: give a --set value a decimal point (3.0e-05)
-    use = f"{flag}{float(f'{result.suggestion:.2g}'):.1e}" if flag.endswith("=") else f"{flag} {result.suggestion:.2g}"
-    print(f"wrote {csv_path} and {png_path}; use it with {use}")
+    if result.suggestion is None:
+        print(f"no suggested lr: the smoothed loss never fell below its value at lr {result.min_loss_lr:.3g}, the "
+              f"first step that counts, so this {len(result.lrs)}-step sweep found no rate that trains better; keep "
+              "the recipe's rate, or sweep again with more steps (a smaller --batch-size) or a lower START of "
+              "--lr-find-range")
+        print(f"wrote {csv_path} and {png_path}")
+    else:
+        print(f"suggested lr {result.suggestion:.3g}: {HOW_SUGGESTED}")
+        if not result.stopped and result.min_loss_lr >= result.lrs[-1]:
+            print("warning: the loss was still falling at the end of the sweep, so the suggestion is a guess; "
+                  "raise the END of --lr-find-range or look at the plot")
+        # --set values are read as YAML, which takes 3e-05 for text: give a --set value a decimal point (3.0e-05)
+        use = (f"{flag}{float(f'{result.suggestion:.2g}'):.1e}" if flag.endswith("=")
+               else f"{flag} {result.suggestion:.2g}")
+        print(f"wrote {csv_path} and {png_path}; use it with {use}")
     return {"lr_find": {"suggestion": result.suggestion, "min_loss_lr": result.min_loss_lr, "steps": len(result.lrs),
                         "stopped": result.stopped, "csv": csv_path, "png": png_path}, "out": out}

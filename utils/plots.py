@@ -155,16 +155,17 @@ def plot_mistakes(mistakes: list[dict], out_png: str, max_images: int = 25, colu
     _save_figure(fig, out_png)
 
 
-def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float], suggestion: float,
-                 min_loss_lr: float, out_png: str) -> None:
+def plot_lr_find(lrs: Sequence[float], losses: Sequence[float], smoothed: Sequence[float],
+                 suggestion: float | None, min_loss_lr: float, out_png: str) -> None:
     """Loss against learning rate (log axis) of a ``train.py --lr-find`` sweep: raw loss faint, smoothed loss
-    solid, the smoothed minimum and the suggested learning rate marked."""
+    solid, the smoothed minimum and the suggested learning rate (when there is one) marked."""
     fig = Figure(figsize=(6.5, 4.2))
     ax = fig.subplots()
     ax.plot(lrs, losses, color="tab:blue", alpha=0.3, lw=1, label="loss per step")
     ax.plot(lrs, smoothed, color="tab:blue", lw=2, label="smoothed loss")
     ax.axvline(min_loss_lr, color="tab:grey", ls=":", label=f"smoothed minimum (lr {min_loss_lr:.2g})")
-    ax.axvline(suggestion, color="tab:red", ls="--", label=f"suggested lr {suggestion:.2g} (minimum / 10)")
+    if suggestion is not None:
+        ax.axvline(suggestion, color="tab:red", ls="--", label=f"suggested lr {suggestion:.2g} (minimum / 10)")
     ax.set_xscale("log")
     lo, hi = min(smoothed), max(smoothed)  # the raw loss of the last, diverging steps would flatten the curve
     ax.set_ylim(lo - 0.1 * (hi - lo + 1e-9), hi + 0.25 * (hi - lo + 1e-9))
