@@ -220,6 +220,37 @@ def test_every_tool_lists_the_same_files_of_a_folder_with_links(tmp_path):
                                        "Coat/2.png", "Coat/more/3.png", "Coat/more/4.png", "Coat/more/5.png"]
     scanned = scan_folder(str(root))
     assert sorted(f.source for f in scanned.files) == sorted(p for p, _ in trained)
+    assert ("Coat/loop/", "link to its class folder or a folder above it (a loop): not read") in scanned.skipped
+    # a link at the top of RAW to RAW itself is no class: it would file every image twice and leave no val/test
+    os.symlink(".", root / "all")
+    scanned = scan_folder(str(root))
+    assert scanned.classes == ["Bag", "Coat"] and len(scanned.files) == len(trained)
+    assert ("all/", f"link to {root} itself or a folder above it (a loop): not read") in scanned.skipped
+
+
+def test_class_whose_every_image_is_also_in_another_class_says_so(tmp_path):
+    """A class whose images are all copies of another class's is not 'only 0 distinct images': they are labelling
+    conflicts, kept in train, and the note says so."""
+    root = tmp_path / "raw"
+    for cls in ("Bag", "Coat"):
+        (root / cls).mkdir(parents=True)
+    for i in range(4):
+        shutil.copy(_png("Bag", i), root / "Bag" / f"{i}.png")
+        shutil.copy(_png("Bag", i), root / "Coat" / f"copy{i}.png")
+        shutil.copy(_png("Coat", i), root / "Coat" / f"{i}.png")
+    old = os.umask(0o022)
+    try:
+        result = split_dataset(str(root), str(tmp_path / "out"), val=0.25, seed=0)
+    finally:
+        os.umask(old)
+    # the folder is built under a private temporary name, then renamed: it must not stay private (0700)
+    assert oct(os.stat(tmp_path / "out").st_mode & 0o777) == oct(0o755)
+    notes = dict(result.notes)
+    assert notes["Bag"] == ("only 0 distinct image(s) besides 4 also filed under another class (in train, see their "
+                            "notes): too few to split, all kept in train")
+    assert "Coat" not in notes  # 4 distinct images of its own besides the copies: split as usual
+    assert sorted(f.split for f in result.files if f.cls == "Coat" and not f.source.startswith("Coat/copy")) == \
+        ["train"] * 3 + ["val"]
 
 
 def test_refuses_nonempty_out_and_never_leaves_half_output(tmp_path, monkeypatch):

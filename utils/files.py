@@ -13,6 +13,21 @@ from typing import Any, Iterable, Sequence
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: put straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_folder(parent: str, prefix: str) -> str:
+    """A new empty folder in ``parent`` to build an output in before renaming it into place, with the permissions
+    a plain os.makedirs would give (mkdtemp makes it private, 0700, which the renamed output would keep)."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    os.chmod(path, 0o777 & ~_umask())
+    return path
+
+
 def atomic_write(path: str, write_fn) -> None:
     """Call ``write_fn(tmp_path)`` on a temp file in ``path``'s folder, fsync it, then ``os.replace`` it.
 
@@ -27,9 +42,7 @@ def atomic_write(path: str, write_fn) -> None:
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         # mkstemp creates 0600 files; give the result the permissions a plain open() would (umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -165,6 +165,13 @@ class SkippedFiles:
         return [{"file": p, "error": e} for p, e in self.errors.items()]
 
 
+def is_loop_link(path: str, top: str) -> bool:
+    """True when the folder ``path`` resolves to ``top`` itself or a folder above it: walking it would list
+    ``top`` again (``Bag/up -> ..`` lists every class's images as Bags; ``RAW/all -> .`` makes a class of all)."""
+    real, top_real = os.path.realpath(path), os.path.realpath(top)
+    return real == top_real or top_real.startswith(real.rstrip(os.sep) + os.sep)
+
+
 def walk_tree(folder: str) -> Iterator[tuple[str, list[str], list[str]]]:
     """``os.walk(folder)`` that follows symbolic links to folders, as torchvision's ImageFolder (train.py) does,
     so every tool lists the same files; a link back to a folder already walked, or to ``folder`` itself or a
@@ -177,7 +184,7 @@ def walk_tree(folder: str) -> Iterator[tuple[str, list[str], list[str]]]:
         keep = []
         for d in dirnames:
             real = os.path.realpath(os.path.join(dirpath, d))
-            if real not in seen and not top.startswith(real.rstrip(os.sep) + os.sep):
+            if real not in seen and not is_loop_link(real, top):
                 seen.add(real)
                 keep.append(d)
         dirnames[:] = keep

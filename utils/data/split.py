@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from utils.data.folders import IMAGE_EXTENSIONS, describe_error, is_image_file, open_image, walk_tree
+from utils.data.folders import IMAGE_EXTENSIONS, describe_error, is_image_file, is_loop_link, open_image, walk_tree
 from utils.data.shape import shape_line
 from utils.errors import UserError
+from utils.files import temp_folder
 
 SPLITS = ("train", "val", "test")
 
@@ -106,6 +107,8 @@ def scan_folder(raw: str, progress: bool = False) -> SplitResult:
     for e in entries:
         if e.name.startswith("."):
             skipped.append((e.name, "hidden file or folder"))
+        elif e.is_dir() and is_loop_link(e.path, raw):
+            skipped.append((f"{e.name}/", f"link to {raw} itself or a folder above it (a loop): not read"))
         elif e.is_dir():
             class_dirs.append(e.name)
         else:
@@ -119,6 +122,9 @@ def scan_folder(raw: str, progress: bool = False) -> SplitResult:
             for d in sorted(dirnames):
                 if d.startswith("."):
                     skipped.append((f"{cls}/{rel_dir}{d}/", "hidden folder (not read)"))
+                elif is_loop_link(os.path.join(dirpath, d), base):
+                    skipped.append((f"{cls}/{rel_dir}{d}/", "link to its class folder or a folder above it (a loop): "
+                                                            "not read"))
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             for name in sorted(filenames, key=_sort_key):
                 rel = rel_dir + name
@@ -180,12 +186,14 @@ def assign_splits(result: SplitResult, val: float, test: float, seed: int) -> Sp
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise UserError(f"--val {val} and --test {test} must be fractions in [0, 1) with a sum below 1")
     classes_of_hash: dict[str, set[str]] = defaultdict(set)
+    conflicted: dict[str, int] = defaultdict(int)  # class -> its files also filed under another class
     for f in result.files:
         classes_of_hash[f.sha256].add(f.cls)
     by_class: dict[str, dict[str, list[ImageFile]]] = defaultdict(lambda: defaultdict(list))
     for f in result.files:
         if len(classes_of_hash[f.sha256]) > 1:
             f.split = "train"
+            conflicted[f.cls] += 1
             others = ", ".join(sorted(classes_of_hash[f.sha256] - {f.cls}, key=_sort_key))
             result.notes.append((f.source, f"identical bytes also in class(es) {others}: labelling conflict, "
                                            "kept in train only"))
@@ -204,7 +212,9 @@ def assign_splits(result: SplitResult, val: float, test: float, seed: int) -> Sp
         if counts is None:
             counts = (len(hashes), 0, 0)
             if val > 0 or test > 0:
-                result.notes.append((cls, f"only {len(hashes)} distinct image(s): too few to split, all kept "
+                also = (f" besides {conflicted[cls]} also filed under another class (in train, see their notes)"
+                        if conflicted[cls] else "")
+                result.notes.append((cls, f"only {len(hashes)} distinct image(s){also}: too few to split, all kept "
                                           "in train"))
         n_train, n_val, _ = counts
         for i, h in enumerate(hashes):
@@ -258,7 +268,7 @@ def split_dataset(raw: str, out: str, *, val: float = 0.2, test: float = 0.0, se
                         "needs at least 2 (one sub-folder of images per class)")
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    tmp = temp_folder(parent, f".{os.path.basename(out)}.tmp-")
     try:
         used = Counter()
         files = sorted(result.files, key=lambda f: (f.split, _sort_key(f.cls), _sort_key(f.relpath)))
