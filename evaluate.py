@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import os
+import unicodedata
 from typing import Any
 
 import numpy as np
@@ -81,14 +82,20 @@ def resolve_data(data: str, model: LoadedModel) -> str:
                     f"'{data}' sub-folder here; pass the split folder path instead")
 
 
+def same_name(name: str) -> str:
+    """A class name as compared with the model's: Unicode NFC, so a folder ``café`` written by macOS (NFD: ``e`` +
+    combining accent) matches the model's ``café`` typed on Linux; the two look identical in every message."""
+    return unicodedata.normalize("NFC", name)
+
+
 def match_classes(data_classes: list[str], model: LoadedModel, data_dir: str) -> list[str]:
     """Check the data's class folders against the model's classes; return notes for a subset.
 
     A class folder the model does not know is an error listing every difference.
     """
-    known = set(model.classes)
-    unknown = [c for c in data_classes if c not in known]
-    absent = [c for c in model.classes if c not in set(data_classes)]
+    known = {same_name(c) for c in model.classes}
+    unknown = [c for c in data_classes if same_name(c) not in known]
+    absent = [c for c in model.classes if same_name(c) not in {same_name(d) for d in data_classes}]
     if unknown and set(unknown) & set(SPLIT_NAMES):
         split = next(c for c in ("val", "test", "train") if c in unknown)
         raise UserError(f"{data_dir} holds split folders ({', '.join(c for c in unknown if c in SPLIT_NAMES)}), "
@@ -131,6 +138,8 @@ def evaluate(model: LoadedModel, data_dir: str, batch_size: int = 64, workers: i
         model = with_flip_tta(model)
     per_class, empty = scan_class_folders(data_dir)
     notes = match_classes(list(per_class), model, data_dir)
+    spelled = {same_name(c): c for c in model.classes}  # the model's spelling from here on
+    per_class = {spelled[same_name(c)]: files for c, files in per_class.items()}
     if empty:
         notes.append(f"note: class folders without images ignored: {', '.join(empty)}")
     loose = [f for f in sorted(os.listdir(data_dir)) if is_image_file(f) and os.path.isfile(os.path.join(data_dir, f))]

@@ -168,14 +168,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                            progress=not args.no_progress, temperature=temperature, threshold=threshold, tta=args.tta)
     result.update(temperature=temperature, threshold=threshold, unmatched=unmatched)
     SkippedFiles().add(result["failed"])  # one line each on stderr
-    if result["predictions"]:
-        print(format_table(result["predictions"]))
+    n = len(result["predictions"])
+    if n == 0:  # before --json / --csv: no file of headers alone that looks like a finished run
+        raise UserError(f"none of the {len(paths)} files could be read as images; see the messages above")
+    print(format_table(result["predictions"]))
     if args.json:
         write_predictions_json(args.json, result, model)
     if args.csv:
         write_predictions_csv(args.csv, result)
     print(model.engine_line())
-    n = len(result["predictions"])
     if args.no_calibration or stored_t is None:
         how = "plain softmax" + ("" if args.no_calibration else
                                  f" ({os.path.basename(model.path)} carries no temperature; see docs/trust.md)")
@@ -190,8 +191,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           f"{f', {skipped} skipped' if skipped else ''} in {result['seconds']:.2f} s, "
           f"{rate_text(result['images_per_s'])} images/s (model alone {rate_text(result['model_images_per_s'])} images/s, "
           f"{model.engine.value} on {model.runs_on}){written}")
-    if n == 0:
-        raise UserError(f"none of the {len(paths)} files could be read as images; see the messages above")
     return result
 
 

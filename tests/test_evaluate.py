@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import unicodedata
 
 import pytest
 import torch
@@ -137,6 +138,19 @@ def test_class_mismatch_lists_the_differences(tmp_path):
     assert "not known to the model: plant" in msg
     assert "model classes without a folder: object, scene" in msg
     assert data in msg
+
+
+def test_class_folder_names_match_whatever_their_unicode_form(tmp_path):
+    """A folder written by macOS spells 'scène' as 'sce' + combining grave (NFD), the model's name (typed on
+    Linux) is NFC: both print the same, so refusing them would be an error no one can read. They are one class."""
+    nfc = ["animal", "object", "sc\u00e8ne"]
+    groups = {c: [photo(n) for n, (t, _) in TABLE.items() if t == c] for c in CLASSES}
+    data = make_class_folders(str(tmp_path / "d"), {"animal": groups["animal"], "object": groups["object"],
+                                                     unicodedata.normalize("NFD", nfc[2]): groups["scene"]})
+    assert sorted(os.listdir(data))[2] != nfc[2]  # the folder really is NFD on disk
+    res = evaluate.evaluate(stub_model(nfc), data, batch_size=16, workers=0, progress=False)
+    assert res["metrics"]["top1"] == pytest.approx(100 * 6 / 9)  # the scene photos scored as the model's scène
+    assert res["metrics"]["model_classes_not_in_data"] == []
 
 
 def test_split_root_instead_of_split_is_explained(tmp_path):

@@ -108,7 +108,9 @@ def test_nothing_to_predict_errors(ckpt, tmp_path):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")
     with pytest.raises(UserError, match="none of the 1 files could be read as images"):
-        predict.main([ckpt, str(bad), "--no-progress"])
+        predict.main([ckpt, str(bad), "--no-progress", "--csv", str(tmp_path / "p.csv"),
+                      "--json", str(tmp_path / "p.json")])
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "p.json").exists()  # no file of headers alone
     with pytest.raises(UserError, match="--topk must be at least 1"):
         predict.main([ckpt, str(bad), "--topk", "0"])
 
