@@ -18,7 +18,7 @@ def resolve_data_dir(cfg: TrainConfig, is_main: bool) -> str:
         if not os.path.isdir(os.path.join(path, "train")):
             if is_main:
                 print("preparing the default dataset (Fashion-MNIST class folders, train/val split) ...")
-                ensure_default_dataset(os.path.join(REPO_ROOT, "datasets", "fashion_mnist"))
+                ensure_default_dataset(os.path.join(REPO_ROOT, "datasets", "fashion_mnist"), progress=cfg.progress)
             barrier()
         return path
     if not os.path.isdir(cfg.data):

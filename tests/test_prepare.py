@@ -72,6 +72,24 @@ def test_prepare_is_atomic_and_idempotent(arrays, tmp_path, monkeypatch):
         prep.prepare_fashion_mnist(str(out))
 
 
+def test_default_dataset_without_progress_bars(arrays, tmp_path, monkeypatch, capfd):
+    """train.py --no-progress on first use prepares the default data without a bar (three used to print), and the
+    folders it builds under private temporary names end with the umask's permissions, not 0700."""
+    small = {part: (arrays[part][0][:40], arrays[part][1][:40]) for part in ("train", "test")}
+    monkeypatch.setattr(prep, "TOTAL", 80)
+    monkeypatch.setattr(prep, "load_arrays", lambda src: small)
+    old = os.umask(0o022)
+    try:
+        split = prep.ensure_default_dataset(str(tmp_path / "fm"), progress=False)
+    finally:
+        os.umask(old)
+    err = capfd.readouterr().err
+    assert "fashion-mnist -> png" not in err and "checking images" not in err and "hardlink ->" not in err, err
+    assert os.path.isdir(os.path.join(split, "train", "Bag")) and os.path.isdir(os.path.join(split, "val"))
+    for folder in (tmp_path / "fm" / "raw", tmp_path / "fm" / "split"):
+        assert oct(os.stat(folder).st_mode & 0o777) == oct(0o755), folder
+
+
 def test_offline_without_debian_files_fails_clearly(tmp_path, monkeypatch):
     import torchvision.datasets
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from utils.data.split import split_dataset
 from utils.errors import UserError, run_main
-from utils.files import REPO_ROOT
+from utils.files import REPO_ROOT, temp_folder
 
 ROOT = Path(REPO_ROOT)
 
@@ -85,7 +85,7 @@ def is_complete(out: str) -> bool:
         return False
 
 
-def prepare_fashion_mnist(out: str = str(DEFAULT_ROOT / "raw"), src: str = DEBIAN_DIR) -> str:
+def prepare_fashion_mnist(out: str = str(DEFAULT_ROOT / "raw"), src: str = DEBIAN_DIR, progress: bool = True) -> str:
     """Write ``out/<class>/*.png`` (70,000 files) unless already complete; returns ``out``."""
 
     out = os.path.abspath(out)
@@ -96,11 +96,11 @@ def prepare_fashion_mnist(out: str = str(DEFAULT_ROOT / "raw"), src: str = DEBIA
     parts = load_arrays(src)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    tmp = temp_folder(parent, f".{os.path.basename(out)}.tmp-")
     try:
         for c in CLASSES:
             os.mkdir(os.path.join(tmp, c))
-        with tqdm(total=TOTAL, desc="fashion-mnist -> png", unit="img") as bar:
+        with tqdm(total=TOTAL, desc="fashion-mnist -> png", unit="img", disable=not progress) as bar:
             for part, (images, labels) in parts.items():
                 for i, (img, label) in enumerate(zip(images, labels)):
                     Image.fromarray(img, mode="L").save(os.path.join(tmp, CLASSES[label], f"{part}_{i:05d}.png"))
@@ -114,7 +114,7 @@ def prepare_fashion_mnist(out: str = str(DEFAULT_ROOT / "raw"), src: str = DEBIA
     return out
 
 
-def ensure_default_dataset(root: str = "datasets/fashion_mnist") -> str:
+def ensure_default_dataset(root: str = "datasets/fashion_mnist", progress: bool = True) -> str:
     """Make sure ``root/split/{train,val}`` exists (prepare ``root/raw`` first if needed); returns the split folder.
 
     A relative ``root`` is taken relative to the repository, so ``python train.py`` works from any directory.
@@ -125,9 +125,9 @@ def ensure_default_dataset(root: str = "datasets/fashion_mnist") -> str:
     split_dir = root_path / "split"
     if (split_dir / "split.csv").is_file() and (split_dir / "train").is_dir() and (split_dir / "val").is_dir():
         return str(split_dir)
-    raw = prepare_fashion_mnist(str(root_path / "raw"))
+    raw = prepare_fashion_mnist(str(root_path / "raw"), progress=progress)
     split_dataset(raw, str(split_dir), val=DEFAULT_VAL, test=0.0, seed=0, mode="hardlink", overwrite=True,
-                  progress=True)
+                  progress=progress)
     return str(split_dir)
 
 
