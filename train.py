@@ -580,7 +580,7 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
         flag = "--set head_lr=" if phase.name == "head" and len(phases) > 1 else "--lr"
         run.lr_find = run_lr_find(ctx, data, run.out, steps=min(run.lr_find["steps"], steps_per_epoch),
                                   lr_range=run.lr_find["lr_range"], seed=cfg.seed, bar=main_proc and cfg.progress,
-                                  flag=flag)
+                                  flag=flag, batch_size=cfg.batch_size)
         return
 
     def record() -> dict:

@@ -119,8 +119,8 @@ def test_lr_find_on_cached_features_of_finetune_recipe(data, tmp_path, capsys):
     # the sweep ran on the classifier phase, whose rate is head_lr (--lr would set the whole-network phase)
     printed = capsys.readouterr().out
     value = f"{float(format(summary['lr_find']['suggestion'], '.2g')):.1e}"  # 3.0e-05: a float to --set's YAML
-    assert f"use it with --set head_lr={value}" in printed and "--lr " not in \
-        printed.split("use it with")[1]
+    assert f"use it with --set head_lr={value} at --batch-size 8, the batch it was found at" in printed
+    assert "--lr " not in printed.split("use it with")[1]
     assert C.build_config({}, "r", {}, [f"head_lr={value}"]).head_lr == pytest.approx(float(value))
 
 

@@ -31,6 +31,16 @@ def test_confusion_matrix_label_subset_and_order():
     assert cm.tolist() == [[2, 0], [1, 2]]
 
 
+def test_confusion_matrix_of_a_single_class_val_split_warns_nothing():
+    """A val split holding one class: scikit-learn's confusion_matrix warned twice inside evaluate.py."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cm = confusion_matrix(torch.tensor([1, 1, 1]), torch.tensor([1, 1, 1]), labels=[0, 1, 2])
+    assert cm.tolist() == [[0, 0, 0], [0, 3, 0], [0, 0, 0]]
+
+
 def test_row_normalize_recall_view_and_empty_rows():
     cm = np.array([[2, 1, 1], [0, 0, 0], [0, 0, 2]])
     assert row_normalize(cm).tolist() == [[0.5, 0.25, 0.25], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]]

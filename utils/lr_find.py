@@ -164,14 +164,14 @@ def write_csv(result: LRFindResult, path: str) -> None:
 
 
 def run_lr_find(ctx, data: Any, out: str, *, steps: int, lr_range: tuple[float, float] = (1e-6, 1.0),
-                seed: int = 0, bar: bool = False, flag: str = "--lr") -> dict[str, Any]:
+                seed: int = 0, bar: bool = False, flag: str = "--lr", batch_size: int | None = None) -> dict[str, Any]:
     """train.py's ``--lr-find``: sweep, write ``out/lr_find.{csv,png}``, print the suggestion; returns a summary.
 
     ``data`` is train.py's data bundle (images, or cached features for a frozen backbone); ``steps`` is already
     capped at one epoch by the caller; ``flag`` is the option that sets the swept phase's rate (``--lr``, or
     ``--set head_lr=`` when the sweep ran on the classifier-only phase of a two-phase recipe). Only those two
     files are written in ``out``: no config, log or checkpoint. One process only: train.py refuses ``--lr-find``
-    under torchrun.
+    under torchrun. ``batch_size``: the sweep's batch, named in the advice (the best rate depends on it).
     """
     lrs = exponential_lrs(lr_range[0], lr_range[1], steps)
     if steps < MIN_STEPS_WARNING:
@@ -203,6 +203,8 @@ def run_lr_find(ctx, data: Any, out: str, *, steps: int, lr_range: tuple[float, 
         # --set values are read as YAML, which takes 3e-05 for text: give a --set value a decimal point (3.0e-05)
         use = (f"{flag}{float(f'{result.suggestion:.2g}'):.1e}" if flag.endswith("=")
                else f"{flag} {result.suggestion:.2g}")
-        print(f"wrote {csv_path} and {png_path}; use it with {use}")
+        # the best rate grows with the batch: a rate found at --batch-size 8 is several times too low at 64
+        at = f" at --batch-size {batch_size}, the batch it was found at" if batch_size else ""
+        print(f"wrote {csv_path} and {png_path}; use it with {use}{at}")
     return {"lr_find": {"suggestion": result.suggestion, "min_loss_lr": result.min_loss_lr, "steps": len(result.lrs),
                         "stopped": result.stopped, "csv": csv_path, "png": png_path}, "out": out}

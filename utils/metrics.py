@@ -26,11 +26,15 @@ def confusion_counts(target: torch.Tensor, pred: torch.Tensor, num_classes: int)
 
 
 def confusion_matrix(target: Sequence[int], pred: Sequence[int], labels: Sequence[int]) -> np.ndarray:
-    """Counts ``cm[i, j]`` of samples whose true class is ``labels[i]`` and predicted class ``labels[j]``."""
-    # lazy: scikit-learn pulls in scipy and its own OpenMP runtime; only evaluate.py needs this function
-    from sklearn.metrics import confusion_matrix as sk_confusion_matrix  # noqa: PLC0415
-
-    return sk_confusion_matrix(np.asarray(target), np.asarray(pred), labels=list(labels)).astype(np.int64)
+    """Counts ``cm[i, j]`` of samples whose true class is ``labels[i]`` and predicted class ``labels[j]``; samples
+    whose true or predicted class is not in ``labels`` are not counted (scikit-learn's convention, without its
+    UserWarning when a val split holds a single class)."""
+    where = {int(c): i for i, c in enumerate(labels)}
+    cm = np.zeros((len(labels), len(labels)), dtype=np.int64)
+    for t, p in zip(np.asarray(target).tolist(), np.asarray(pred).tolist()):
+        if t in where and p in where:
+            cm[where[t], where[p]] += 1
+    return cm
 
 
 def row_normalize(cm: np.ndarray) -> np.ndarray:
