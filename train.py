@@ -138,11 +138,19 @@ def refuse_to_overwrite(cfg: cfglib.TrainConfig, args: argparse.Namespace) -> No
     if cfg.resume or args.lr_find or args.overwrite:
         return
     found = [f for f in ("last.pt", "best.pt", "log.csv") if os.path.isfile(os.path.join(cfg.out, f))]
+    if found == ["log.csv"] and not _has_epoch_rows(os.path.join(cfg.out, "log.csv")):
+        found = []  # a run stopped before its first epoch ended (Ctrl-C in the feature pass): nothing to keep
     if found:
         last = os.path.join(cfg.out, "last.pt")
         resume = f"continue it with --resume {last}, " if "last.pt" in found else ""
         raise UserError(f"{cfg.out} already holds a run ({', '.join(found)}); {resume}choose another --out, or pass "
                         "--overwrite to replace it")
+
+
+def _has_epoch_rows(path: str) -> bool:
+    """True when the log.csv at ``path`` holds at least one epoch below its header."""
+    with open(path, newline="") as f:
+        return sum(1 for line in f if line.strip()) > 1
 
 
 def make_model(cfg: cfglib.TrainConfig, num_classes: int, resuming: bool, is_main: bool) -> nn.Module:

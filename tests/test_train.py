@@ -337,6 +337,13 @@ def test_a_run_folder_is_never_overwritten_without_asking(data, tmp_path):
     train.main(args + ["--overwrite", "--seed", "1"])  # asked for: a new run replaces the old files
     assert (out / "last.pt").read_bytes() != before["last.pt"]
     assert load_checkpoint(str(out / "last.pt"))["config"]["seed"] == 1
+    # a run stopped before its first epoch ended (two Ctrl-C in the feature pass) left only log.csv's header:
+    # nothing to resume or lose, so the same command simply starts
+    empty = tmp_path / "stopped_early"
+    empty.mkdir()
+    (empty / "log.csv").write_text((out / "log.csv").read_text().splitlines()[0] + "\r\n")
+    train.main(TINY + ["--epochs", "1", "--data", data, "--out", str(empty)])
+    assert (empty / "last.pt").is_file()
 
 
 def test_corrupt_training_image_is_skipped_and_reported(tmp_path, capsys):
