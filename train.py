@@ -490,9 +490,17 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
     # same set, not every file found since, so its epochs draw the same images in the same order).
     left_out = set((ckpt or {}).get("phase_left_out", run.unreadable))
     if cached:
-        data = cache_pooled_features(model, data_dir, preprocess, cfg.batch_size, workers.value, device, cfg.seed,
-                                     dist.rank, dist.world_size, bar=main_proc and cfg.progress,
-                                     engine=resumed_feature_engine(ckpt))
+        try:  # Ctrl-C stops the pass within a batch (one process; under torchrun at the first training step)
+            data = cache_pooled_features(model, data_dir, preprocess, cfg.batch_size, workers.value, device,
+                                         cfg.seed, dist.rank, dist.world_size, bar=main_proc and cfg.progress,
+                                         engine=resumed_feature_engine(ckpt),
+                                         stop=None if stop is None or dist.enabled else stop)
+        except StopRequested:
+            last_pt = os.path.join(run.out, "last.pt")
+            print("\ninterrupted in the feature pass, before any step of this phase: " + (
+                f"{last_pt} is unchanged (continue with --resume {last_pt})" if ckpt is not None else
+                "nothing trained, nothing saved; run the same command again to start"), file=sys.stderr)
+            raise
     else:
 
         data = load_data(data_dir, img_size=cfg.img_size, resize_size=cfg.resize_size, mean=cfg.mean, std=cfg.std,

@@ -474,11 +474,13 @@ class FeatureBundle:
 @torch.no_grad()
 def encode_pooled(model: nn.Module, samples: list, transform: Callable, batch_size: int, workers: int, *,
                   fwd=None, engine: str = "auto", threads: Optional[int] = None, desc: str = "",
-                  bar: bool = False) -> tuple[torch.Tensor, object, torch.Tensor, list[tuple[str, str]]]:
+                  bar: bool = False, stop: Optional[Callable[[], None]] = None,
+                  ) -> tuple[torch.Tensor, object, torch.Tensor, list[tuple[str, str]]]:
     """Pooled backbone features (float32, CPU) of the readable image files among ``samples`` ([(path, label)]),
     in order (``torch.empty(0)`` when there are none); the forward engine that computed them (``fwd`` when
     given, else the one utils.deploy.engine.fast_forward picks on the first real batch); a bool mask over ``samples``
-    of the files that were read; and ``[(path, error)]`` of the unreadable ones (utils.deploy.inference.ImageFiles)."""
+    of the files that were read; and ``[(path, error)]`` of the unreadable ones (utils.deploy.inference.ImageFiles).
+    ``stop`` is called after every batch and raises to end the pass (train.py's Ctrl-C, one process only)."""
 
 
     paths = [p for p, _ in samples]
@@ -496,13 +498,16 @@ def encode_pooled(model: nn.Module, samples: list, transform: Callable, batch_si
             feats.append(fwd.first.float().cpu())
         else:
             feats.append(fwd.run(x).float().cpu())
+        if stop is not None:
+            stop()
     return (torch.cat(feats) if feats else torch.empty(0)), fwd, read, failed
 
 
 @torch.no_grad()
 def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, batch_size: int, workers: int,
                           device: torch.device, seed: int, rank: int = 0, world_size: int = 1,
-                          bar: bool = False, engine: str = "auto") -> FeatureBundle:
+                          bar: bool = False, engine: str = "auto",
+                          stop: Optional[Callable[[], None]] = None) -> FeatureBundle:
     """Run the frozen backbone once over train/ and val/ (eval transform, no augmentation) and keep the
     pooled features, so a frozen-backbone run trains only the classifier, on tensors, in seconds.
 
@@ -512,6 +517,7 @@ def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, bat
     all processes (the same number on each). The backbone runs
     on the fastest engine this machine has (utils/deploy/engine.py: onnxruntime on a CPU when it matches PyTorch on the
     first batch; ``engine`` forces ``pytorch`` or ``onnxruntime``); the bundle's ``engine`` says which and why.
+    ``stop``: see :func:`encode_pooled` (one process only: the processes' shares end at different batches).
     """
 
 
@@ -528,7 +534,7 @@ def cache_pooled_features(model: nn.Module, data_dir: str, preprocess: dict, bat
         mine = [samples[i] for i in shard_indices(len(samples), rank, world_size)]
         feats, fwd, read, failed = encode_pooled(model, mine, transform, batch_size, workers, fwd=fwd,
                                                  engine=engine, threads=threads.value,
-                                                 desc=f"caching {split} features", bar=bar)
+                                                 desc=f"caching {split} features", bar=bar, stop=stop)
         SkippedFiles().add(failed)  # each process names the files of its own share
         # Every process contributes all its rows (zeros where unreadable) plus a mask, so the gather stays aligned.
         if len(feats) < len(mine):
