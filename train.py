@@ -526,9 +526,11 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
         # rank 0's clock for every process: each started its own a moment apart, and the compile decision this
         # feeds is a collective probe that every torchrun process must take or skip together
         budget_left = broadcast_object(max(0.0, run.cfg.time_budget * 60 - run.elapsed()))
+    # steps left: the recipe's epochs, or under a budget the most it may stretch to (the compile decision takes
+    # the shorter of that and the budget)
+    end = phase.first + BUDGET_MAX_FACTOR * (phase.end - phase.first) if budget_left is not None else phase.end
     plan = speed_plan(cfg, model, device, "features" if cached else data.cache, threads, workers,
-                      len(run.classes), ckpt, 0 if cached else steps_per_epoch * (phase.end - start_epoch),
-                      budget_left)
+                      len(run.classes), ckpt, 0 if cached else steps_per_epoch * (end - start_epoch), budget_left)
     if cached:
         plan.feature_engine = data.engine  # printed in the header, saved in config.yaml and the checkpoint
     machine.apply_plan(plan, device)

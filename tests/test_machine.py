@@ -156,13 +156,18 @@ def test_compile_is_probed_only_on_long_runs_and_chosen_only_where_it_pays():
     assert c.value is False
     # a time budget fixes the run's length: 30 minutes left, no eager probe needed, 1.25x saves 6 minutes
     probe, seen = _fake_probe(fast)
-    c, _ = M.decide_compile("auto", best, features_only=False, run_steps=10, est_step_s=None, probe=probe,
+    c, _ = M.decide_compile("auto", best, features_only=False, run_steps=10**6, est_step_s=None, probe=probe,
                             run_s=1800.0)
     assert seen == [["eager fp32 channels_last", "compiled fp32 channels_last"]] and c.value is True
     assert c.reason.endswith("6 of an estimated 30 minutes saved against 70 s of compiling")
     c, _ = M.decide_compile("auto", best, features_only=False, run_steps=10**6, est_step_s=2.0,
                             probe=_fake_probe(fast)[0], run_s=600.0)
     assert c.value is False and c.reason.startswith("not probed") and "10-minute run" in c.reason
+    # a 600-minute budget whose epoch cap (run_steps) ends the run after 150 steps of 2 s: a 5-minute run, not
+    # worth a compile probe (it once cost 51 s of a run planned at 5.1 minutes)
+    c, _ = M.decide_compile("auto", best, features_only=False, run_steps=150, est_step_s=2.0,
+                            probe=_fake_probe(fast)[0], run_s=600 * 60.0)
+    assert c.value is False and c.reason.startswith("not probed") and "5-minute run" in c.reason
     c, _ = M.decide_compile("auto", best, features_only=False, run_steps=20, est_step_s=2.0, probe=probe)
     assert "an estimated 40-second run" in c.reason  # not "0-minute"
     # unknown step time: the eager variant is probed first (at the small probe batch, scaled up to the real one)

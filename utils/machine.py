@@ -444,6 +444,15 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f}-minute" if seconds >= 90 else f"{max(seconds, 1):.0f}-second"
 
 
+def _run_length(run_s: Optional[float], step_s: Optional[float], run_steps: int) -> float:
+    """Seconds the rest of the run will train: ``run_steps`` steps of ``step_s`` each, at most ``run_s`` (a time
+    budget); whichever is known when only one is."""
+    by_steps = step_s * run_steps if step_s is not None else None
+    if run_s is None:
+        return by_steps
+    return run_s if by_steps is None else min(run_s, by_steps)
+
+
 def decide_compile(mode: str, best: Variant, *, features_only: bool, run_steps: int,
                    est_step_s: Optional[float], probe: Optional[Probe],
                    batch_scale: float = 1.0, run_s: Optional[float] = None) -> tuple[Choice, dict[str, float]]:
@@ -455,7 +464,9 @@ def decide_compile(mode: str, best: Variant, *, features_only: bool, run_steps: 
     ``COMPILE_MIN_GAIN`` and the time they save over the run exceeds twice the measured compile time (once for
     the probe, once for the run). ``probe`` runs at the real batch size when a compiled variant is among those
     asked for, else at a probe batch ``batch_scale`` times smaller. ``run_s``: the run's length in seconds when
-    it is known in advance (a time budget) rather than a number of steps.
+    it is known in advance (a time budget); ``run_steps`` then is the most steps the budget may stretch to (its
+    epoch cap), and the shorter of the two estimates counts: a 600-minute budget on a folder whose capped epochs
+    take 5 minutes is a 5-minute run.
     """
     if mode != "auto":
         return Choice(mode == "on", "set by the user"), {}
@@ -467,7 +478,7 @@ def decide_compile(mode: str, best: Variant, *, features_only: bool, run_steps: 
     if est_step_s is None and run_s is None:
         times, _ = probe([best])
         est_step_s = times[variant_name(best)] * batch_scale
-    est_run = run_s if run_s is not None else est_step_s * run_steps
+    est_run = _run_length(run_s, est_step_s, run_steps)
     if est_run < COMPILE_MIN_RUN_S:
         return Choice(False, f"not probed: compiling (a minute or more) would hardly pay back in an estimated "
                              f"{_duration(est_run)} run (compile: on forces it)"), times
@@ -480,7 +491,7 @@ def decide_compile(mode: str, best: Variant, *, features_only: bool, run_steps: 
     times.update(measured)
     t_eager, t_comp = measured[variant_name(eager)], measured[variant_name(compiled)]
     compile_s = measured.get(first_step_name(compiled), 0.0)
-    est_run = run_s if run_s is not None else t_eager * run_steps
+    est_run = _run_length(run_s, t_eager, run_steps)
     saved = est_run * (1 - t_comp / t_eager)
     src = "cached probe" if cached else "probe"
     facts = (f"compiled steps {t_eager / t_comp:.2f}x as fast in a {src}; {saved / 60:.0f} of an estimated "
