@@ -70,7 +70,16 @@ def test_judge_one_flip_passes_and_numbers():
     assert r["per_class_recall"] == {"fp32": {"0": 72.5, **{str(i): None for i in range(1, 10)}},
                                      "int8": {"0": 70.0, **{str(i): None for i in range(1, 10)}}}
     assert v.summary() == ("int8 check   agreement 97.5% of 40 images (floor 90%) | val top-1 72.50% -> 70.00% on 40 "
-                           "images, change -2.50 points, 95% interval [-10.16, +4.96] (allowed drop 1) | passed")
+                           "images, change -2.50 points, 95% interval [-10.16, +4.96] (allowed drop 1) | passed: no "
+                           "significant loss, but 40 val images cannot rule out a drop of up to 10.16 points "
+                           "(--val-data with more labelled images narrows it)")
+    # enough images to rule out a drop over the allowed one: a plain pass; agreement shown per kind of image
+    fp32, int8, labels = _preds((1990, 0, 0, 10))
+    extra = torch.zeros(300, dtype=torch.long)
+    v = judge_int8(fp32, int8, labels, extra, extra.clone(), ["a", "b", "c"], max_drop=1.0)
+    assert v.summary().endswith("(allowed drop 1) | passed")
+    assert v.summary().startswith("int8 check   agreement 100.0% of 2300 images: val 2000/2000, calibration "
+                                  "300/300 (floor 90%) | ")
 
 
 def test_judge_refuses_real_losses():
@@ -135,7 +144,8 @@ def test_one_flipped_image_of_40_passes(tiny, capsys):
     assert set(on_disk["per_class_recall"]["fp32"]) == set(ex.load_export_source(ckpt).classes)
     printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("int8 check")]
     assert len(printed) == 1 and "val top-1 72.50% -> 70.00% on 40 images, change -2.50 points, 95% interval " \
-                                  "[-10.16, +4.96] (allowed drop 1) | passed" in printed[0]
+                                  "[-10.16, +4.96] (allowed drop 1) | passed: no significant loss" in printed[0]
+    assert f": val 39/40, calibration {agreement['extra_agree']}/120 (floor 90%)" in printed[0]
 
 
 def test_blank_calibrated_int8_is_refused(tiny, tmp_path):

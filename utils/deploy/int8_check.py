@@ -156,15 +156,26 @@ class Int8Verdict:
                        f"{self.val_images} images; 95% interval of the change [{lo:+.2f}, {hi:+.2f}]), significantly "
                        f"more than --max-drop {self.max_drop:g}")
         if self.agreement_too_low:
-            why.append(f"agrees with fp32 on only {self.agreement:.1f}% of {self.agree_images} images (95% interval "
-                       f"up to {self.agreement_interval[1]:.1f}%), below --min-agreement {self.min_agreement:g}")
+            extra = self.agree_images - self.val_images
+            parts = f"val {self.agree_val}/{self.val_images}, calibration {self.agree_extra}/{extra}; " if extra else ""
+            why.append(f"agrees with fp32 on only {self.agreement:.1f}% of {self.agree_images} images ({parts}95% "
+                       f"interval up to {self.agreement_interval[1]:.1f}%), below --min-agreement "
+                       f"{self.min_agreement:g}")
         return "; ".join(why) or None
 
     def summary(self) -> str:
-        """One line: agreement, accuracies, change with its interval, verdict."""
+        """One line: agreement (val and calibration apart: the calibration images set the ranges, so they agree
+        more), accuracies, change with its interval, verdict (a pass says when the images are too few to rule out
+        a larger drop than allowed)."""
         lo, hi = self.change_interval
         verdict = "passed" if self.passed else "REFUSED"
-        return (f"int8 check   agreement {self.agreement:.1f}% of {self.agree_images} images (floor "
+        if self.passed and lo < -self.max_drop:
+            verdict += (f": no significant loss, but {self.val_images} val image{'s' if self.val_images != 1 else ''} "
+                        f"cannot rule out a drop of up to {-lo:.2f} points (--val-data with more labelled images "
+                        "narrows it)")
+        extra = self.agree_images - self.val_images
+        parts = (f": val {self.agree_val}/{self.val_images}, calibration {self.agree_extra}/{extra}" if extra else "")
+        return (f"int8 check   agreement {self.agreement:.1f}% of {self.agree_images} images{parts} (floor "
                 f"{self.min_agreement:g}%) | val top-1 {self.fp32_top1:.2f}% -> {self.int8_top1:.2f}% on "
                 f"{self.val_images} images, change {self.change:+.2f} points, 95% interval [{lo:+.2f}, {hi:+.2f}] "
                 f"(allowed drop {self.max_drop:g}) | {verdict}")
