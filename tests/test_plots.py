@@ -92,3 +92,26 @@ def test_confusion_matrix_and_mistakes_figures(tmp_path):
     plot_mistakes([], str(tmp_path / "none.png"))
     with Image.open(tmp_path / "m.png") as a, Image.open(tmp_path / "none.png") as b:
         assert a.width > b.width  # a grid of 2 photos vs. the 'no mistakes' note
+
+
+def test_plot_curves_draws_balanced_accuracy_only_where_it_differs(tmp_path, monkeypatch):
+    """best.pt is chosen by val balanced accuracy on an imbalanced val split: the curve shows it there; on a
+    balanced split it equals top-1 and would only hide that line."""
+    import utils.plots as plots
+
+    cols = ["epoch", "train_loss", "train_acc", "val_loss", "val_top1", "val_bal_acc"]
+    logs = {"imb": [(1, 2.0, 30.0, 1.9, 60.0, 41.0), (2, 1.5, 50.0, 1.4, 70.0, 55.5)],
+            "bal": [(1, 2.0, 30.0, 1.9, 60.0, 60.0), (2, 1.5, 50.0, 1.4, 70.0, 70.0)]}
+    paths = []
+    for name, rows in logs.items():
+        os.makedirs(tmp_path / name)
+        with open(tmp_path / name / "log.csv", "w") as f:
+            f.write(",".join(cols) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows))
+        paths.append(str(tmp_path / name / "log.csv"))
+    drawn = {}
+    monkeypatch.setattr(plots, "_save_figure", lambda fig, out: drawn.update(
+        lines=[(ln.get_label(), list(ln.get_ydata())) for ax in fig.axes for ln in ax.get_lines()]))
+    plot_curves(paths, str(tmp_path / "c.png"))
+    labels = dict(drawn["lines"])
+    assert labels["imb val balanced acc"] == [41.0, 55.5]
+    assert "bal val balanced acc" not in labels and labels["bal val top-1"] == [60.0, 70.0]

@@ -87,6 +87,9 @@ def plot_curves(csv_paths: list[str], out_png: str, labels: list[str] | None = N
         ax_loss.plot(ep, log["val_loss"], color=c, ls="--", marker=".", label=f"{label} val")
         ax_acc.plot(ep, log["train_acc"], color=c, ls="-", marker=".", label=f"{label} train")
         ax_acc.plot(ep, log["val_top1"], color=c, ls="--", marker=".", label=f"{label} val top-1")
+        # an imbalanced val split: what best.pt is chosen by there (on a balanced one it equals top-1: not drawn)
+        if any(math.isfinite(b) and b != t for b, t in zip(log["val_bal_acc"], log["val_top1"])):
+            ax_acc.plot(ep, log["val_bal_acc"], color=c, ls=":", marker=".", label=f"{label} val balanced acc")
     ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
     ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
     for ax in (ax_loss, ax_acc):
