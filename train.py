@@ -412,6 +412,13 @@ def main(argv: list[str] | None = None) -> dict:
     return {"best_acc": run.best_acc, "last": run.row, "out": run.out}
 
 
+def select_text(select_se: float) -> str:
+    """Which epoch best.pt holds, in words: ``best`` or, with select_se, the latest one close to the best."""
+    if select_se > 0:
+        return f"the latest epoch within {select_se:g} standard error(s) of the best"
+    return "best"
+
+
 def done_line(run: Run) -> str:
     """``done: best val top-1 93.10% -> RUN/best.pt``, plus which epoch best.pt holds when select_se chose a later
     epoch than the best one."""
@@ -622,8 +629,8 @@ def run_phase(run: Run, phase: Phase, phases: list[Phase], model: nn.Module, dev
               f"{f' (backbone x{cfg.backbone_lr_mult:g})' if not frozen and cfg.backbone_lr_mult != 1 else ''}")
         print(f"speed choices on {plan.machine} (also in config.yaml):\n" + "\n".join(plan.lines()))
         print(f"class balance of train: {balance['described']}\n  class_balance {balance['class_balance']} "
-              f"({balance['class_balance_reason']})\n  select_metric {balance['select_metric']}: best.pt = best "
-              f"{run.best_name} ({balance['select_metric_reason']})")
+              f"({balance['class_balance_reason']})\n  select_metric {balance['select_metric']}: best.pt = "
+              f"{select_text(cfg.select_se)} {run.best_name} ({balance['select_metric_reason']})")
         if balance["val_missing"]:
             print(val_missing_line(balance["val_missing"], len(run.classes)))
 

@@ -385,6 +385,8 @@ def test_select_se_keeps_the_latest_epoch_within_the_noise_and_says_so(imb, tmp_
     assert best["best_kept"]["value"] == pytest.approx(bal[want - 1], abs=1e-3)
     if bal[want - 1] < max(bal):
         assert f"(holds epoch {want}, {bal[want - 1]:.2f}%: the latest within 1 standard error(s)" in text
+    assert ("select_metric balanced_acc: best.pt = the latest epoch within 1 standard error(s) of the best val "
+            "balanced accuracy (auto:") in text  # the header says what the rule keeps, not just "best"
     with pytest.raises(UserError, match="select_se must be 0"):
         build_config(None, "x", {}, ["select_se=-1"])
 
