@@ -329,7 +329,7 @@ def test_balanced_folder_keeps_plain_training(tmp_path, capsys):
     data = imbalanced_split(tmp_path / "bal", {"Bag": 6, "Sandal": 6, "Trouser": 6})
     train.main(TINY + ["--epochs", "1", "--lr", "0.05", "--data", data, "--out", str(tmp_path / "run")])
     text = capsys.readouterr().out
-    assert "ratio 1.0 (< 1.5: balanced)" in text
+    assert "class balance of train: every class 6 images: ratio 1.0 (< 1.5: balanced)" in text
     assert "class_balance none (auto: balanced training folder" in text
     assert "select_metric top1: best.pt = best val top-1" in text
 

@@ -46,8 +46,12 @@ def is_imbalanced(counts: Sequence[int]) -> bool:
 
 
 def describe_counts(counts: Sequence[int], names: Sequence[str]) -> str:
-    """``largest Sandal 600, smallest Bag 40: ratio 15.0 (>= 1.5: imbalanced)``."""
+    """``largest Sandal 600, smallest Bag 40: ratio 15.0 (>= 1.5: imbalanced)``; ``every class 1200 images: ratio
+    1.0 (< 1.5: balanced)`` when all counts are equal (not "largest Bag 1200, smallest Bag 1200")."""
     big, small, ratio = imbalance(counts)
+    if counts[big] == counts[small]:
+        return (f"every class {counts[big]} image{'s' if counts[big] != 1 else ''}: ratio 1.0 "
+                f"(< {IMBALANCE_RATIO:g}: balanced)")
     verdict = f">= {IMBALANCE_RATIO:g}: imbalanced" if ratio >= IMBALANCE_RATIO else f"< {IMBALANCE_RATIO:g}: balanced"
     return (f"largest {names[big]} {counts[big]}, smallest {names[small]} {counts[small]}: ratio {ratio:.1f} "
             f"({verdict})")
