@@ -9,6 +9,7 @@ import torch
 import yaml
 from eval_helpers import link_sample_split
 from test_train import TINY, _max_diff, _rows, run_killed_then_resumed
+from train_helpers import train_interrupted_at
 
 import train
 from utils.checkpoint import load_checkpoint
@@ -236,31 +237,13 @@ def test_time_budget_line_counts_in_words_and_shows_short_epochs_in_tenths(capsy
 def test_ctrl_c_in_the_feature_pass_stops_within_a_batch(data, tmp_path, monkeypatch, capsys):
     """Ctrl-C once used to be noticed only at the first training step, after the whole feature pass (35 s on 6,000
     images at 224 px, and it grows with the folder), whose features a resume computes again anyway."""
-    import signal
-
-    import utils.train_loop as tl
-
-    real, calls = tl.collate_readable, {"n": 0}
-
-    def collate_then_interrupt(batch):  # workers=0: runs in the main process, where the handler lives
-        calls["n"] += 1
-        if calls["n"] == 2:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(batch)
-
-    monkeypatch.setattr(tl, "collate_readable", collate_then_interrupt)
     out = tmp_path / "run"
     args = PHASED + ["--data", data, "--out", str(out), "--batch-size", "8"]  # 120 train images: 15 batches
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train.main(args)
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    assert calls["n"] == 2  # stopped after the batch that was running, not at the end of the pass
+    # SIGINT while the second batch of the feature pass is collated (workers=0: in the main process)
+    calls = train_interrupted_at(monkeypatch, args, "collate_readable", 1)
+    assert calls == 2  # stopped after the batch that was running, not at the end of the pass
     assert ("interrupted in the feature pass, before any step of this phase: nothing trained, nothing saved; run "
             "the same command again to start") in capsys.readouterr().err
     assert not (out / "last.pt").exists()
-    monkeypatch.setattr(tl, "collate_readable", real)
     train.main(args + ["--set", "max_steps_per_epoch=2"])  # the same command starts (the folder holds no run to protect)
     assert (out / "last.pt").is_file()

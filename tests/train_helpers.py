@@ -12,21 +12,29 @@ import utils.train_loop as tl
 
 def train_cut_at_step(monkeypatch: pytest.MonkeyPatch, argv: list[str], step: int) -> None:
     """``train.main(argv)`` with a real SIGINT sent just before its ``step``-th train_step call (0-based, counted over
-    the whole run): the run saves last.pt after that step and stops with KeyboardInterrupt. Python's own SIGINT
-    handler is put in place for the run, even when SIGINT was inherited as ignored (a shell's background job)."""
-    real_step, calls = tl.train_step, {"n": 0}
+    the whole run): the run saves last.pt after that step and stops with KeyboardInterrupt."""
+    train_interrupted_at(monkeypatch, argv, "train_step", step)
 
-    def step_then_interrupt(*a, **k):
-        if calls["n"] == step:
+
+def train_interrupted_at(monkeypatch: pytest.MonkeyPatch, argv: list[str], name: str, call: int) -> int:
+    """``train.main(argv)`` with a real SIGINT sent just before the ``call``-th call (0-based) of
+    ``utils.train_loop.<name>``; it must stop with KeyboardInterrupt. Returns how often ``name`` was called. Python's
+    own SIGINT handler is put in place for the run, even when SIGINT was inherited as ignored (a shell's background
+    job)."""
+    real, calls = getattr(tl, name), {"n": 0}
+
+    def call_then_interrupt(*a, **k):
+        if calls["n"] == call:
             os.kill(os.getpid(), signal.SIGINT)
         calls["n"] += 1
-        return real_step(*a, **k)
+        return real(*a, **k)
 
-    monkeypatch.setattr(tl, "train_step", step_then_interrupt)
+    monkeypatch.setattr(tl, name, call_then_interrupt)
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt):
             train.main(argv)
     finally:
         signal.signal(signal.SIGINT, previous)
-        monkeypatch.setattr(tl, "train_step", real_step)
+        monkeypatch.setattr(tl, name, real)
+    return calls["n"]
