@@ -93,9 +93,9 @@ def match_classes(data_classes: list[str], model: LoadedModel, data_dir: str) ->
 
     A class folder the model does not know is an error listing every difference.
     """
-    known = {same_name(c) for c in model.classes}
+    known, present = {same_name(c) for c in model.classes}, {same_name(d) for d in data_classes}
     unknown = [c for c in data_classes if same_name(c) not in known]
-    absent = [c for c in model.classes if same_name(c) not in {same_name(d) for d in data_classes}]
+    absent = [c for c in model.classes if same_name(c) not in present]
     if unknown and set(unknown) & set(SPLIT_NAMES):
         split = next(c for c in ("val", "test", "train") if c in unknown)
         raise UserError(f"{data_dir} holds split folders ({', '.join(c for c in unknown if c in SPLIT_NAMES)}), "

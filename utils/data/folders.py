@@ -168,7 +168,11 @@ class SkippedFiles:
 def is_loop_link(path: str, top: str) -> bool:
     """True when the folder ``path`` resolves to ``top`` itself or a folder above it: walking it would list
     ``top`` again (``Bag/up -> ..`` lists every class's images as Bags; ``RAW/all -> .`` makes a class of all)."""
-    real, top_real = os.path.realpath(path), os.path.realpath(top)
+    return _same_or_above(os.path.realpath(path), os.path.realpath(top))
+
+
+def _same_or_above(real: str, top_real: str) -> bool:
+    """Resolved paths: ``real`` is ``top_real`` or one of the folders above it."""
     return real == top_real or top_real.startswith(real.rstrip(os.sep) + os.sep)
 
 
@@ -184,7 +188,7 @@ def walk_tree(folder: str) -> Iterator[tuple[str, list[str], list[str]]]:
         keep = []
         for d in dirnames:
             real = os.path.realpath(os.path.join(dirpath, d))
-            if real not in seen and not is_loop_link(real, top):
+            if real not in seen and not _same_or_above(real, top):
                 seen.add(real)
                 keep.append(d)
         dirnames[:] = keep

@@ -126,6 +126,13 @@ class Int8Verdict:
         return 100.0 * self.agree / max(self.agree_images, 1)
 
     @property
+    def agreement_parts(self) -> str:
+        """``val 35/40, calibration 160/160`` ("" without calibration images): the calibration images set the
+        activation ranges, so they agree more than val does."""
+        extra = self.agree_images - self.val_images
+        return f"val {self.agree_val}/{self.val_images}, calibration {self.agree_extra}/{extra}" if extra else ""
+
+    @property
     def fp32_top1(self) -> float:
         return 100.0 * self.fp32_correct / max(self.val_images, 1)
 
@@ -156,8 +163,7 @@ class Int8Verdict:
                        f"{self.val_images} images; 95% interval of the change [{lo:+.2f}, {hi:+.2f}]), significantly "
                        f"more than --max-drop {self.max_drop:g}")
         if self.agreement_too_low:
-            extra = self.agree_images - self.val_images
-            parts = f"val {self.agree_val}/{self.val_images}, calibration {self.agree_extra}/{extra}; " if extra else ""
+            parts = f"{self.agreement_parts}; " if self.agreement_parts else ""
             why.append(f"agrees with fp32 on only {self.agreement:.1f}% of {self.agree_images} images ({parts}95% "
                        f"interval up to {self.agreement_interval[1]:.1f}%), below --min-agreement "
                        f"{self.min_agreement:g}")
@@ -173,8 +179,7 @@ class Int8Verdict:
             verdict += (f": no significant loss, but {self.val_images} val image{'s' if self.val_images != 1 else ''} "
                         f"cannot rule out a drop of up to {-lo:.2f} points (--val-data with more labelled images "
                         "narrows it)")
-        extra = self.agree_images - self.val_images
-        parts = (f": val {self.agree_val}/{self.val_images}, calibration {self.agree_extra}/{extra}" if extra else "")
+        parts = f": {self.agreement_parts}" if self.agreement_parts else ""
         return (f"int8 check   agreement {self.agreement:.1f}% of {self.agree_images} images{parts} (floor "
                 f"{self.min_agreement:g}%) | val top-1 {self.fp32_top1:.2f}% -> {self.int8_top1:.2f}% on "
                 f"{self.val_images} images, change {self.change:+.2f} points, 95% interval [{lo:+.2f}, {hi:+.2f}] "
