@@ -244,11 +244,18 @@ def format_report(result: dict[str, Any]) -> str:
     rows = result["per_class"]
     width = max([len("class")] + [len(r["class"]) for r in rows])
     lines = [f"{'class':<{width}}  precision  recall     f1  support"]
-    lines += [f"{r['class']:<{width}}  {r['precision']:9.3f}  {r['recall']:6.3f}  {r['f1']:5.3f}  {r['support']:7d}"
-              for r in rows]
+    for r in rows:
+        # A class the model predicted but the data has no image of: its recall is undefined, not 0, and the
+        # macro average leaves it out.
+        recall, f1 = (f"{r['recall']:6.3f}", f"{r['f1']:5.3f}") if r["support"] else (f"{'-':>6}", f"{'-':>5}")
+        lines.append(f"{r['class']:<{width}}  {r['precision']:9.3f}  {recall}  {f1}  {r['support']:7d}")
     m = result["metrics"]
     lines.append(f"{'macro avg':<{width}}  {m['macro_precision']:9.3f}  {m['macro_recall']:6.3f}  "
                  f"{m['macro_f1']:5.3f}  {m['images']:7d}")
+    absent = [r["class"] for r in rows if not r["support"]]
+    if absent:
+        lines.append(f"-: no image of {', '.join(absent)} in the data (only predicted), so no recall; "
+                     f"the macro average is over the {len(rows) - len(absent)} classes with images")
     return "\n".join(lines)
 
 

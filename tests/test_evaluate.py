@@ -282,3 +282,15 @@ def test_reproduces_train_py_validation(tmp_path, capsys):
     assert m["balanced_acc"] == pytest.approx(float(logged["val_bal_acc"]), abs=0.51)
     assert m["macro_f1"] == pytest.approx(float(logged["val_macro_f1"]), abs=0.01)
     assert f"balanced accuracy {m['balanced_acc']:.2f}%" in capsys.readouterr().out
+
+
+def test_predicted_class_without_images_has_no_recall_in_the_table(table_data):
+    shutil.rmtree(os.path.join(table_data, "scene"))  # ibex (an animal) is still predicted 'scene'
+    res = evaluate.evaluate(stub_model(), table_data, batch_size=16, workers=0, progress=False)
+    table = evaluate.format_report(res).splitlines()
+    scene = next(line for line in table if line.startswith("scene"))
+    assert scene.split() == ["scene", "0.000", "-", "-", "0"]
+    macro = next(line for line in table if line.startswith("macro avg")).split()
+    assert float(macro[3]) == pytest.approx((2 / 4 + 2 / 3) / 2, abs=5e-4)  # animal 2 of 4, object 2 of 3
+    assert table[-1] == ("-: no image of scene in the data (only predicted), so no recall; "
+                         "the macro average is over the 2 classes with images")
