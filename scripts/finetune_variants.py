@@ -8,7 +8,8 @@ run one after the other (never two at once: they would share the cores), then `e
   head-then-full finetune.yaml as shipped: classifier epochs on cached features, then the whole network
   full           the whole network from the first epoch (--set head_epochs=0)
   old-recipe     finetune.yaml before head_epochs existed: head only, 15 epochs at lr 0.05, no class balancing
-                 no warmup, best.pt by top-1 and no time budget (it stops when its epochs are done)
+                 no warmup, best.pt = the epoch with the best val top-1 (select_se did not exist) and no time
+                 budget (it stops when its epochs are done)
 
 Extra flags for every variant follow `--` (e.g. `-- --img-size 160`). Writes OUT/variants.md and OUT/variants.csv
 with top-1, balanced accuracy (mean per-class recall), macro-F1, the minutes used and the machine, measured on
@@ -34,7 +35,8 @@ VARIANTS = {
     "head-then-full": [],
     "full": ["--set", "head_epochs=0"],
     "old-recipe": ["--freeze", "features", "--epochs", "15", "--lr", "0.05", "--set", "class_balance=none",
-                   "--set", "select_metric=top1", "--set", "warmup_epochs=0", "--set", "time_budget=0"],
+                   "--set", "select_metric=top1", "--set", "select_se=0", "--set", "warmup_epochs=0",
+                   "--set", "time_budget=0"],
 }
 
 
