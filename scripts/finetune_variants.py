@@ -8,8 +8,9 @@ run one after the other (never two at once: they would share the cores), then `e
   head-then-full finetune.yaml as shipped: classifier epochs on cached features, then the whole network
   full           the whole network from the first epoch (--set head_epochs=0)
   old-recipe     finetune.yaml before head_epochs existed: head only, 15 epochs at lr 0.05, no class balancing
-                 no warmup, best.pt = the epoch with the best val top-1 (select_se did not exist) and no time
-                 budget (it stops when its epochs are done)
+                 no warmup, best.pt = the epoch with the best val top-1 (select_se did not exist), square
+                 crops of tall or wide photos (resize_mode did not exist) and no time budget (it stops when its
+                 epochs are done)
 
 Extra flags for every variant follow `--` (e.g. `-- --img-size 160`). Writes OUT/variants.md and OUT/variants.csv
 with top-1, balanced accuracy (mean per-class recall), macro-F1, the minutes used and the machine, measured on
@@ -36,7 +37,7 @@ VARIANTS = {
     "full": ["--set", "head_epochs=0"],
     "old-recipe": ["--freeze", "features", "--epochs", "15", "--lr", "0.05", "--set", "class_balance=none",
                    "--set", "select_metric=top1", "--set", "select_se=0", "--set", "warmup_epochs=0",
-                   "--set", "time_budget=0"],
+                   "--set", "time_budget=0", "--set", "resize_mode=crop"],
 }
 
 
