@@ -29,12 +29,11 @@ def confusion_matrix(target: Sequence[int], pred: Sequence[int], labels: Sequenc
     """Counts ``cm[i, j]`` of samples whose true class is ``labels[i]`` and predicted class ``labels[j]``; samples
     whose true or predicted class is not in ``labels`` are not counted (scikit-learn's convention, without its
     UserWarning when a val split holds a single class)."""
-    where = {int(c): i for i, c in enumerate(labels)}
-    cm = np.zeros((len(labels), len(labels)), dtype=np.int64)
-    for t, p in zip(np.asarray(target).tolist(), np.asarray(pred).tolist()):
-        if t in where and p in where:
-            cm[where[t], where[p]] += 1
-    return cm
+    t, p = torch.as_tensor(np.asarray(target), dtype=torch.long), torch.as_tensor(np.asarray(pred), dtype=torch.long)
+    idx = [int(c) for c in labels]
+    k = max([*idx, int(t.max()) if len(t) else 0, int(p.max()) if len(p) else 0]) + 1
+    full = confusion_counts(t, p, k).reshape(k, k).numpy().astype(np.int64)
+    return full[np.ix_(idx, idx)]
 
 
 def row_normalize(cm: np.ndarray) -> np.ndarray:
